@@ -1,0 +1,1 @@
+"""Subcommands of the ``imagereward`` CLI, one module each (see ``ImageReward.cli``)."""

@@ -1,0 +1,35 @@
+"""Typed errors: every failure the library reports on purpose is an ``ImageRewardError``.
+
+Each subclass also derives from the matching built-in exception, so ``except ValueError`` style code
+written against the original package keeps working.
+"""
+
+from __future__ import annotations
+
+
+class ImageRewardError(Exception):
+    """Base class of every error raised on purpose by this library."""
+
+
+class ImageLoadError(ImageRewardError, ValueError):
+    """An image could not be read: missing path, directory, corrupt or truncated file."""
+
+
+class UnsupportedInputError(ImageRewardError, TypeError):
+    """An argument has a type the library does not accept (e.g. a prompt that is not a ``str``)."""
+
+
+class InvalidInputError(ImageRewardError, ValueError):
+    """Arguments of the right type that do not fit together (empty list, mismatched counts, ...)."""
+
+
+class CheckpointError(ImageRewardError, RuntimeError):
+    """A checkpoint is unsafe, unreadable, or does not match the model (missing / extra / mis-shaped keys)."""
+
+
+class UnknownModelError(ImageRewardError, ValueError):
+    """A model or scorer name that is neither registered nor an existing local path."""
+
+
+class DownloadError(ImageRewardError, OSError):
+    """A file could not be downloaded (offline, unreachable, or failed its checksum)."""

@@ -1,0 +1,136 @@
+"""One factory: ``load`` (ImageReward checkpoints) and ``load_score`` (baseline scorers).
+
+>>> import ImageReward as RM
+>>> RM.available_models()
+['ImageReward-v1.0']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .errors import UnknownModelError
+from .pretrained import IMAGE_REWARD_MODELS, fetch
+
+__all__ = ["load", "load_score", "available_models", "available_scores", "default_device", "register_scorer"]
+
+logger = logging.getLogger(__name__)
+
+# name -> builder(device, download_root, dtype, **kwargs) -> Scorer. Filled by ImageReward.baselines.
+_SCORERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_scorer(name: str, builder: Callable[..., Any]) -> None:
+    """Make ``load_score(name)`` call ``builder(device=..., download_root=..., dtype=..., **kwargs)``."""
+    _SCORERS[name] = builder
+
+
+def _ensure_builtin_scorers() -> None:
+    from . import baselines  # noqa: F401  (registers CLIP, BLIP, Aesthetic on import)
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`load`."""
+    return list(IMAGE_REWARD_MODELS)
+
+
+def available_scores() -> list[str]:
+    """Names accepted by :func:`load_score`."""
+    _ensure_builtin_scorers()
+    return list(_SCORERS)
+
+
+def default_device() -> torch.device:
+    """``cuda`` when available, else ``cpu`` (evaluated at call time, not import time)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _place(model: torch.nn.Module, device: str | torch.device | None, dtype: torch.dtype | None, *,
+           keep_fp32: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Move to ``device`` and cast to ``dtype``; submodules named in ``keep_fp32`` stay float32."""
+    model.to(torch.device(device) if device is not None else default_device())
+    if dtype is not None and dtype != torch.float32:
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+        model.to(dtype)
+        for name in keep_fp32:
+            model.get_submodule(name).float()
+    return model.eval()
+
+
+def load(
+    name: str = "ImageReward-v1.0",
+    device: str | torch.device | None = None,
+    download_root: str | os.PathLike | None = None,
+    med_config: str | os.PathLike | Mapping[str, Any] | None = None,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """Load an ImageReward model by registry name, local checkpoint file, or saved folder.
+
+    ``name``: ``"ImageReward-v1.0"`` (downloaded once into ``download_root``, default
+    ``~/.cache/ImageReward``), a ``.pt``/``.pth``/``.safetensors`` file, or a folder written by
+    ``save_pretrained``. Loading is strict and never unpickles code. ``dtype`` float16/bfloat16 casts the
+    encoders; the head and normalisation stay float32. Returns the model in eval mode on ``device``.
+
+    >>> model = load("checkpoints/ImageReward.pt", device="cpu")   # doctest: +SKIP
+    """
+    from .checkpoint import read_state_dict
+    from .models.blip import BLIPConfig, TextConfig
+    from .models.image_reward import CONFIG_NAME, ImageReward
+
+    if name in IMAGE_REWARD_MODELS:
+        path = fetch(IMAGE_REWARD_MODELS[name], download_root, revision=revision)
+    elif os.path.exists(os.fspath(name)):
+        path = Path(name)
+    else:
+        raise UnknownModelError(f"model {name!r} not found: not a registered name ({available_models()}) "
+                                "nor an existing file or folder")
+
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            candidates = [p for p in ("model.safetensors", "ImageReward.pt") if (path / p).is_file()]
+            if not candidates:
+                raise UnknownModelError(f"folder {str(path)!r} holds neither {CONFIG_NAME} nor a checkpoint file")
+            path = path / candidates[0]
+        else:
+            model = ImageReward.from_pretrained(path)
+            logger.info("loaded ImageReward from %s", path)
+            return _place(model, device, dtype, keep_fp32=("mlp",))
+
+    if isinstance(med_config, Mapping):
+        med = dict(med_config)
+    elif med_config is not None:
+        med = json.loads(Path(med_config).read_text())
+    else:
+        med = None
+    config = BLIPConfig(text=TextConfig.from_med_config(med, encoder_width=1024))
+    model = ImageReward(config)
+    model.load_checkpoint_state(read_state_dict(path), source=str(path))
+    logger.info("loaded ImageReward checkpoint %s", path)
+    return _place(model, device, dtype, keep_fp32=("mlp",))
+
+
+def load_score(
+    name: str = "CLIP",
+    device: str | torch.device | None = None,
+    download_root: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+):
+    """Load a baseline scorer (``"CLIP"``, ``"BLIP"``, ``"Aesthetic"``) with the same API as ImageReward.
+
+    Files already in ``download_root`` (the original's names) are used without any network access.
+    """
+    _ensure_builtin_scorers()
+    if name not in _SCORERS:
+        raise UnknownModelError(f"score {name!r} not found; available scores = {available_scores()}")
+    return _SCORERS[name](device=device, download_root=download_root, dtype=dtype, **kwargs)

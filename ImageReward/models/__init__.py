@@ -1,0 +1,1 @@
+"""Model definitions: the compact BLIP and the scorers built on it."""

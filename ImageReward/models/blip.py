@@ -1,0 +1,389 @@
+"""A compact BLIP: the ViT image encoder and the BERT ("MED") text encoder with cross-attention.
+
+Module and parameter names mirror Salesforce BLIP / the original ImageReward code, so checkpoints load
+strictly by name. Attention runs through ``torch.nn.functional.scaled_dot_product_attention``. All sizes
+come from the config dataclasses, so tests can build tiny models.
+
+Numerics that matter (``shared/spec/scoring.md`` section 10): the ViT is pre-norm with LayerNorm eps 1e-6,
+exact GELU and a fused qkv with bias; BERT is post-norm with eps 1e-12, no token-type embeddings,
+bidirectional self-attention with an additive -10000 pad mask, and cross-attention to all image tokens in
+every layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "VisionConfig",
+    "TextConfig",
+    "BLIPConfig",
+    "VisionTransformer",
+    "BertModel",
+    "BLIP",
+]
+
+
+# --------------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class VisionConfig:
+    """BLIP ViT sizes. The default is ViT-L/16 at 224 px, as in ImageReward."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    drop_path_rate: float = 0.1  # BLIP's "large" always uses 0.1 (inactive in eval)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT ("MED") sizes, as in BLIP's ``med_config.json``; ``encoder_width`` is the image width."""
+
+    vocab_size: int = 30524
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+    encoder_width: int = 1024
+    add_cross_attention: bool = True
+
+    @classmethod
+    def from_med_config(cls, med_config: Mapping[str, Any] | None = None, *, encoder_width: int = 1024) -> "TextConfig":
+        """Build from a ``med_config.json`` mapping (the packaged one when ``None``); ``encoder_width`` wins,
+        as in BLIP, which overrides it with the vision width."""
+        if med_config is None:
+            med_config = json.loads((resources.files("ImageReward") / "assets" / "med_config.json").read_text())
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in med_config.items() if k in known}
+        values["encoder_width"] = encoder_width
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class BLIPConfig:
+    """A BLIP image-text encoder: ViT + BERT with cross-attention + two 256-d ITC projections."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256
+
+    def __post_init__(self) -> None:
+        if self.text.encoder_width != self.vision.width:
+            raise ValueError(
+                f"text.encoder_width ({self.text.encoder_width}) must equal vision.width ({self.vision.width})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BLIPConfig":
+        return cls(vision=VisionConfig(**data["vision"]), text=TextConfig(**data["text"]), embed_dim=data["embed_dim"])
+
+    @classmethod
+    def tiny(cls, *, image_size: int = 32, patch_size: int = 16) -> "BLIPConfig":
+        """A few-kilobyte model with the same structure, for tests."""
+        vision = VisionConfig(image_size=image_size, patch_size=patch_size, width=32, depth=2, num_heads=2)
+        text = TextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          max_position_embeddings=64, encoder_width=32)
+        return cls(vision=vision, text=text, embed_dim=16)
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    batch, length, width = x.shape
+    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+# ---------------------------------------------------------------------------------------------- vision
+class DropPath(nn.Module):
+    """Stochastic depth per sample (training only)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, *, patch_size: int, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixels).flatten(2).transpose(1, 2)  # [B, num_patches, width]
+
+
+class Attention(nn.Module):
+    """ViT self-attention with one fused ``qkv`` projection laid out as [q | k | v]."""
+
+    def __init__(self, *, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, width * 3, bias=True)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, *, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+
+    def __init__(self, config: VisionConfig, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.attn = Attention(width=config.width, num_heads=config.num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.mlp = Mlp(width=config.width, hidden=int(config.width * config.mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """BLIP's ViT: patch embedding, [CLS], absolute positions, blocks, final LayerNorm; returns all tokens."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.patch_embed = PatchEmbed(patch_size=config.patch_size, width=config.width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.width))
+        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
+        self.norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` normalised pixels -> ``[B, 1 + num_patches, width]``."""
+        size = self.config.image_size
+        if pixel_values.shape[-2:] != (size, size):
+            raise ValueError(f"expected {size}x{size} pixels, got {tuple(pixel_values.shape[-2:])}")
+        x = self.patch_embed(pixel_values)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed[:, : x.shape[1]]
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+
+# ------------------------------------------------------------------------------------------------ text
+class BertEmbeddings(nn.Module):
+    """Word + absolute position embeddings -> LayerNorm -> dropout (no token-type embeddings)."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=True)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = self.position_ids[:, : input_ids.shape[1]]
+        return self.dropout(self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(positions)))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head attention; keys/values come from ``context`` (width ``kv_width``) when given."""
+
+    def __init__(self, config: TextConfig, *, kv_width: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None,
+                additive_mask: torch.Tensor | None = None) -> torch.Tensor:
+        source = hidden if context is None else context
+        q = _split_heads(self.query(hidden), self.num_heads)
+        k = _split_heads(self.key(source), self.num_heads)
+        v = _split_heads(self.value(source), self.num_heads)
+        dropout = self.dropout_p if self.training else 0.0
+        return _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout))
+
+
+class BertSelfOutput(nn.Module):
+    """Post-norm residual: ``LayerNorm(residual + dropout(dense(x)))``."""
+
+    def __init__(self, config: TextConfig, *, in_features: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(residual + self.dropout(self.dense(x)))
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: TextConfig, *, kv_width: int) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(config, kv_width=kv_width)
+        self.output = BertSelfOutput(config, in_features=config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None,
+                additive_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(self.self(hidden, context, additive_mask), hidden)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    """Self-attention, then (multimodal mode) cross-attention to the image tokens, then the FFN."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(config, kv_width=config.hidden_size)
+        if config.add_cross_attention:
+            self.crossattention = BertAttention(config, kv_width=config.encoder_width)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertSelfOutput(config, in_features=config.intermediate_size)
+
+    def forward(self, hidden: torch.Tensor, self_mask: torch.Tensor | None,
+                image_embeds: torch.Tensor | None) -> torch.Tensor:
+        hidden = self.attention(hidden, None, self_mask)
+        if image_embeds is not None:
+            hidden = self.crossattention(hidden, image_embeds, None)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class BertModel(nn.Module):
+    """BLIP's text encoder. ``mode="multimodal"`` cross-attends to ``image_embeds``; ``mode="text"`` does not."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+        if isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_embeds: torch.Tensor | None = None, *, mode: str = "multimodal") -> torch.Tensor:
+        """Returns ``last_hidden_state`` ``[B, L, hidden]``."""
+        if mode not in ("multimodal", "text"):
+            raise ValueError(f"mode must be 'multimodal' or 'text', got {mode!r}")
+        if mode == "multimodal" and image_embeds is None:
+            raise ValueError("mode='multimodal' needs image_embeds")
+        hidden = self.embeddings(input_ids)
+        # The original's own mask: (1 - mask) * -10000 in the model dtype, broadcast over heads and queries.
+        self_mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * -10000.0
+        context = image_embeds if mode == "multimodal" else None
+        if context is not None:
+            context = context.to(hidden.dtype)
+        for layer in self.encoder.layer:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, self_mask, context, use_reentrant=False)
+            else:
+                hidden = layer(hidden, self_mask, context)
+        return hidden
+
+
+# ------------------------------------------------------------------------------------------------ BLIP
+class BLIP(nn.Module):
+    """``visual_encoder`` + ``text_encoder`` + ``vision_proj``/``text_proj`` (BLIP's ``BLIP_Pretrain`` subset)."""
+
+    def __init__(self, config: BLIPConfig = BLIPConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_encoder = BertModel(config.text)
+        self.vision_proj = nn.Linear(config.vision.width, config.embed_dim)
+        self.text_proj = nn.Linear(config.text.hidden_size, config.embed_dim)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute encoder activations in backward to save memory (training)."""
+        self.visual_encoder.gradient_checkpointing = enabled
+        self.text_encoder.gradient_checkpointing = enabled
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Resize a ``[1, 1 + n, C]`` ViT position table to ``1 + num_patches`` tokens (bicubic on the grid),
+    as BLIP's ``interpolate_pos_embed`` does when a checkpoint was trained at another resolution."""
+    old_tokens = pos_embed.shape[1] - 1
+    if old_tokens == num_patches:
+        return pos_embed
+    old_side, new_side = int(math.sqrt(old_tokens)), int(math.sqrt(num_patches))
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    grid = grid.reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(new_side, new_side), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
+    return torch.cat([cls, grid], dim=1)

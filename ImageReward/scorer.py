@@ -1,0 +1,191 @@
+"""The one interface every scorer implements, and the batch engine they all share.
+
+A scorer subclasses :class:`Scorer` and provides four small pieces:
+
+* ``preprocess_config``: the crop size and mean/std it wants;
+* ``encode_images(pixel_values)``: normalised ``[B, 3, S, S]`` pixels -> per-image features;
+* ``score_encoded(prompts, image_features)``: ``len(prompts) == B`` pairs -> ``[B]`` float32 rewards;
+* flags: ``higher_is_better``, ``is_differentiable``, ``uses_prompt``.
+
+Everything users call (``score``, ``inference_rank``, ``score_batch``, ``score_grad``) is written once,
+here: image loading with typed errors, PIL-exact preprocessing, batching, encoding each distinct image only
+once however many prompts it is paired with, stable ranking, and ``torch.inference_mode`` for the
+non-differentiable paths. Trainers, evaluation, the CLI and the plugins take *any* scorer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import InvalidInputError, UnsupportedInputError
+from .image_io import ImageLike, load_image
+from .preprocess import PreprocessConfig, preprocess_pil, preprocess_tensor
+from .tokenizer import check_prompts
+
+__all__ = ["Scorer", "rank_descending"]
+
+logger = logging.getLogger(__name__)
+
+
+def rank_descending(rewards: torch.Tensor) -> list[int]:
+    """1-based rank of each entry (1 = highest). Ties keep input order (stable), unlike the original."""
+    order = torch.sort(rewards, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(1, len(order) + 1, device=order.device)
+    return ranks.tolist()
+
+
+def _image_key(item: Any) -> tuple:
+    """Identity of an image for de-duplication: the resolved path, or the Python object."""
+    if isinstance(item, (str, os.PathLike)):
+        return ("path", os.path.abspath(os.fspath(item)))
+    return ("object", id(item))
+
+
+def _as_image_list(images: Any, what: str = "images") -> list:
+    if isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        raise UnsupportedInputError(f"{what} must be a list or tuple of images, got {type(images).__name__}")
+    if not items:
+        raise InvalidInputError(f"{what} is empty: pass at least one image")
+    return items
+
+
+class Scorer(nn.Module):
+    """Base class of every reward model and baseline: ``score``, ``inference_rank``, ``score_batch``,
+    ``score_grad``. Subclasses implement :meth:`encode_images` and :meth:`score_encoded`."""
+
+    name: str = "scorer"
+    higher_is_better: bool = True
+    is_differentiable: bool = True
+    uses_prompt: bool = True
+    preprocess_config: PreprocessConfig = PreprocessConfig()
+    default_batch_size: int = 8
+
+    # ------------------------------------------------------------------ what a subclass provides
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised ``[B, 3, S, S]`` pixels -> per-image features ``[B, ...]`` (first dim is the batch)."""
+        raise NotImplementedError
+
+    def score_encoded(self, prompts: Sequence[str], image_features: torch.Tensor) -> torch.Tensor:
+        """One prompt per row of ``image_features`` -> float32 rewards ``[B]``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared machinery
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live (read each time: never stale after ``.to()``)."""
+        return next(self.parameters()).device
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype image pixels are cast to before encoding (that of the image encoder's weights)."""
+        return next(self.parameters()).dtype
+
+    def preprocess(self, image: ImageLike, *, index: int | None = None) -> torch.Tensor:
+        """One image (path, PIL, array, tensor) -> normalised ``[3, S, S]`` float32, PIL-exact."""
+        return preprocess_pil(load_image(image, index=index), self.preprocess_config)
+
+    def score_batch(
+        self,
+        prompts: str | Sequence[str],
+        images: Sequence[ImageLike],
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Score pairs: ``prompts[i]`` with ``images[i]`` (a single prompt is broadcast). Returns float32
+        ``[N]`` on the CPU, in input order. Each distinct image is encoded once, in batches.
+
+        >>> model.score_batch(["a cat", "a dog"], ["cat.png", "cat.png"])  # doctest: +SKIP
+        tensor([ 0.71, -1.32])
+        """
+        items = _as_image_list(images)
+        prompt_list = check_prompts(prompts)
+        if isinstance(prompts, str):
+            prompt_list = prompt_list * len(items)
+        elif len(prompt_list) != len(items):
+            raise InvalidInputError(
+                f"got {len(prompt_list)} prompts for {len(items)} images: pass one prompt, or one per image"
+            )
+        batch_size = batch_size or self.default_batch_size
+        unique_index: dict[tuple, int] = {}
+        unique_items: list[tuple[int, Any]] = []  # (first position in input, item)
+        pair_image = []
+        for position, item in enumerate(items):
+            key = _image_key(item)
+            if key not in unique_index:
+                unique_index[key] = len(unique_items)
+                unique_items.append((position, item))
+            pair_image.append(unique_index[key])
+
+        rewards = torch.empty(len(items), dtype=torch.float32)
+        pairs_of_image: list[list[int]] = [[] for _ in unique_items]
+        for pair, image_id in enumerate(pair_image):
+            pairs_of_image[image_id].append(pair)
+
+        bar = tqdm(total=len(items), desc=f"scoring ({self.name})", unit="pair", disable=not progress)
+        with torch.inference_mode():
+            for start in range(0, len(unique_items), batch_size):
+                chunk = unique_items[start : start + batch_size]
+                pixels = torch.stack([self.preprocess(item, index=pos) for pos, item in chunk])
+                features = self.encode_images(pixels.to(self.device, self.input_dtype))
+                # every pair whose image is in this chunk: (pair index, row in `features`)
+                rows = [(pair, row) for row in range(len(chunk)) for pair in pairs_of_image[start + row]]
+                for sub in range(0, len(rows), batch_size):
+                    part = rows[sub : sub + batch_size]
+                    index = torch.tensor([row for _, row in part], device=features.device)
+                    scores = self.score_encoded([prompt_list[pair] for pair, _ in part], features[index])
+                    rewards[[pair for pair, _ in part]] = scores.float().cpu()
+                    bar.update(len(part))
+        bar.close()
+        return rewards
+
+    def score(self, prompt: str, image: ImageLike | Sequence[ImageLike], *, batch_size: int | None = None
+              ) -> float | list[float]:
+        """Reward of one image (``float``) or of a list/tuple of images (``list[float]``, input order).
+
+        >>> model.score("a cat", "cat.png")  # doctest: +SKIP
+        0.58
+        """
+        check_prompts(prompt if isinstance(prompt, str) else [prompt])
+        if isinstance(image, (list, tuple)):
+            return self.score_batch(prompt, image, batch_size=batch_size).tolist()
+        return float(self.score_batch(prompt, [image])[0])
+
+    def inference_rank(self, prompt: str, images: Sequence[ImageLike], *, batch_size: int | None = None
+                       ) -> tuple[list[int], list[float]]:
+        """``(ranking, rewards)``: ``ranking[i]`` is the 1-based rank of image ``i`` (1 = best for
+        ``higher_is_better``); ``rewards`` in input order. Ties keep input order."""
+        check_prompts(prompt if isinstance(prompt, str) else [prompt])
+        rewards = self.score_batch(prompt, images, batch_size=batch_size)
+        ranks = rank_descending(rewards if self.higher_is_better else -rewards)
+        return ranks, rewards.tolist()
+
+    def score_grad(self, pixels: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Differentiable rewards ``[B]`` from ``[B, 3, H, W]`` pixels in ``[0, 1]`` (any size: resized with
+        antialiasing and centre-cropped inside). Gradients flow to ``pixels``.
+
+        >>> rewards = model.score_grad(images_0_1.requires_grad_(), "a cat")  # doctest: +SKIP
+        """
+        if not self.is_differentiable:
+            raise NotImplementedError(f"{self.name} is not differentiable")
+        if not isinstance(pixels, torch.Tensor):
+            raise UnsupportedInputError(f"pixels must be a torch.Tensor [B, 3, H, W], got {type(pixels).__name__}")
+        prompt_list = check_prompts(prompts)
+        if isinstance(prompts, str):
+            prompt_list = prompt_list * pixels.shape[0]
+        if len(prompt_list) != pixels.shape[0]:
+            raise InvalidInputError(f"got {len(prompt_list)} prompts for {pixels.shape[0]} images")
+        normalised = preprocess_tensor(pixels.to(self.device), self.preprocess_config)
+        return self.score_encoded(prompt_list, self.encode_images(normalised.to(self.input_dtype)))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, higher_is_better={self.higher_is_better}, differentiable={self.is_differentiable}"

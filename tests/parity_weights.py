@@ -1,0 +1,40 @@
+"""Rebuild the deterministic random checkpoints of ``tests/fixtures`` from their recipes.
+
+Format ``ir-fixtures-weights-recipe/1``: a fresh ``torch.Generator`` seeded with the recipe's seed, one
+``torch.randn(shape)`` per parameter in list order, then ``* mul``, ``/ div``, ``+ add`` (in that order,
+Python floats), cast to ``op["dtype"]``; buffers follow their ``rule``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def build_state_dict(recipe_path: str | Path, seed: int | None = None) -> dict[str, torch.Tensor]:
+    recipe = json.loads(Path(recipe_path).read_text())
+    if seed is None:
+        seeds = recipe.get("seeds") or {}
+        seed = recipe.get("seed", next(iter(seeds.values())) if seeds else None)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(seed))
+    state: dict[str, torch.Tensor] = {}
+    for name, shape, _kind, _scale, op in recipe["parameters"]:
+        value = torch.randn(shape, generator=generator)
+        if "mul" in op:
+            value = value * op["mul"]
+        if "div" in op:
+            value = value / op["div"]
+        if "add" in op:
+            value = value + op["add"]
+        state[name] = value.to(getattr(torch, op["dtype"]))
+    for name, shape, dtype, rule in recipe.get("buffers", []):
+        if rule["type"] != "arange_expand":
+            raise ValueError(f"unknown buffer rule {rule}")
+        state[name] = torch.arange(rule["n"]).expand((1, -1)).to(getattr(torch, dtype))
+    order = recipe.get("state_dict_order")
+    return {k: state[k] for k in order} if order else state
