@@ -87,10 +87,12 @@ def load_state_dict_strict(
     allow_missing: Iterable[str] = (),
     allow_unexpected: Iterable[str] = (),
     source: str = "checkpoint",
+    assign: bool = False,
 ) -> LoadReport:
     """Load ``state_dict`` into ``module`` by name; raise :class:`CheckpointError` listing every problem.
 
     ``allow_missing`` / ``allow_unexpected`` are fnmatch patterns of keys known to be absent or unused.
+    ``assign=True`` adopts the checkpoint tensors instead of copying (for modules built on the meta device).
     """
     allow_missing, allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
     expected = module.state_dict()
@@ -118,7 +120,7 @@ def load_state_dict_strict(
             lines.append("  (keys start with 'module.': a DDP-wrapped save; strip the prefix)")
         raise CheckpointError("\n".join(lines))
     filtered = {k: v for k, v in state_dict.items() if k in expected}
-    result = module.load_state_dict(filtered, strict=False)
+    result = module.load_state_dict(filtered, strict=False, assign=assign)
     if result.unexpected_keys or set(result.missing_keys) - set(report.allowed_missing):
         raise CheckpointError(f"{source}: internal load mismatch {result}")
     if report.ignored_unexpected:

@@ -55,7 +55,9 @@ def _place(model: torch.nn.Module, device: str | torch.device | None, dtype: tor
            keep_fp32: tuple[str, ...] = ()) -> torch.nn.Module:
     """Move to ``device`` and cast to ``dtype``; submodules named in ``keep_fp32`` stay float32."""
     model.to(torch.device(device) if device is not None else default_device())
-    if dtype is not None and dtype != torch.float32:
+    if dtype is None or dtype == torch.float32:
+        model.float()
+    else:
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
         model.to(dtype)
@@ -112,8 +114,7 @@ def load(
     else:
         med = None
     config = BLIPConfig(text=TextConfig.from_med_config(med, encoder_width=1024))
-    model = ImageReward(config)
-    model.load_checkpoint_state(read_state_dict(path), source=str(path))
+    model = ImageReward.from_state_dict(read_state_dict(path), config, source=str(path))
     logger.info("loaded ImageReward checkpoint %s", path)
     return _place(model, device, dtype, keep_fp32=("mlp",))
 

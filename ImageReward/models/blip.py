@@ -197,7 +197,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size=config.patch_size, width=config.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.width))
-        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        step = config.drop_path_rate / max(config.depth - 1, 1)
+        rates = [step * i for i in range(config.depth)]  # linspace(0, rate, depth), as timm
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -6,6 +6,7 @@ no activation between them (as the original, copied from LAION's "linearMSE" aes
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from pathlib import Path
@@ -117,7 +118,8 @@ class ImageReward(Scorer):
         return self.reward_from_features(cls).unsqueeze(-1).to(image_embeds.dtype)
 
     # ---------------------------------------------------------------- checkpoints
-    def load_checkpoint_state(self, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    def load_checkpoint_state(self, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint",
+                              assign: bool = False) -> None:
         """Strictly load an ImageReward state dict (original key names; a ``module.`` prefix is stripped).
         Optional 0-d ``reward_mean``/``reward_std`` entries set the normalisation."""
         state_dict = strip_prefix(state_dict, "module.")
@@ -126,7 +128,29 @@ class ImageReward(Scorer):
         if "reward_std" in state_dict:
             self.std = float(state_dict["reward_std"])
         weights = {k: v for k, v in state_dict.items() if k not in _NORM_KEYS}
-        load_state_dict_strict(self, weights, allow_missing=_ALLOW_MISSING, source=source)
+        load_state_dict_strict(self, weights, allow_missing=_ALLOW_MISSING, source=source, assign=assign)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], config: BLIPConfig | None = None, *,
+                        source: str = "checkpoint") -> "ImageReward":
+        """Build directly from a checkpoint without paying for random initialisation: the module is created
+        on the meta device and adopts the checkpoint's tensors; the optional keys a checkpoint may lack
+        (position ids, the unused ITC projections) get their defaults first."""
+        state_dict = strip_prefix(state_dict, "module.")
+        with torch.device("meta"):
+            model = cls(config)
+        complete = dict(state_dict)
+        for key, value in model.state_dict().items():
+            if key in complete or not any(fnmatch.fnmatchcase(key, p) for p in _ALLOW_MISSING):
+                continue
+            if key.endswith("position_ids"):
+                complete[key] = torch.arange(value.shape[-1]).expand((1, -1))
+            elif key.endswith(".weight"):
+                complete[key] = nn.init.normal_(torch.empty(value.shape), std=0.02)
+            else:
+                complete[key] = torch.zeros(value.shape)
+        model.load_checkpoint_state(complete, source=source, assign=True)
+        return model
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """Plain state dict (original key names) plus the normalisation as 0-d tensors."""
@@ -152,6 +176,7 @@ class ImageReward(Scorer):
         """Build from a folder written by :meth:`save_pretrained`."""
         directory = Path(directory)
         config: dict[str, Any] = json.loads((directory / CONFIG_NAME).read_text())
-        model = cls(BLIPConfig.from_dict(config["blip"]), mean=config["mean"], std=config["std"])
-        model.load_checkpoint_state(read_state_dict(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+        model = cls.from_state_dict(read_state_dict(directory / WEIGHTS_NAME), BLIPConfig.from_dict(config["blip"]),
+                                    source=str(directory / WEIGHTS_NAME))
+        model.mean, model.std = float(config["mean"]), float(config["std"])
         return model

@@ -1,0 +1,194 @@
+"""Evaluation data on disk: safe zip extraction and the downloads of the original's test data.
+
+Every download goes through the one downloader (:mod:`ImageReward.pretrained`): Hub files via
+``huggingface_hub`` (cached, resumable, honours ``HF_HUB_OFFLINE``), other URLs via
+:func:`~ImageReward.pretrained.download_url` (streamed to a temporary file, renamed when complete). Archives
+are extracted into a temporary folder next to the target and renamed into place only when complete, so an
+interrupted run never leaves a half-extracted folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from ..errors import DownloadError, InvalidInputError
+from ..pretrained import _offline, download_url
+
+__all__ = ["safe_extract_zip", "extract_archive_to", "ensure_test_json", "ensure_test_images",
+           "ensure_benchmark_prompts", "ensure_benchmark_generations", "TEST_JSON_URL", "BENCHMARK_PROMPTS_URL",
+           "BENCHMARK_GENERATIONS", "DEFAULT_BENCHMARK_MODELS"]
+
+logger = logging.getLogger(__name__)
+
+_GITHUB_RAW = "https://raw.githubusercontent.com/THUDM/ImageReward"
+TEST_JSON_URL = f"{_GITHUB_RAW}/6d863e141e9cb43c07f992e3796af538cf01740e/data/test.json"
+BENCHMARK_PROMPTS_URL = f"{_GITHUB_RAW}/1beb4e4de0932acbe7fc090c51208048b6269b58/benchmark/benchmark-prompts.json"
+TEST_IMAGES_HUB = ("THUDM/ImageReward", "test_images.zip")
+TEST_IMAGES_URL = "https://cloud.tsinghua.edu.cn/f/9bd245027652422499f4/?dl=1"
+
+# model folder name -> (url, archive name) as in the original scripts/test-benchmark.sh. The Versatile
+# Diffusion archive is extracted into the folder ``vd`` that the default model list expects.
+BENCHMARK_GENERATIONS: dict[str, tuple[str, str]] = {
+    "cogview2": ("https://cloud.tsinghua.edu.cn/f/f9b91bba105a42d29b3c/?dl=1", "cogview2.zip"),
+    "dalle2": ("https://cloud.tsinghua.edu.cn/f/8388887b25be4feca7d1/?dl=1", "dalle2.zip"),
+    "openjourney": ("https://cloud.tsinghua.edu.cn/f/99423f19652f454897eb/?dl=1", "openjourney.zip"),
+    "sd1-4": ("https://cloud.tsinghua.edu.cn/f/a5d5fa46ec084bcb8156/?dl=1", "sd1-4.zip"),
+    "sd2-1": ("https://cloud.tsinghua.edu.cn/f/f20bb683f2014be6afff/?dl=1", "sd2-1.zip"),
+    "vd": ("https://cloud.tsinghua.edu.cn/f/bca4232c7ee9443192fe/?dl=1", "versatile-diffusion.zip"),
+}
+DEFAULT_BENCHMARK_MODELS: tuple[str, ...] = ("openjourney", "sd2-1", "dalle2", "sd1-4", "vd", "cogview2")
+
+
+def _check_member(info: zipfile.ZipInfo, archive: str) -> PurePosixPath:
+    name = info.filename.replace("\\", "/")
+    path = PurePosixPath(name)
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        raise InvalidInputError(f"{archive}: entry {info.filename!r} is a symbolic link; refusing to extract")
+    if path.is_absolute() or name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in path.parts:
+        raise InvalidInputError(f"{archive}: entry {info.filename!r} would be written outside the target folder")
+    return path
+
+
+def safe_extract_zip(archive: str | os.PathLike, destination: str | os.PathLike) -> list[Path]:
+    """Extract ``archive`` into ``destination``; refuse absolute paths, ``..``, drive letters and symlinks.
+
+    Every entry is checked before anything is written. Returns the extracted file paths.
+
+    >>> safe_extract_zip("test_images.zip", "data")   # doctest: +SKIP
+    """
+    archive = os.fspath(archive)
+    destination = Path(destination).resolve()
+    try:
+        handle = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise InvalidInputError(f"{archive}: not a readable zip archive ({err})") from err
+    written = []
+    with handle:
+        members = [(info, _check_member(info, archive)) for info in handle.infolist()]
+        for info, path in members:
+            target = destination.joinpath(*path.parts).resolve()
+            if target != destination and destination not in target.parents:
+                raise InvalidInputError(f"{archive}: entry {info.filename!r} escapes {destination}")
+        for info, path in members:
+            target = destination.joinpath(*path.parts)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with handle.open(info) as source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+            written.append(target)
+    return written
+
+
+def extract_archive_to(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Extract ``archive`` so that its content ends up in the folder ``target``.
+
+    An archive holding a single top-level folder (``test_images/...``) has that folder renamed to
+    ``target``; otherwise its entries go directly into ``target``. Extraction happens in a temporary
+    sibling folder which is renamed at the end, so ``target`` appears only when complete.
+    """
+    target = Path(target)
+    if target.exists():
+        raise InvalidInputError(f"{target} already exists; remove it to extract {archive} again")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".extracting", dir=target.parent))
+    try:
+        safe_extract_zip(archive, staging)
+        entries = [p for p in staging.iterdir() if p.name != "__MACOSX"]
+        source = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
+        os.replace(source, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _need_download(path: Path, what: str, url: str) -> None:
+    if _offline():
+        raise DownloadError(f"{what} not found at {path} and HF_HUB_OFFLINE is set: download {url} "
+                            f"to {path}, or pass its local path")
+
+
+def ensure_test_json(path: str | os.PathLike, *, download: bool = True) -> Path:
+    """``path`` if it exists, else download the original ``data/test.json`` there (when allowed)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not download:
+        raise DownloadError(f"test set {path} not found (downloads disabled); get it from {TEST_JSON_URL}")
+    _need_download(path, "test set", TEST_JSON_URL)
+    logger.info("downloading %s to %s", TEST_JSON_URL, path)
+    return download_url(TEST_JSON_URL, path)
+
+
+def ensure_test_images(img_prefix: str | os.PathLike, *, download: bool = True,
+                       cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of test images; when missing, fetch ``test_images.zip`` (Hub ``THUDM/ImageReward``, else
+    the original Tsinghua link), then extract it safely into ``img_prefix``."""
+    folder = Path(img_prefix)
+    if folder.is_dir():
+        return folder
+    repo, filename = TEST_IMAGES_HUB
+    if not download:
+        raise DownloadError(f"test images {folder} not found (downloads disabled); get {filename} from "
+                            f"https://huggingface.co/{repo} and unzip it there")
+    archive_dir = Path(cache_dir) if cache_dir is not None else folder.parent
+    archive = archive_dir / filename
+    if not archive.is_file():
+        _need_download(folder, "test images", f"https://huggingface.co/{repo}/resolve/main/{filename}")
+        try:
+            from huggingface_hub import hf_hub_download
+
+            archive = Path(hf_hub_download(repo_id=repo, filename=filename, local_dir=str(archive_dir)))
+        except Exception as err:  # Hub unreachable: the original's mirror
+            logger.warning("Hub download of %s failed (%s); trying %s", filename, err, TEST_IMAGES_URL)
+            archive = download_url(TEST_IMAGES_URL, archive)
+    logger.info("extracting %s into %s", archive, folder)
+    return extract_archive_to(archive, folder)
+
+
+def ensure_benchmark_prompts(path: str | os.PathLike, *, download: bool = True) -> Path:
+    """``path`` if it exists, else download the original ``benchmark/benchmark-prompts.json`` there."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not download:
+        raise DownloadError(f"benchmark prompts {path} not found (downloads disabled); get {BENCHMARK_PROMPTS_URL}")
+    _need_download(path, "benchmark prompts", BENCHMARK_PROMPTS_URL)
+    return download_url(BENCHMARK_PROMPTS_URL, path)
+
+
+def ensure_benchmark_generations(img_dir: str | os.PathLike, models: list[str], *, download: bool = True) -> None:
+    """Make sure ``img_dir/<model>`` holds images for each model with a published archive.
+
+    Unlike the original script, this works on a fresh clone (``img_dir`` is created), checks each model
+    folder on its own (not "is the whole folder empty"), and puts Versatile Diffusion in ``vd``. Models
+    without a published archive must already be on disk.
+    """
+    img_dir = Path(img_dir)
+    for model in models:
+        folder = img_dir / model
+        if folder.is_dir() and any(folder.iterdir()):
+            continue
+        if model not in BENCHMARK_GENERATIONS:
+            raise InvalidInputError(f"no generations for model {model!r} in {folder} and no published archive "
+                                    f"to download (known: {sorted(BENCHMARK_GENERATIONS)})")
+        url, archive_name = BENCHMARK_GENERATIONS[model]
+        if not download:
+            raise DownloadError(f"generations of {model!r} not found in {folder} (downloads disabled); "
+                                f"download {url} ({archive_name}) and unzip it there")
+        _need_download(folder, f"generations of {model!r}", url)
+        img_dir.mkdir(parents=True, exist_ok=True)
+        archive = download_url(url, img_dir / archive_name)
+        if folder.is_dir():
+            folder.rmdir()  # empty
+        extract_archive_to(archive, folder)
+        archive.unlink()

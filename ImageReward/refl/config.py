@@ -1,0 +1,244 @@
+"""``ReFLConfig``: every ReFL option in one dataclass, and the argparse parser built from it.
+
+The option names are the original ``ReFL.py`` ones; options that did nothing in the original either work
+here or are gone (see docs/differences.md). Validation happens before any model is loaded.
+
+>>> cfg = parse_args(["--train_data", "data/example_prompts.json", "--grad_scale", "1"])  # doctest: +SKIP
+>>> cfg.grad_scale
+1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..errors import InvalidInputError
+
+__all__ = ["ReFLConfig", "ReFLConfigError", "build_parser", "parse_args", "parse_reward_spec"]
+
+
+class ReFLConfigError(InvalidInputError):
+    """A ReFL option, or a combination of options, that cannot work."""
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field carrying its argparse help (and optional ``choices``/``nargs``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ReFLConfig:
+    """All options of a ReFL run. Defaults reproduce the original SD1.x recipe (``scripts/train_refl.sh``
+    adds the multi-GPU launch, EMA, fp16 and gradient checkpointing)."""
+
+    # model
+    pretrained_model_name_or_path: str = _opt("CompVis/stable-diffusion-v1-4", "base diffusers model (Hub id or folder)")
+    model_family: str = _opt("sd1", "model family of the base model", choices=("sd1", "sdxl"))
+    pretrained_vae_model_name_or_path: str | None = _opt(None, "other VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    revision: str | None = _opt(None, "Hub revision of the base model")
+    variant: str | None = _opt(None, "weight variant of the base model files, e.g. fp16")
+    # reward
+    reward: str = _opt("ImageReward-v1.0", "scorer or weighted mix: 'ImageReward-v1.0:1.0,Aesthetic:0.1' "
+                       "(registered names, load_score names, or saved ImageReward folders)")
+    monitor_reward: str | None = _opt(None, "held-out scorer(s), logged only, never trained on (shows reward hacking)")
+    reward_download_root: str | None = _opt(None, "where reward-model weights are cached")
+    grad_scale: float = _opt(1e-3, "lambda: loss = grad_scale * mean(relu(reward_margin - reward))")
+    reward_margin: float = _opt(2.0, "hinge of the ReFL loss (the original's unexplained 2)")
+    # rollout
+    num_inference_steps: int = _opt(40, "DDPM steps of the training rollout")
+    stop_step_min: int = _opt(30, "smallest index of the differentiable step (inclusive)")
+    stop_step_max: int = _opt(39, "largest index of the differentiable step (inclusive)")
+    guidance_scale: float = _opt(1.0, "classifier-free guidance in rollouts (1 = none, as the original)")
+    resolution: int = _opt(512, "image size of rollouts and of pre-training images (multiple of 8)")
+    center_crop: bool = _opt(False, "pre-training images: centre crop (default random crop)")
+    random_flip: bool = _opt(False, "pre-training images: random horizontal flip")
+    # data
+    train_data: str | None = _opt("data/refl_data.json", "prompt file: JSON [{'text': ...}], JSONL, CSV or TXT")
+    dataset_name: str | None = _opt(None, "Hub dataset of prompts (instead of --train_data)")
+    dataset_config_name: str | None = _opt(None, "configuration of --dataset_name")
+    caption_column: str = _opt("text", "prompt column")
+    image_column: str = _opt("image", "image column of --pretrain_data")
+    max_train_samples: int | None = _opt(None, "use only the first N prompts after a seeded shuffle")
+    cache_dir: str | None = _opt(None, "cache for Hub datasets and models")
+    # pre-training regularisation (the paper's; absent from the original code)
+    pretrain_data: str | None = _opt(None, "image-text file (JSON/JSONL/CSV with image paths) for the pre-training loss")
+    pretrain_loss_weight: float = _opt(0.0, "weight of the noise-prediction loss (0 = off, the original)")
+    image_base_dir: str = _opt("", "folder that relative image paths of --pretrain_data are joined to")
+    snr_gamma: float | None = _opt(None, "Min-SNR weighting gamma for the pre-training loss")
+    # LoRA
+    lora_rank: int = _opt(0, "LoRA rank on the UNet attention projections (0 = full fine-tune)")
+    lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank)")
+    # optimisation
+    train_batch_size: int = _opt(2, "prompts per device per micro-step")
+    max_train_steps: int | None = _opt(100, "optimizer updates (overrides --num_train_epochs)")
+    num_train_epochs: int = _opt(100, "epochs over the prompts when --max_train_steps is not given")
+    gradient_accumulation_steps: int = _opt(4, "micro-steps per optimizer update")
+    gradient_checkpointing: bool = _opt(False, "UNet gradient checkpointing")
+    learning_rate: float = _opt(1e-5, "AdamW learning rate")
+    scale_lr: bool = _opt(False, "lr *= accumulation * batch * processes")
+    lr_scheduler: str = _opt("constant", "diffusers get_scheduler name")
+    lr_warmup_steps: int = _opt(0, "warm-up optimizer updates")
+    use_8bit_adam: bool = _opt(False, "bitsandbytes AdamW8bit")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
+    use_ema: bool = _opt(False, "keep an EMA of the UNet; it is what gets saved")
+    allow_tf32: bool = _opt(False, "allow TF32 matmuls on Ampere+")
+    enable_xformers_memory_efficient_attention: bool = _opt(False, "xformers attention (default: torch SDPA)")
+    mixed_precision: str | None = _opt(None, "overrides accelerate config", choices=("no", "fp16", "bf16"))
+    seed: int | None = _opt(None, "seed (each process adds its index)")
+    # outputs
+    output_dir: str = _opt("checkpoint/refl", "checkpoints, logs and the final model")
+    logging_dir: str = _opt("logs", "log folder, relative to output_dir")
+    report_to: str = _opt("tensorboard", "tensorboard, wandb, all or none")
+    tracker_project_name: str = _opt("text2image-refl", "tracker project")
+    checkpointing_steps: int = _opt(100, "save state every N optimizer updates")
+    checkpoints_total_limit: int | None = _opt(None, "keep at most N checkpoints")
+    resume_from_checkpoint: str | None = _opt(None, "checkpoint folder, its name in output_dir, or 'latest'")
+    validation_prompts: list[str] | None = _opt(None, "prompts rendered at every validation", nargs="+")
+    validation_steps: int = _opt(100, "validate every N optimizer updates (and at the end)")
+    push_to_hub: bool = _opt(False, "upload output_dir to the Hub at the end")
+    hub_model_id: str | None = _opt(None, "Hub repository for --push_to_hub")
+
+    # ---------------------------------------------------------------------------------------------
+    def validate(self) -> "ReFLConfig":
+        """Raise :class:`ReFLConfigError` naming the first bad option. Cheap: reads no model."""
+        def bad(name: str, expected: str) -> None:
+            raise ReFLConfigError(f"--{name}={getattr(self, name)!r}: expected {expected}")
+
+        positive = ("train_batch_size", "gradient_accumulation_steps", "num_inference_steps", "resolution",
+                    "checkpointing_steps", "validation_steps", "num_train_epochs")
+        for name in positive:
+            if getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            bad("max_train_steps", "an integer >= 1 (or leave it out)")
+        if self.resolution % 8:
+            bad("resolution", "a multiple of 8")
+        if not 0 <= self.stop_step_min <= self.stop_step_max < self.num_inference_steps:
+            raise ReFLConfigError(
+                f"--stop_step_min={self.stop_step_min} / --stop_step_max={self.stop_step_max}: expected "
+                f"0 <= min <= max < --num_inference_steps ({self.num_inference_steps})")
+        for name in ("learning_rate", "grad_scale", "max_grad_norm", "adam_epsilon"):
+            if not getattr(self, name) > 0:
+                bad(name, "a number > 0")
+        if self.guidance_scale < 1.0:
+            bad("guidance_scale", "a number >= 1 (1 = no guidance)")
+        if self.pretrain_loss_weight < 0:
+            bad("pretrain_loss_weight", "a number >= 0")
+        if self.pretrain_loss_weight > 0 and not self.pretrain_data:
+            raise ReFLConfigError("--pretrain_loss_weight > 0 needs --pretrain_data (an image-text file)")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            bad("snr_gamma", "a number > 0")
+        if self.lora_rank < 0:
+            bad("lora_rank", "an integer >= 0 (0 = full fine-tune)")
+        if self.lora_alpha is not None and self.lora_rank == 0:
+            raise ReFLConfigError("--lora_alpha needs --lora_rank > 0")
+        if self.use_ema and self.lora_rank:
+            raise ReFLConfigError("--use_ema is for full fine-tuning; it cannot be combined with --lora_rank")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            bad("checkpoints_total_limit", "an integer >= 1")
+        if self.report_to not in ("tensorboard", "wandb", "all", "none"):
+            bad("report_to", "one of tensorboard, wandb, all, none")
+        if self.train_data is None and self.dataset_name is None:
+            raise ReFLConfigError("give prompts with --train_data FILE or --dataset_name NAME")
+        if self.dataset_name is None and self.train_data and not os.path.isfile(self.train_data):
+            raise ReFLConfigError(f"--train_data {self.train_data!r}: file not found "
+                                  "(run `python data/download_refl_data.py` for the original prompts)")
+        if self.pretrain_data and not os.path.isfile(self.pretrain_data):
+            raise ReFLConfigError(f"--pretrain_data {self.pretrain_data!r}: file not found")
+        if self.validation_prompts is not None and not all(p.strip() for p in self.validation_prompts):
+            raise ReFLConfigError("--validation_prompts: empty prompt")
+        parse_reward_spec(self.reward, option="reward")
+        if self.monitor_reward:
+            parse_reward_spec(self.monitor_reward, option="monitor_reward")
+        if self.resume_from_checkpoint not in (None, "latest"):
+            path = self.resume_from_checkpoint
+            if not os.path.isdir(path) and not os.path.isdir(os.path.join(self.output_dir, path)):
+                raise ReFLConfigError(f"--resume_from_checkpoint {path!r}: no such checkpoint folder "
+                                      f"(nor in {self.output_dir!r}); use 'latest' or a checkpoint-N folder")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable) of every option."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the options as JSON."""
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+
+
+def parse_reward_spec(spec: str, *, option: str = "reward") -> list[tuple[str, float]]:
+    """``"ImageReward-v1.0:1.0,Aesthetic:0.1"`` -> ``[("ImageReward-v1.0", 1.0), ("Aesthetic", 0.1)]``.
+
+    A missing weight is 1. Names may be local folders; a Windows drive letter is not mistaken for a weight.
+
+    >>> parse_reward_spec("ImageReward-v1.0,Aesthetic:0.1")
+    [('ImageReward-v1.0', 1.0), ('Aesthetic', 0.1)]
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ReFLConfigError(f"--{option}: expected 'NAME[:WEIGHT],...', got {spec!r}")
+    parts: list[tuple[str, float]] = []
+    for item in spec.split(","):
+        item = item.strip()
+        name, weight = item, 1.0
+        if ":" in item:
+            head, _, tail = item.rpartition(":")
+            try:
+                weight = float(tail)
+                name = head.strip()
+            except ValueError:
+                name = item  # a path with a colon, no weight
+        if not name:
+            raise ReFLConfigError(f"--{option}: empty scorer name in {spec!r}")
+        if weight == 0 or weight != weight:
+            raise ReFLConfigError(f"--{option}: weight of {name!r} must be a non-zero number, got {weight}")
+        parts.append((name, weight))
+    return parts
+
+
+def _arg_type(hint: Any) -> tuple[Any, bool]:
+    """argparse type for a field annotation, and whether it is a bool flag."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    if base is bool:
+        return bool, True
+    if typing.get_origin(base) is list:
+        return typing.get_args(base)[0], False
+    return base, False
+
+
+def build_parser(defaults: ReFLConfig | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--option`` per :class:`ReFLConfig` field (defaults from ``defaults``)."""
+    defaults = defaults or ReFLConfig()
+    parser = argparse.ArgumentParser(description="ReFL: fine-tune a diffusion model on a reward model.")
+    hints = typing.get_type_hints(ReFLConfig)
+    for item in dataclasses.fields(ReFLConfig):
+        kind, is_flag = _arg_type(hints[item.name])
+        kwargs: dict[str, Any] = {"help": item.metadata.get("help", ""), "default": getattr(defaults, item.name)}
+        if is_flag:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            for key in ("choices", "nargs"):
+                if key in item.metadata:
+                    kwargs[key] = item.metadata[key]
+        parser.add_argument(f"--{item.name}", **kwargs)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, defaults: ReFLConfig | None = None) -> ReFLConfig:
+    """Parse command-line options into a validated :class:`ReFLConfig`."""
+    namespace = build_parser(defaults).parse_args(argv)
+    return ReFLConfig(**vars(namespace)).validate()

@@ -1,0 +1,233 @@
+"""``score_dataset``: score every (prompt, image) of a dataset into a resumable JSONL/Parquet file.
+
+Decoding and preprocessing run in DataLoader workers (``num_workers``) while the main process runs the
+scorer's own ``encode_images`` + ``score_encoded`` under ``torch.inference_mode``; within a batch each
+distinct image is encoded once. Under ``accelerate launch`` every process scores the rows with
+``index % world_size == rank`` into its own journal and the main process merges them at the end.
+
+>>> import ImageReward as RM
+>>> from ImageReward.scoring import score_dataset
+>>> summary = score_dataset(RM.load("ImageReward-v1.0"), "prompts.jsonl", "scores.jsonl")  # doctest: +SKIP
+>>> summary["scored"], summary["errors"]                                                    # doctest: +SKIP
+(998, 2)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ImageRewardError
+from ..preprocess import PreprocessConfig, preprocess_pil
+from .datasets import Record, load_record_image, read_records
+from .writers import Journal, done_ids, journal_path, merge_outputs, output_format, read_output, remove_outputs
+
+__all__ = ["score_dataset", "DistributedContext", "distributed_context"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistributedContext:
+    """Which shard this process scores. ``state`` is accelerate's ``PartialState`` when launched by it."""
+
+    rank: int = 0
+    world_size: int = 1
+    state: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.state is not None and self.world_size > 1:
+            self.state.wait_for_everyone()
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self.state is None else self.state.device
+
+
+def distributed_context() -> DistributedContext:
+    """accelerate's process index and count when started by ``accelerate launch`` (or torchrun) with more
+    than one process; otherwise a single process. accelerate is imported only in that case."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistributedContext()
+    from accelerate import PartialState
+
+    state = PartialState()
+    return DistributedContext(state.process_index, state.num_processes, state)
+
+
+class _RecordImages(torch.utils.data.Dataset):
+    """Runs in DataLoader workers: record -> ``(position, pixels or None, error or None)``."""
+
+    def __init__(self, records: Sequence[Record], config: PreprocessConfig, timeout: float) -> None:
+        self.records = records
+        self.config = config
+        self.timeout = timeout
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
+        record = self.records[position]
+        if record.error:
+            return position, None, record.error
+        try:
+            return position, preprocess_pil(load_record_image(record, timeout=self.timeout), self.config), None
+        except ImageRewardError as err:
+            return position, None, str(err)
+        except Exception as err:  # noqa: BLE001 - one bad image must not stop the run
+            return position, None, f"row {record.index} ({record.image}): {type(err).__name__}: {err}"
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+def _row(record: Record, score: float | None, error: str | None, model: str) -> dict[str, Any]:
+    return {"index": record.index, "id": record.id, "prompt": record.prompt, "image": record.image,
+            "score": score, "error": error, "model": model}
+
+
+def _image_key(record: Record) -> Any:
+    return record.source if isinstance(record.source, (str, bytes)) else (record.source, record.id)
+
+
+def _score_batch(scorer: Any, batch: list, records: Sequence[Record], model: str) -> list[dict[str, Any]]:
+    """Rows for one DataLoader batch, in batch order; distinct images are encoded once."""
+    rows: dict[int, dict[str, Any]] = {}
+    good = []
+    for position, pixels, error in batch:
+        if pixels is None:
+            rows[position] = _row(records[position], None, error, model)
+        else:
+            good.append((position, pixels))
+    if good:
+        unique: dict[Any, int] = {}
+        stack, which = [], []
+        for position, pixels in good:
+            key = _image_key(records[position])
+            if key not in unique:
+                unique[key] = len(stack)
+                stack.append(pixels)
+            which.append(unique[key])
+        prompts = [records[position].prompt for position, _ in good]
+        try:
+            with torch.inference_mode():
+                features = scorer.encode_images(torch.stack(stack).to(scorer.device, scorer.input_dtype))
+                index = torch.tensor(which, device=features.device)
+                scores = scorer.score_encoded(prompts, features[index]).float().cpu().tolist()
+            for (position, _), score in zip(good, scores):
+                rows[position] = _row(records[position], float(score), None, model)
+        except ImageRewardError:
+            if len(good) == 1:
+                raise
+            for item in good:  # find the row at fault: score them one by one
+                position = item[0]
+                try:
+                    rows[position] = _score_batch(scorer, [(position, item[1], None)], records, model)[0]
+                except ImageRewardError as err:
+                    rows[position] = _row(records[position], None, f"row {records[position].index}: {err}", model)
+    return [rows[position] for position, _, _ in batch]
+
+
+def score_dataset(
+    scorer: Any,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    prompt: str | None = None,
+    prompt_column: str | None = None,
+    image_column: str | None = None,
+    id_column: str | None = None,
+    split: str | None = None,
+    revision: str | None = None,
+    batch_size: int | None = None,
+    num_workers: int = 0,
+    timeout: float = 10.0,
+    overwrite: bool = False,
+    limit: int | None = None,
+    html: str | os.PathLike | None = None,
+    html_per_prompt: int = 4,
+    model_name: str | None = None,
+    progress: bool = True,
+    context: DistributedContext | None = None,
+) -> dict[str, Any]:
+    """Score ``source`` (folder, table or ``hf://datasets/...``, see :func:`read_records`) into ``output``
+    (``.jsonl`` or ``.parquet``), resuming a previous run into the same ``output``.
+
+    Each row: ``index, id, prompt, image, score, error, model``; a row that could not be scored has
+    ``score = None`` and the reason in ``error``. Returns a summary (counts, seconds, images/s, paths).
+    ``context`` defaults to :func:`distributed_context` (shards under ``accelerate launch``).
+    """
+    started = time.perf_counter()
+    context = context or distributed_context()
+    output = Path(output)
+    output_format(output)
+    model = model_name or getattr(scorer, "name", type(scorer).__name__)
+    if overwrite and context.is_main:
+        remove_outputs(output)
+    context.barrier()
+    records = read_records(source, prompt=prompt, prompt_column=prompt_column, image_column=image_column,
+                           id_column=id_column, split=split, revision=revision)
+    if limit is not None:
+        records = records[:limit]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = done_ids(output, model=model)  # a torn last line is not done: it is scored again
+    journal = Journal(journal_path(output, context.rank, context.world_size))  # cuts that torn tail first
+    mine = [r for r in records if r.index % context.world_size == context.rank]
+    pending = [r for r in mine if r.id not in done]
+    logger.info("rank %d/%d: %d rows, %d already done, %d to score", context.rank, context.world_size,
+                len(mine), len(mine) - len(pending), len(pending))
+
+    batch_size = batch_size or getattr(scorer, "default_batch_size", 8)
+    loader = torch.utils.data.DataLoader(
+        _RecordImages(pending, scorer.preprocess_config, timeout), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=_collate, pin_memory=scorer.device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+    )
+    scored = errors = 0
+    bar = tqdm(total=len(pending), desc=f"scoring {Path(os.fspath(source)).name or source}", unit="img",
+               disable=not (progress and context.is_main), dynamic_ncols=True)
+    try:
+        for batch in loader:
+            rows = _score_batch(scorer, batch, pending, model)
+            journal.append(rows)
+            batch_errors = sum(row["error"] is not None for row in rows)
+            errors += batch_errors
+            scored += len(rows) - batch_errors
+            bar.update(len(rows))
+            if errors:
+                bar.set_postfix(errors=errors, refresh=False)
+    finally:
+        bar.close()
+        journal.close()
+    seconds = time.perf_counter() - started
+    context.barrier()
+    summary: dict[str, Any] = {
+        "output": str(output), "rank": context.rank, "world_size": context.world_size, "rows": len(records),
+        "resumed": len(mine) - len(pending), "scored": scored, "errors": errors, "seconds": seconds,
+        "images_per_s": (scored + errors) / seconds if seconds > 0 else 0.0,
+    }
+    if context.is_main:
+        merge_outputs(output)
+        final = read_output(output)
+        summary.update(total_rows=len(final), total_errors=sum(row.get("error") is not None for row in final))
+        if len(final) != len(records):
+            logger.warning("%s has %d rows for %d input records", output, len(final), len(records))
+        if html is not None:
+            from .gallery import write_gallery
+
+            summary["html"] = str(write_gallery(final, html, records=records, per_prompt=html_per_prompt,
+                                                timeout=timeout, title=f"{model} on {os.fspath(source)}"))
+    context.barrier()
+    return summary
