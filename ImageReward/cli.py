@@ -17,6 +17,7 @@ from .errors import ImageRewardError
 # Modules that add subcommands. Each defines register(subparsers) -> None.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "ImageReward.commands.score",
+    "ImageReward.commands.score_dataset",
 )
 
 

@@ -1,0 +1,64 @@
+"""``imagereward score-dataset INPUT -o OUT``: score a whole dataset, resumably, optionally sharded.
+
+    imagereward score-dataset generations/ --prompt "a red bicycle" -o scores.jsonl --html scores.html
+    imagereward score-dataset pairs.csv -o scores.parquet --num-workers 4 --batch-size 32
+    accelerate launch --num_processes 8 -m ImageReward.cli score-dataset hf://datasets/OWNER/NAME -o s.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .score import add_model_arguments, load_scorer
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "score-dataset", help="score a folder, a JSONL/CSV/Parquet table or a Hub dataset into JSONL/Parquet",
+        description="Score every (prompt, image) of INPUT into OUT. Rerunning with the same OUT resumes; "
+                    "under `accelerate launch` each process scores a shard and the main process merges.")
+    parser.add_argument("input", help="a folder of images, a .jsonl/.json/.csv/.tsv/.parquet table of "
+                                      "(prompt, image path or URL), or hf://datasets/OWNER/NAME[@REV][/DIR]")
+    parser.add_argument("-o", "--output", required=True, help="OUT.jsonl or OUT.parquet")
+    parser.add_argument("--prompt", default=None,
+                        help="score every image against this prompt (overrides sidecars and prompt columns)")
+    parser.add_argument("--prompt-column", default=None, help="default: prompt, caption or text")
+    parser.add_argument("--image-column", default=None, help="default: image, image_path, file_name, url, ...")
+    parser.add_argument("--id-column", default=None, help="stable row key for resuming (default: id, else row number)")
+    parser.add_argument("--split", default=None, help="Hub dataset split, e.g. train (default: every Parquet file)")
+    parser.add_argument("--revision", default=None, help="Hub dataset revision")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images (0: none)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per image URL download attempt")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N rows of INPUT")
+    parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming into OUT")
+    parser.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
+                        help="also write an HTML gallery of the best/worst images per prompt (default: OUT.html)")
+    parser.add_argument("--html-per-prompt", type=int, default=4, help="best and worst images shown per prompt")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(parser)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..scoring.runner import distributed_context, score_dataset
+    from ..scoring.writers import output_format
+
+    output_format(args.output)  # fail on a bad OUT name before loading a model
+    context = distributed_context()
+    if context.device is not None and args.device is None:
+        args.device = str(context.device)
+    model = load_scorer(args)
+    html = None if args.html is None else (args.html or f"{args.output.rsplit('.', 1)[0]}.html")
+    summary = score_dataset(
+        model, args.input, args.output, prompt=args.prompt, prompt_column=args.prompt_column,
+        image_column=args.image_column, id_column=args.id_column, split=args.split, revision=args.revision,
+        batch_size=args.batch_size, num_workers=args.num_workers, timeout=args.timeout, overwrite=args.overwrite,
+        limit=args.limit, html=html, html_per_prompt=args.html_per_prompt, model_name=args.model,
+        progress=not args.no_progress, context=context,
+    )
+    if context.is_main:
+        json.dump(summary, sys.stdout)
+        sys.stdout.write("\n")
+    return 0
