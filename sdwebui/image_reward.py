@@ -1,0 +1,285 @@
+"""ImageReward script for the AUTOMATIC1111 Stable Diffusion WebUI.
+
+Install: put the ``ImageReward`` library into the WebUI's Python (``<webui>/venv/bin/python -m pip install
+<path to this project>``), then copy this file into ``stable-diffusion-webui/scripts/`` and restart.
+Pick "ImageReward - generate human preference scores" in the *Script* dropdown of txt2img or img2img.
+
+After the WebUI generates, every sample (never the grid) is scored in batches by the chosen scorer, the
+score is written into the image's infotext (``..., ImageReward Score: 0.1234``) and so into the PNG info of
+the saved file, images below the limit are optionally filtered out, and the rest are sorted best first.
+The model stays loaded between runs until "Unload Model From Memory" is pressed. This file is an adapter:
+all scoring is done by the installed ``ImageReward`` package, and nothing is ever pip-installed here.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import re
+import sys
+from typing import Any, Sequence
+
+import gradio as gr
+from modules import images, scripts, shared
+from modules.processing import Processed, StableDiffusionProcessing, process_images
+
+logger = logging.getLogger(__name__)
+
+TITLE = "ImageReward - generate human preference scores"
+DEFAULT_SCORER = "ImageReward-v1.0"
+BUILTIN_SCORES = ("CLIP", "BLIP", "Aesthetic")
+INSTALL_COMMAND = f'"{sys.executable}" -m pip install "image-reward>=2.0.0.dev0"'
+_SHARED_MODEL = "image_reward_model"  # attribute of modules.shared: survives script reloads, as in the original
+_SHARED_NAME = "image_reward_model_name"
+_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # the WebUI's key: value
+
+try:
+    import ImageReward as RM
+
+    if not hasattr(RM, "Scorer"):  # the 1.x package (PyPI image-reward<=1.5) lacks the scorer interface
+        raise ImportError(f"ImageReward {getattr(RM, '__version__', '1.x')} is too old for this script")
+    _IMPORT_ERROR: str | None = None
+except ImportError as err:  # reported in the UI and at run time; never auto-installed
+    RM = None  # type: ignore[assignment]
+    _IMPORT_ERROR = (f"The ImageReward library is not usable in the WebUI's Python ({err}). "
+                     f"Install it with: {INSTALL_COMMAND}  -- then restart the WebUI.")
+    logger.error(_IMPORT_ERROR)
+
+
+class ImageRewardScriptError(ValueError):
+    """A problem the user can fix in the UI (bad limit, missing library); shown as the run's error."""
+
+
+# ------------------------------------------------------------------------------------------- model cache
+def scorer_choices() -> list[str]:
+    """Names offered in the scorer dropdown: the ImageReward checkpoints, then the baseline scores."""
+    if RM is None:
+        return [DEFAULT_SCORER]
+    try:
+        return list(RM.available_models()) + [s for s in RM.available_scores() if s not in RM.available_models()]
+    except Exception as err:  # a broken optional baseline must not hide the script
+        logger.warning("ImageReward: could not list scorers (%s)", err)
+        return list(RM.available_models()) + list(BUILTIN_SCORES)
+
+
+def _device() -> Any:
+    try:
+        from modules import devices
+
+        return devices.device
+    except (ImportError, AttributeError):
+        return getattr(shared, "device", None)
+
+
+def load_scorer(name: str) -> Any:
+    """The loaded scorer for ``name`` (a registered model, a baseline score, or a local checkpoint path),
+    reused from the previous run when the name is unchanged."""
+    if RM is None:
+        raise ImageRewardScriptError(_IMPORT_ERROR)
+    name = (name or DEFAULT_SCORER).strip()
+    cached = getattr(shared, _SHARED_MODEL, None)
+    if cached is not None and getattr(shared, _SHARED_NAME, None) == name:
+        return cached
+    unload_model()
+    logger.info("ImageReward: loading %s", name)
+    if name in RM.available_models() or os.path.exists(name):
+        model = RM.load(name, device=_device())
+    elif name in RM.available_scores():
+        model = RM.load_score(name, device=_device())
+    else:
+        raise ImageRewardScriptError(f"unknown scorer {name!r}: choose one of {scorer_choices()} "
+                                     "or give the path of a local ImageReward checkpoint")
+    setattr(shared, _SHARED_MODEL, model)
+    setattr(shared, _SHARED_NAME, name)
+    return model
+
+
+def unload_model() -> str:
+    """Free the loaded scorer (and the CUDA cache). Safe to call when nothing is loaded."""
+    model = getattr(shared, _SHARED_MODEL, None)
+    setattr(shared, _SHARED_MODEL, None)
+    setattr(shared, _SHARED_NAME, None)
+    if model is None:
+        return "No ImageReward model was loaded."
+    del model
+    gc.collect()
+    try:
+        from modules import devices
+
+        devices.torch_gc()
+    except (ImportError, AttributeError):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    logger.info("ImageReward: model unloaded")
+    return "ImageReward model unloaded."
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def parse_limit(text: Any) -> float:
+    """The "Lower score limit" textbox value as a finite float, or a clear error."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ImageRewardScriptError(f"Lower score limit must be a number, e.g. 0 or -0.5; got {text!r}")
+    return value
+
+
+def add_to_infotext(infotext: str | None, key: str, value: str) -> str:
+    """Append ``key: value`` to the parameters line of a WebUI infotext, so the WebUI parses it back."""
+    if not infotext:
+        return f"{key}: {value}"
+    last_line = infotext.rsplit("\n", 1)[-1]
+    if len(_PARAM_RE.findall(last_line)) >= 3:
+        return f"{infotext}, {key}: {value}"
+    return f"{infotext}\n{key}: {value}"
+
+
+def _score_key(model: Any) -> str:
+    label = re.sub(r"[^\w ]+", " ", str(getattr(model, "name", "") or "ImageReward")).strip() or "ImageReward"
+    return f"{label} Score"
+
+
+def _pick(values: Sequence[Any] | None, order: Sequence[int]) -> list[Any] | None:
+    if values is None or len(values) < (max(order) + 1 if order else 0):
+        return None
+    return [values[i] for i in order]
+
+
+# ------------------------------------------------------------------------------------------- the script
+class Script(scripts.Script):
+    """Selectable script: generate, then score, annotate, filter and sort the samples."""
+
+    def title(self) -> str:
+        return TITLE
+
+    def show(self, is_img2img: bool) -> bool:
+        return True
+
+    def ui(self, is_img2img: bool) -> list[Any]:
+        with gr.Blocks():
+            if _IMPORT_ERROR:
+                gr.Markdown(f"**ImageReward is not installed.** {_IMPORT_ERROR}")
+            gr.Markdown("Tip: the scorer is loaded on the first run, which takes a while; later runs reuse it.")
+            with gr.Row():
+                with gr.Column():
+                    filter_out = gr.Checkbox(value=False, label="Filter out images with low scores",
+                                             elem_id=self.elem_id("filter"))
+                    limit = gr.Textbox(value="0", label="Lower score limit", elem_id=self.elem_id("limit"))
+                with gr.Column():
+                    sort = gr.Checkbox(value=True, label="Sort images by score (best first)",
+                                       elem_id=self.elem_id("sort"))
+                    scorer = gr.Dropdown(choices=scorer_choices(), value=DEFAULT_SCORER, allow_custom_value=True,
+                                         label="Scorer (or path of a local ImageReward checkpoint)",
+                                         elem_id=self.elem_id("scorer"))
+            gr.Markdown("ImageReward-v1.0 takes about 1,600 MB of (GPU) memory while loaded.")
+            status = gr.Markdown("")
+            unload = gr.Button("Unload Model From Memory", elem_id=self.elem_id("unload"))
+            unload.click(fn=unload_model, inputs=[], outputs=[status])
+        return [filter_out, limit, sort, scorer]
+
+    def run(self, p: StableDiffusionProcessing, filter_out_low_scores: bool = False,
+            lower_score_limit: Any = "0", sort_by_score: bool = True,
+            scorer_name: str = DEFAULT_SCORER) -> Processed:
+        """Generate with ``p``, then score every sample and return the annotated, filtered, sorted gallery."""
+        if RM is None:
+            raise ImageRewardScriptError(_IMPORT_ERROR)
+        limit = parse_limit(lower_score_limit) if filter_out_low_scores else None
+        model = load_scorer(scorer_name)  # before generating: a bad name fails fast
+
+        do_not_save = p.do_not_save_samples
+        save_samples = bool(getattr(shared.opts, "samples_save", True)) and not do_not_save
+        p.do_not_save_samples = True  # saved below, once the score is in the infotext
+        try:
+            proc = process_images(p)
+        finally:
+            p.do_not_save_samples = do_not_save
+        return self._score(p, proc, model, limit, sort_by_score, save_samples)
+
+    # the part after generation, split out for readability
+    def _score(self, p: StableDiffusionProcessing, proc: Processed, model: Any, limit: float | None,
+               sort_by_score: bool, save_samples: bool) -> Processed:
+        first = int(getattr(proc, "index_of_first_image", 0) or 0)
+        all_images = list(proc.images)
+        n_samples = len(all_images) - first
+        prompts_all = list(getattr(proc, "all_prompts", None) or [])
+        if len(prompts_all) >= n_samples > 0:
+            n_samples = min(n_samples, len(prompts_all))
+        samples = all_images[first:first + n_samples]
+        infotexts = list(getattr(proc, "infotexts", None) or [])
+        aligned = len(infotexts) == len(all_images)
+        sample_texts = [(infotexts[first + i] if aligned else samples[i].info.get("parameters", "")) or ""
+                        for i in range(n_samples)]
+        if not samples:
+            return proc
+        prompts = prompts_all[:n_samples] if len(prompts_all) >= n_samples else [p.prompt] * n_samples
+
+        try:
+            scores = [float(s) for s in model.score_batch(prompts, samples)]
+        except Exception:
+            if save_samples:  # generation is never lost: save the samples unscored, then report the error
+                self._save(p, proc, samples, sample_texts)
+            raise
+        key = _score_key(model)
+        for index, (image, score) in enumerate(zip(samples, scores)):
+            sample_texts[index] = add_to_infotext(sample_texts[index], key, f"{score:.4f}")
+            image.info["score"] = score
+            image.info["parameters"] = sample_texts[index]
+        if save_samples:
+            self._save(p, proc, samples, sample_texts)
+
+        better = (lambda s: s) if getattr(model, "higher_is_better", True) else (lambda s: -s)
+        order = list(range(n_samples))
+        if limit is not None:
+            order = [i for i in order if better(scores[i]) >= better(limit)]
+        if sort_by_score:
+            order.sort(key=lambda i: better(scores[i]), reverse=True)  # stable: ties keep generation order
+
+        message = f"{key}s: " + ", ".join(f"{scores[i]:.4f}" for i in order)
+        if limit is not None:
+            dropped = n_samples - len(order)
+            message = f"{message} ({dropped} of {n_samples} images below the limit {limit:g} filtered out)"
+        if not order:
+            message = f"{key}: all {n_samples} images scored below the limit {limit:g}; nothing to show."
+        logger.info("ImageReward: %s", message)
+
+        kept = [samples[i] for i in order]
+        kept_texts = [sample_texts[i] for i in order]
+        grid = all_images[:first] if kept else []
+        grid_texts = (infotexts[:first] if aligned else [g.info.get("parameters", "") for g in grid]) if kept else []
+        extras = all_images[first + n_samples:] if kept else []
+        extra_texts = (infotexts[first + n_samples:] if aligned else [x.info.get("parameters", "") for x in extras]
+                       ) if kept else []
+        out_texts = grid_texts + kept_texts + extra_texts
+        comments = "\n".join(c for c in (getattr(proc, "comments", "") or "", message) if c)
+        seeds = _pick(getattr(proc, "all_seeds", None), order)
+        return Processed(
+            p,
+            images_list=grid + kept + extras,
+            seed=seeds[0] if seeds else proc.seed,
+            info=out_texts[0] if out_texts else message,
+            subseed=getattr(proc, "subseed", None),
+            all_prompts=_pick(prompts_all, order) or None,
+            all_negative_prompts=_pick(getattr(proc, "all_negative_prompts", None), order) or None,
+            all_seeds=seeds or None,
+            all_subseeds=_pick(getattr(proc, "all_subseeds", None), order) or None,
+            index_of_first_image=len(grid),
+            infotexts=out_texts,
+            comments=comments,
+        )
+
+    @staticmethod
+    def _save(p: StableDiffusionProcessing, proc: Processed, samples: list[Any], texts: list[str]) -> None:
+        """Save each sample as the WebUI would have, with the score in its PNG info."""
+        seeds = list(getattr(proc, "all_seeds", None) or [])
+        prompts = list(getattr(proc, "all_prompts", None) or [])
+        for index, (image, text) in enumerate(zip(samples, texts)):
+            images.save_image(image, p.outpath_samples, "",
+                              seeds[index] if index < len(seeds) else proc.seed,
+                              prompts[index] if index < len(prompts) else p.prompt,
+                              shared.opts.samples_format, info=text, p=p)

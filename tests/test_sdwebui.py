@@ -1,0 +1,272 @@
+"""The AUTOMATIC1111 WebUI script (sdwebui/image_reward.py), end to end on the WebUI shim and a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import ImageReward as RM
+from ImageReward import factory
+from ImageReward.scorer import Scorer
+from webui_shim import install_webui, parse_generation_parameters, save_tiny_image_reward
+
+PLUGIN = Path(__file__).resolve().parents[1] / "sdwebui" / "image_reward.py"
+TITLE = "ImageReward - generate human preference scores"
+PROMPT = "a red fox in the snow"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_image_reward(tmp_path_factory.mktemp("tiny") / "ir")
+
+
+class Brightness(Scorer):
+    """A transparent scorer: the mean pixel value (so the right order is known without a model)."""
+
+    name = "Brightness"
+    uses_prompt = False
+
+    def __init__(self, higher_is_better: bool = True) -> None:
+        super().__init__()
+        self.higher_is_better = higher_is_better
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_images(self, pixel_values):
+        return pixel_values.mean(dim=(1, 2, 3))
+
+    def score_encoded(self, prompts, image_features):
+        return image_features.float()
+
+
+def load_plugin(name: str = "image_reward_webui_script"):
+    spec = importlib.util.spec_from_file_location(name, PLUGIN)  # how the WebUI loads scripts/*.py
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def webui(monkeypatch, tmp_path, tiny_dir):
+    """(shim, plugin, loads): the fake WebUI installed, the plugin imported, ``ImageReward-v1.0`` resolving to a
+    tiny model; ``loads`` lists every name the library was asked to load."""
+    shim = install_webui(monkeypatch, tmp_path)
+    real_load, loads = RM.load, []
+
+    def fake_load(name="ImageReward-v1.0", device=None, *args, **kwargs):
+        loads.append(name)
+        return real_load(tiny_dir if name == "ImageReward-v1.0" else name, device=device)
+
+    monkeypatch.setattr(RM, "load", fake_load)
+    monkeypatch.setitem(factory._SCORERS, "Brightness", lambda **kw: Brightness())
+    monkeypatch.setitem(factory._SCORERS, "Darkness", lambda **kw: Brightness(higher_is_better=False))
+    plugin = load_plugin()
+    yield shim, plugin, loads
+    plugin.unload_model()
+
+
+def make_p(shim, tmp_path, *, batch_size=2, n_iter=2, seed=1234, **kwargs):
+    return shim.processing.StableDiffusionProcessingTxt2Img(
+        prompt=PROMPT, negative_prompt="blurry", seed=seed, batch_size=batch_size, n_iter=n_iter, width=32, height=32,
+        outpath_samples=str(tmp_path / "out" / "samples"), outpath_grids=str(tmp_path / "out" / "grids"), **kwargs)
+
+
+def run_script(shim, plugin, p, *values):
+    runner = shim.scripts.ScriptRunner([plugin.Script], is_img2img=False, always_visible=shim.AlwaysVisible)
+    p.scripts, p.script_args = runner, runner.args_for(TITLE, *values)
+    return runner.run(p, *p.script_args)
+
+
+def score_of(text: str, key: str = "ImageReward Score") -> float:
+    return float(parse_generation_parameters(text)[key])
+
+
+def test_script_registration_and_ui(webui):
+    shim, plugin, _ = webui
+    runner = shim.scripts.ScriptRunner([plugin.Script], is_img2img=True, always_visible=shim.AlwaysVisible)
+    assert [s.title() for s in runner.selectable_scripts] == [TITLE] and not runner.alwayson_scripts
+    script = runner.selectable_scripts[0]
+    assert script.show(False) is True and script.show(True) is True
+    filter_box, limit, sort, scorer = script.controls
+    assert (filter_box.value, limit.value, sort.value, scorer.value) == (False, "0", True, "ImageReward-v1.0")
+    assert filter_box.label == "Filter out images with low scores" and limit.label == "Lower score limit"
+    assert {"ImageReward-v1.0", "Brightness"} <= set(scorer.choices)
+    # the unload button is wired to the plugin's unload, which needs no arguments
+    assert script.elem_id("limit").startswith("script_img2img_")
+    assert runner.default_args() == [0, False, "0", True, "ImageReward-v1.0"]
+
+
+def test_end_to_end_scores_infotexts_png_and_grid(webui, tmp_path, tiny_dir):
+    shim, plugin, _ = webui
+    shim.shared.opts.return_grid = True
+    shim.shared.opts.grid_save = True
+    p = make_p(shim, tmp_path)
+    processed = run_script(shim, plugin, p, False, "0", True, "ImageReward-v1.0")
+
+    assert processed.index_of_first_image == 1 and len(processed.images) == 5
+    assert len(processed.infotexts) == len(processed.images)
+    grid, samples = processed.images[0], processed.images[1:]
+    assert grid.size == (64, 64) and "score" not in grid.info and "ImageReward Score" not in processed.infotexts[0]
+
+    # every sample's score equals the library's own score for that image and prompt
+    reference = RM.load(str(tiny_dir), device="cpu")
+    expected = [reference.score(PROMPT, image) for image in samples]
+    got = [score_of(text) for text in processed.infotexts[1:]]
+    assert got == pytest.approx(expected, abs=6e-5)  # written with 4 decimals
+    assert [image.info["score"] for image in samples] == pytest.approx(expected, abs=1e-5)
+    assert got == sorted(got, reverse=True) and len(set(got)) == 4
+
+    for image, text, seed in zip(samples, processed.infotexts[1:], processed.all_seeds):
+        assert image.info["parameters"] == text
+        fields = parse_generation_parameters(text)  # the score did not break the WebUI's infotext parser
+        assert fields["Prompt"] == PROMPT and fields["Negative prompt"] == "blurry"
+        assert fields["Steps"] == "20" and fields["Seed"] == str(seed) and fields["Size-1"] == "32"
+    assert sorted(processed.all_seeds) == [1234, 1235, 1236, 1237]
+    assert processed.seed == processed.all_seeds[0]
+    assert processed.info == processed.infotexts[0]
+    assert "ImageReward Scores:" in processed.comments
+
+    # saved files: every sample once, with the score in its PNG info; the grid once, without a score
+    saved_samples = [s for s in shim.saved if not s["grid"]]
+    assert len(saved_samples) == 4 and sum(s["grid"] for s in shim.saved) == 1
+    by_seed = {seed: text for seed, text in zip(processed.all_seeds, processed.infotexts[1:])}
+    for record in saved_samples:
+        with Image.open(record["filename"]) as png:
+            assert png.info["parameters"] == by_seed[record["seed"]]
+            assert "ImageReward Score: " in png.info["parameters"]
+    grid_file = next(s["filename"] for s in shim.saved if s["grid"])
+    with Image.open(grid_file) as png:
+        assert "ImageReward Score" not in png.info["parameters"]
+    assert p.do_not_save_samples is False  # restored after the run
+
+
+def test_sort_off_keeps_generation_order(webui, tmp_path):
+    shim, plugin, _ = webui
+    processed = run_script(shim, plugin, make_p(shim, tmp_path), False, "0", False)
+    assert processed.index_of_first_image == 0
+    assert processed.all_seeds == [1234, 1235, 1236, 1237]
+    assert [score_of(t, "Seed") for t in processed.infotexts] == [1234, 1235, 1236, 1237]
+
+
+def test_filter_keeps_scores_equal_to_the_limit(webui, tmp_path):
+    shim, plugin, _ = webui
+    baseline = run_script(shim, plugin, make_p(shim, tmp_path), False, "0", True)
+    exact = [image.info["score"] for image in baseline.images]  # sorted, best first
+    limit = exact[2]
+    shim.shared.opts.return_grid = True
+    processed = run_script(shim, plugin, make_p(shim, tmp_path), True, repr(limit), True)
+    kept = [image.info["score"] for image in processed.images[processed.index_of_first_image:]]
+    assert kept == exact[:3]  # the image scoring exactly the limit is kept, the one below is dropped
+    assert processed.index_of_first_image == 1 and len(processed.infotexts) == 4
+    assert "1 of 4 images below the limit" in processed.comments
+    assert all(score_of(t) >= float(f"{limit:.4f}") for t in processed.infotexts[1:])
+
+
+def test_filter_everything_gives_an_empty_gallery(webui, tmp_path):
+    shim, plugin, _ = webui
+    shim.shared.opts.return_grid = True
+    processed = run_script(shim, plugin, make_p(shim, tmp_path), True, "1e9", True)
+    assert processed.images == [] and processed.infotexts == [] and processed.index_of_first_image == 0
+    assert "below the limit" in processed.info and "nothing to show" in processed.comments
+    assert len([s for s in shim.saved if not s["grid"]]) == 4  # generated samples are still saved, with scores
+    assert all("ImageReward Score: " in s["info"] for s in shim.saved)
+    processed.js()  # the WebUI serialises the result for the gallery: must not fail when empty
+
+
+@pytest.mark.parametrize("limit", ["abc", "", "nan", "inf"])
+def test_bad_limit_is_a_clear_error_before_generating(webui, tmp_path, limit):
+    shim, plugin, _ = webui
+    with pytest.raises(ValueError, match="Lower score limit must be a number"):
+        run_script(shim, plugin, make_p(shim, tmp_path), True, limit, True)
+    assert shim.saved == []  # nothing generated
+
+
+def test_bad_limit_ignored_when_not_filtering_and_old_two_argument_api(webui, tmp_path):
+    shim, plugin, _ = webui
+    assert len(run_script(shim, plugin, make_p(shim, tmp_path), False, "abc").images) == 4
+    processed = plugin.Script().run(make_p(shim, tmp_path), True, "-1e9")  # the original's 2 script args
+    assert len(processed.images) == 4
+
+
+def test_model_reuse_unload_twice_and_reload(webui, tmp_path):
+    shim, plugin, loads = webui
+    run_script(shim, plugin, make_p(shim, tmp_path, n_iter=1), False, "0", True)
+    model = shim.shared.image_reward_model
+    run_script(shim, plugin, make_p(shim, tmp_path, n_iter=1), False, "0", True)
+    assert loads == ["ImageReward-v1.0"] and shim.shared.image_reward_model is model  # loaded once, reused
+
+    shim.gradio.created.clear()
+    shim.scripts.ScriptRunner([plugin.Script])
+    [button] = [c for c in shim.gradio.created if isinstance(c, shim.gradio.Button)]
+    assert button.args == ("Unload Model From Memory",)
+    [unload_fn] = [h["fn"] for h in button.handlers["click"]]
+    assert "unloaded" in unload_fn()
+    assert shim.shared.image_reward_model is None and shim.devices.gc_calls == [1]
+    assert "No ImageReward model was loaded" in unload_fn()  # second unload: harmless
+    assert shim.devices.gc_calls == [1]
+    run_script(shim, plugin, make_p(shim, tmp_path, n_iter=1), False, "0", True)
+    assert loads == ["ImageReward-v1.0", "ImageReward-v1.0"]
+
+
+def test_other_scorers_and_switching(webui, tmp_path):
+    shim, plugin, loads = webui
+    processed = run_script(shim, plugin, make_p(shim, tmp_path), True, "0.5", True, "Brightness")
+    brightness = [score_of(t, "Brightness Score") for t in processed.infotexts]
+    assert brightness == sorted(brightness, reverse=True) and all(b >= 0.5 for b in brightness)
+    assert shim.shared.image_reward_model_name == "Brightness" and loads == []
+
+    # lower-is-better scorers: best (lowest) first, and the limit keeps what is at least as good
+    processed = run_script(shim, plugin, make_p(shim, tmp_path), True, "0.5", True, "Darkness")
+    darkness = [image.info["score"] for image in processed.images]
+    assert darkness == sorted(darkness) and all(d <= 0.5 for d in darkness)
+    assert isinstance(shim.shared.image_reward_model, Brightness)
+
+    with pytest.raises(ValueError, match="unknown scorer 'nope'"):
+        run_script(shim, plugin, make_p(shim, tmp_path), False, "0", True, "nope")
+
+
+def test_local_checkpoint_path_and_unsaved_settings(webui, tmp_path, tiny_dir):
+    shim, plugin, loads = webui
+    shim.shared.opts.samples_save = False
+    processed = run_script(shim, plugin, make_p(shim, tmp_path, n_iter=1), False, "0", True, str(tiny_dir))
+    assert loads == [str(tiny_dir)] and len(processed.images) == 2 and shim.saved == []
+    p = make_p(shim, tmp_path, n_iter=1, do_not_save_samples=True)
+    shim.shared.opts.samples_save = True
+    run_script(shim, plugin, p, False, "0", True, str(tiny_dir))
+    assert shim.saved == [] and p.do_not_save_samples is True
+
+
+def test_missing_library_gives_the_install_command(monkeypatch, tmp_path):
+    shim = install_webui(monkeypatch, tmp_path)
+    monkeypatch.setitem(sys.modules, "ImageReward", None)  # `import ImageReward` -> ImportError
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError("the plugin must never run pip")
+
+    monkeypatch.setattr(subprocess, "check_call", no_pip)
+    monkeypatch.setattr(subprocess, "run", no_pip)
+    monkeypatch.setattr(subprocess, "Popen", no_pip)
+    plugin = load_plugin("image_reward_webui_script_missing")
+    assert plugin.RM is None and "-m pip install" in plugin.INSTALL_COMMAND
+    runner = shim.scripts.ScriptRunner([plugin.Script])
+    assert runner.selectable_scripts[0].title() == TITLE  # the script still shows up
+    with pytest.raises(ValueError, match="pip install"):
+        run_script(shim, plugin, make_p(shim, tmp_path), False, "0", True)
+    assert "No ImageReward model was loaded" in plugin.unload_model()
+
+
+def test_infotext_and_limit_helpers(webui):
+    _, plugin, _ = webui
+    webui_text = "a cat\nNegative prompt: dog\nSteps: 20, Sampler: Euler a, Seed: 1, Version: v1"
+    text = plugin.add_to_infotext(webui_text, "ImageReward Score", "-0.1234")
+    assert text.endswith("Version: v1, ImageReward Score: -0.1234")
+    assert parse_generation_parameters(text)["ImageReward Score"] == "-0.1234"
+    assert plugin.add_to_infotext("", "K", "1") == "K: 1"
+    assert plugin.add_to_infotext("just a prompt", "K", "1") == "just a prompt\nK: 1"
+    assert plugin.parse_limit(" -0.5 ") == -0.5 and plugin.parse_limit(2) == 2.0
+    assert "subprocess" not in PLUGIN.read_text()  # never installs anything at run time
