@@ -16,6 +16,7 @@ from .errors import ImageRewardError
 
 # Modules that add subcommands. Each defines register(subparsers) -> None.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "ImageReward.commands.eval",
     "ImageReward.commands.score",
     "ImageReward.commands.score_dataset",
 )

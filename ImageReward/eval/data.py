@@ -16,15 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import DownloadError, InvalidInputError
+from ..errors import InvalidInputError
 
 __all__ = ["PreferenceItem", "load_test_json", "parse_test_items", "dataset_stats", "load_imagerewarddb",
-           "load_benchmark_prompts", "find_generations", "IMAGE_EXTENSIONS", "IMAGEREWARDDB_REPO"]
+           "load_benchmark_prompts", "find_generations", "IMAGE_EXTENSIONS"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-IMAGEREWARDDB_REPO = "THUDM/ImageRewardDB"
 
 
 @dataclass
@@ -95,75 +94,26 @@ def dataset_stats(items: Sequence[PreferenceItem]) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------- ImageRewardDB
-def _imagerewarddb_files(root: Path, split: str, download: bool) -> tuple[Path, list[Path]]:
-    """The split's parquet file and image archives, downloading them into ``root`` when allowed."""
-    metadata_name = f"metadata-{split}.parquet"
-    archives_prefix = f"images/{split}/"
-    local_archives = sorted((root / archives_prefix).glob("*.zip")) if (root / archives_prefix).is_dir() else []
-    if (root / metadata_name).is_file() and (local_archives or not download):
-        return root / metadata_name, local_archives
-    if not download:
-        raise DownloadError(f"ImageRewardDB {split} split not found in {root} (downloads disabled): "
-                            f"expected {metadata_name} and {archives_prefix}*.zip")
-    try:
-        from huggingface_hub import hf_hub_download, list_repo_files
-
-        names = list_repo_files(IMAGEREWARDDB_REPO, repo_type="dataset")
-        wanted = [metadata_name] + sorted(n for n in names if n.startswith(archives_prefix) and n.endswith(".zip"))
-        for name in wanted:
-            hf_hub_download(IMAGEREWARDDB_REPO, name, repo_type="dataset", local_dir=str(root))
-    except Exception as err:
-        raise DownloadError(f"could not download the ImageRewardDB {split} split from "
-                            f"https://huggingface.co/datasets/{IMAGEREWARDDB_REPO} into {root}: "
-                            f"{type(err).__name__}: {err}") from err
-    return root / metadata_name, sorted((root / archives_prefix).glob("*.zip"))
-
-
-def load_imagerewarddb(split: str = "test", root: str | os.PathLike | None = None, *, download: bool = True
-                       ) -> list[PreferenceItem]:
+def load_imagerewarddb(split: str = "test", root: str | os.PathLike | None = None, *, download: bool = True,
+                       verify: bool = True) -> list[PreferenceItem]:
     """The ImageRewardDB ``split`` as preference items, read directly from ``metadata-<split>.parquet`` and
-    the ``images/<split>/*.zip`` archives (the dataset's loading script no longer runs on current
-    ``datasets``). Archives are extracted safely next to themselves once; later calls read the folders.
-
-    Columns used: ``image_path``, ``prompt_id``, ``prompt``, ``rank`` (lower = better). Needs ``pyarrow``.
+    the ``images/<split>/*.zip`` archives through the one ImageRewardDB reader
+    (:mod:`ImageReward.rm_training.imagerewarddb`; the dataset's loading script no longer runs on current
+    ``datasets``). ``root`` defaults to ``~/.cache/ImageReward/ImageRewardDB``; with ``download=False`` the
+    files must already be there. Missing/corrupt images are skipped with a warning (``verify``).
+    Needs ``pyarrow``.
     """
     from ..pretrained import default_cache_dir
-    from .download import extract_archive_to
+    from ..rm_training.imagerewarddb import hub_fetcher, local_fetcher, prepare_split, convert_split
 
     root = Path(root) if root is not None else default_cache_dir() / "ImageRewardDB"
-    metadata, archives = _imagerewarddb_files(root, split, download)
-    for archive in archives:
-        folder = archive.with_suffix("")
-        if not folder.is_dir():
-            logger.info("extracting %s", archive)
-            extract_archive_to(archive, folder)
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ImportError("reading ImageRewardDB needs pyarrow: pip install 'image-reward[train]'") from err
-    table = pq.read_table(metadata, columns=["image_path", "prompt_id", "prompt", "rank"]).to_pydict()
-    by_name: dict[str, Path] = {}
-    split_dir = root / "images" / split
-    if split_dir.is_dir():
-        for path in split_dir.rglob("*"):
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                by_name.setdefault(path.name, path)
-    grouped: dict[str, PreferenceItem] = {}
-    for image_path, prompt_id, prompt, rank in zip(table["image_path"], table["prompt_id"], table["prompt"],
-                                                   table["rank"]):
-        direct = root / image_path
-        resolved = direct if direct.is_file() else by_name.get(Path(image_path).name)
-        if resolved is None:
-            raise InvalidInputError(f"ImageRewardDB {split}: image {image_path!r} (prompt {prompt_id}) is in "
-                                    f"{metadata.name} but not in any extracted archive under {split_dir}")
-        item = grouped.get(str(prompt_id))
-        if item is None:
-            item = grouped[str(prompt_id)] = PreferenceItem(id=str(prompt_id), prompt=prompt, generations=[],
-                                                            ranking=[], images=[])
-        item.generations.append(image_path)
-        item.images.append(str(resolved))
-        item.ranking.append(int(rank))
-    return list(grouped.values())
+    fetch = hub_fetcher(root=root) if download else local_fetcher(root)
+    rows = prepare_split(split, root, fetch=fetch)
+    base = root / "images"
+    groups = convert_split(rows, root, image_base=base, verify=verify)
+    return [PreferenceItem(id=g["id"], prompt=g["prompt"], generations=list(g["generations"]),
+                           ranking=list(g["ranking"]), images=[str(base / gen) for gen in g["generations"]])
+            for g in groups]
 
 
 # ------------------------------------------------------------------------------------------- benchmark

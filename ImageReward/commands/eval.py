@@ -1,0 +1,242 @@
+"""``imagereward eval-preference`` (the paper's Table 3) and ``imagereward eval-benchmark`` (Table 1).
+
+Both accept the original scripts' option names (``--source_path``, ``--img_prefix``, ``--target_dir``,
+``--model_type``, ``--rm_path``; ``--prompts_path``, ``--result_dir``, ``--img_dir``, ``--model``,
+``--benchmark``, ``--gpu_id``) as well as dashed spellings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+ALL_SCORERS = ("ImageReward-v1.0", "CLIP", "BLIP", "Aesthetic")
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rm-path", "--rm_path", "--download-root", dest="rm_path", default=None,
+                        help="where checkpoints are downloaded/cached (created if missing; default ~/.cache/ImageReward)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--gpu-id", "--gpu_id", dest="gpu_id", default=None, help="use cuda:<id> (original option)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cache", default=None, help="score cache file (default: <output dir>/score_cache.sqlite)")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the score cache")
+    parser.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    pref = subparsers.add_parser("eval-preference", help="preference accuracy on a human-ranked test set (Table 3)")
+    pref.add_argument("--source-path", "--source_path", dest="source_path", default="data/test.json",
+                      help="test.json (id, prompt, generations, ranking); downloaded when missing")
+    pref.add_argument("--img-prefix", "--img_prefix", dest="img_prefix", default="data/test_images",
+                      help="folder the generations are relative to; test_images.zip is fetched when missing")
+    pref.add_argument("--target-dir", "--target_dir", dest="target_dir", default="data/",
+                      help="where test_<model>.json, eval_summary.json and report.html go")
+    pref.add_argument("--model-type", "--model_type", dest="model_type", default="all",
+                      help="all (= ImageReward-v1.0, CLIP, BLIP, Aesthetic), a name, a local checkpoint, "
+                           "or a comma list")
+    pref.add_argument("--imagerewarddb-split", default=None, metavar="SPLIT",
+                      help="evaluate on the ImageRewardDB split (e.g. test) instead of test.json")
+    pref.add_argument("--imagerewarddb-root", default=None,
+                      help="local ImageRewardDB folder (default ~/.cache/ImageReward/ImageRewardDB)")
+    pref.add_argument("--tie-threshold", type=float, default=0.0,
+                      help="|reward difference| at or below which the model is tied (tie-half, ties-dropped)")
+    pref.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of prompts (0: none)")
+    pref.add_argument("--seed", type=int, default=0)
+    pref.add_argument("--report", default=None, help="HTML report path (default <target_dir>/report.html)")
+    pref.add_argument("--no-report", action="store_true")
+    pref.add_argument("--report-max-prompts", type=int, default=None, help="show at most this many prompts")
+    _common_arguments(pref)
+    pref.set_defaults(func=run_preference)
+
+    bench = subparsers.add_parser("eval-benchmark", help="mean reward of generation models (Table 1)")
+    bench.add_argument("--prompts-path", "--prompts_path", dest="prompts_path",
+                       default="benchmark/benchmark-prompts.json", help="[{id, prompt}] list; downloaded when missing")
+    bench.add_argument("--result-dir", "--result_dir", dest="result_dir", default="benchmark/results/")
+    bench.add_argument("--img-dir", "--img_dir", dest="img_dir", default="benchmark/generations",
+                       help="one folder per generation model holding <id>_<k>.png")
+    bench.add_argument("--model", default="default",
+                       help="default (openjourney, sd2-1, dalle2, sd1-4, vd, cogview2), all (every subfolder), "
+                            "or a comma list")
+    bench.add_argument("--benchmark", default="ImageReward-v1.0, CLIP",
+                       help="scorers, comma separated: ImageReward-v1.0, CLIP, BLIP, Aesthetic or checkpoint paths")
+    bench.add_argument("--human-ranking", default=None,
+                       help="JSON file {model: rank} or 'model=rank,...' (1 = best); default: the paper's "
+                            "human ranking of the six published models")
+    _common_arguments(bench)
+    bench.set_defaults(func=run_benchmark)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def scorer_label(spec: str) -> str:
+    """A file-name-safe label: registered names unchanged, paths by their stem."""
+    if os.path.exists(spec):
+        stem = Path(spec.rstrip("/\\")).stem or "checkpoint"
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
+    return spec
+
+
+def _device(args: argparse.Namespace) -> str | None:
+    if args.gpu_id is not None and args.device is None:
+        import torch
+
+        return f"cuda:{args.gpu_id}" if torch.cuda.is_available() else "cpu"
+    return args.device
+
+
+def _load(spec: str, args: argparse.Namespace):
+    from .score import load_scorer
+
+    if args.rm_path is not None:
+        Path(args.rm_path).expanduser().mkdir(parents=True, exist_ok=True)
+    namespace = argparse.Namespace(model=spec, device=_device(args), dtype=args.dtype,
+                                   download_root=None if args.rm_path is None else os.path.expanduser(args.rm_path))
+    return load_scorer(namespace)
+
+
+def _open_cache(args: argparse.Namespace, default_dir: str):
+    if args.no_cache:
+        return None
+    from ImageReward.eval.cache import ScoreCache
+
+    return ScoreCache(args.cache or os.path.join(default_dir, "score_cache.sqlite"))
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# ------------------------------------------------------------------------------------------ commands
+def run_preference(args: argparse.Namespace) -> int:
+    from ImageReward.eval import (dataset_stats, evaluate_preference, load_imagerewarddb, load_test_json,
+                                  preference_table, write_predictions, write_preference_report)
+    from ImageReward.eval.cache import scorer_identity
+    from ImageReward.eval.download import ensure_test_images, ensure_test_json
+
+    download = not args.no_download
+    if args.imagerewarddb_split:
+        items = load_imagerewarddb(args.imagerewarddb_split, args.imagerewarddb_root, download=download)
+        title = f"Preference accuracy: ImageRewardDB {args.imagerewarddb_split}"
+    else:
+        source = ensure_test_json(args.source_path, download=download)
+        ensure_test_images(args.img_prefix, download=download)
+        items = load_test_json(source, img_prefix=args.img_prefix)
+        title = f"Preference accuracy: {args.source_path}"
+    stats = dataset_stats(items)
+    print(f"{stats['prompts']} prompts, {stats['images']} images, {stats['strict_pairs']} pairs "
+          f"({stats['human_ties']} human ties skipped)")
+    specs = list(ALL_SCORERS) if args.model_type == "all" else _split(args.model_type)
+    os.makedirs(args.target_dir, exist_ok=True)
+    cache = _open_cache(args, args.target_dir)
+    results = []
+    try:
+        for spec in specs:
+            label = scorer_label(spec)
+            print(f"{label} Test begin: ")
+            model = _load(spec, args)
+            result = evaluate_preference(model, items, name=label, cache=cache,
+                                         scorer_id=scorer_identity(spec, args.dtype), batch_size=args.batch_size,
+                                         tie_threshold=args.tie_threshold, n_boot=args.bootstrap, seed=args.seed,
+                                         progress=args.progress)
+            write_predictions(result, os.path.join(args.target_dir, f"test_{label}.json"))
+            print(f"{label:>16s} Test Acc: {100 * result.metrics['original'].value:.2f}%")
+            results.append(result)
+            del model
+    finally:
+        if cache is not None:
+            cache.close()
+    summary = {"dataset": stats, "results": [r.summary() for r in results]}
+    Path(args.target_dir, "eval_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print()
+    print(preference_table(results))
+    if not args.no_report:
+        report = write_preference_report(results, items, args.report or os.path.join(args.target_dir, "report.html"),
+                                         title=title, max_prompts=args.report_max_prompts)
+        print(f"\nreport: {report}")
+    return 0
+
+
+def _human_ranking(text: str | None, models: Sequence[str]) -> dict[str, float]:
+    from ImageReward.errors import InvalidInputError
+    from ImageReward.eval.published import TABLE1_HUMAN_RANK
+
+    if text is None:
+        return {m: float(r) for m, r in TABLE1_HUMAN_RANK.items() if m in models}
+    if os.path.isfile(text):
+        raw = json.loads(Path(text).read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise InvalidInputError(f"{text}: expected a JSON object {{model: rank}}")
+        return {str(k): float(v) for k, v in raw.items()}
+    ranking = {}
+    for part in _split(text):
+        name, sep, rank = part.partition("=")
+        try:
+            ranking[name.strip()] = float(rank)
+        except ValueError:
+            raise InvalidInputError(f"--human-ranking: expected model=rank, got {part!r}") from None
+        if not sep:
+            raise InvalidInputError(f"--human-ranking: expected model=rank, got {part!r}")
+    return ranking
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from ImageReward.eval import benchmark_table, evaluate_benchmark, load_benchmark_prompts, write_benchmark_outputs
+    from ImageReward.eval.cache import scorer_identity
+    from ImageReward.eval.download import (DEFAULT_BENCHMARK_MODELS, ensure_benchmark_generations,
+                                           ensure_benchmark_prompts)
+
+    download = not args.no_download
+    prompts = load_benchmark_prompts(ensure_benchmark_prompts(args.prompts_path, download=download))
+    if args.model == "default":
+        models = list(DEFAULT_BENCHMARK_MODELS)
+    elif args.model == "all":
+        models = sorted(e.name for e in os.scandir(args.img_dir) if e.is_dir()) if os.path.isdir(args.img_dir) else []
+    else:
+        models = _split(args.model)
+    ensure_benchmark_generations(args.img_dir, models, download=download)
+    human = _human_ranking(args.human_ranking, models)
+    os.makedirs(args.result_dir, exist_ok=True)
+    cache = _open_cache(args, args.result_dir)
+    results = []
+    try:
+        for spec in _split(args.benchmark):
+            label = scorer_label(spec)
+            print(f"Loading {label} model...")
+            model = _load(spec, args)
+            print(f"{label} benchmark begins!")
+            result = evaluate_benchmark(model, prompts, args.img_dir, models, name=label, cache=cache,
+                                        scorer_id=scorer_identity(spec, args.dtype), batch_size=args.batch_size,
+                                        progress=args.progress)
+            written = write_benchmark_outputs(result, args.result_dir)
+            print(f"{label} benchmark finished with result dumped to {written[-1]}!")
+            results.append(result)
+            del model
+    finally:
+        if cache is not None:
+            cache.close()
+    print()
+    print(benchmark_table(results, human))
+    return 0
+
+
+def main_preference(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/test.py``: ``imagereward eval-preference`` with the given arguments."""
+    from ImageReward.cli import main
+
+    return main(["eval-preference", *(argv or [])])
+
+
+def main_benchmark(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/test-benchmark.py``: ``imagereward eval-benchmark`` with the given arguments."""
+    from ImageReward.cli import main
+
+    return main(["eval-benchmark", *(argv or [])])
