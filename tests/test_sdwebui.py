@@ -13,6 +13,7 @@ from PIL import Image
 
 import ImageReward as RM
 from ImageReward import factory
+from ImageReward.preprocess import PreprocessConfig
 from ImageReward.scorer import Scorer
 from webui_shim import install_webui, parse_generation_parameters, save_tiny_image_reward
 
@@ -31,6 +32,7 @@ class Brightness(Scorer):
 
     name = "Brightness"
     uses_prompt = False
+    preprocess_config = PreprocessConfig(image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
     def __init__(self, higher_is_better: bool = True) -> None:
         super().__init__()
@@ -114,7 +116,7 @@ def test_end_to_end_scores_infotexts_png_and_grid(webui, tmp_path, tiny_dir):
     assert grid.size == (64, 64) and "score" not in grid.info and "ImageReward Score" not in processed.infotexts[0]
 
     # every sample's score equals the library's own score for that image and prompt
-    reference = RM.load(str(tiny_dir), device="cpu")
+    reference = factory.load(str(tiny_dir), device="cpu")  # unpatched
     expected = [reference.score(PROMPT, image) for image in samples]
     got = [score_of(text) for text in processed.infotexts[1:]]
     assert got == pytest.approx(expected, abs=6e-5)  # written with 4 decimals

@@ -619,3 +619,110 @@ def save_tiny_image_reward(directory: str | os.PathLike) -> Path:
             if param.ndim == 2:
                 torch.nn.init.normal_(param, std=param.shape[1] ** -0.5)
     return model.save_pretrained(directory)
+
+
+# --------------------------------------------------------------------------------------------- ComfyUI
+def install_comfy(monkeypatch: Any, device: str = "cpu") -> types.SimpleNamespace:
+    """Fake ``comfy.utils.ProgressBar`` and ``comfy.model_management`` (device, interrupt flag)."""
+    import sys
+
+    state = types.SimpleNamespace(interrupted=False, progress=[])
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    def throw_exception_if_processing_interrupted() -> None:
+        if state.interrupted:
+            state.interrupted = False
+            raise InterruptProcessingException()
+
+    class ProgressBar:
+        def __init__(self, total: int) -> None:
+            self.total, self.current = total, 0
+            state.progress.append(self)
+
+        def update(self, value: int) -> None:
+            self.current += value
+
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = []
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ProgressBar
+    management = types.ModuleType("comfy.model_management")
+    management.get_torch_device = lambda: torch.device(device)
+    management.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    management.InterruptProcessingException = InterruptProcessingException
+    comfy.utils, comfy.model_management = utils, management
+    for name, mod in (("comfy", comfy), ("comfy.utils", utils), ("comfy.model_management", management)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    state.InterruptProcessingException = InterruptProcessingException
+    return state
+
+
+class NodeRegistry:
+    """ComfyUI's custom-node loading (``nodes.load_custom_node``) and a one-node executor."""
+
+    SOCKET_TYPES = {"IMAGE", "MASK", "LATENT", "MODEL", "CLIP", "VAE", "CONDITIONING", "INT", "FLOAT", "STRING",
+                    "BOOLEAN"}
+
+    def __init__(self) -> None:
+        self.NODE_CLASS_MAPPINGS: dict[str, type] = {}
+        self.NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+
+    def load_custom_node(self, module_path: str | os.PathLike) -> types.ModuleType:
+        import importlib.util
+        import sys
+
+        module_path = os.fspath(module_path)
+        sys_module_name = module_path.replace(".", "_x_")
+        spec = importlib.util.spec_from_file_location(sys_module_name, os.path.join(module_path, "__init__.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[sys_module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[sys_module_name]
+            raise
+        for name, cls in module.NODE_CLASS_MAPPINGS.items():
+            self.check_node_class(cls)
+            self.NODE_CLASS_MAPPINGS[name] = cls
+        self.NODE_DISPLAY_NAME_MAPPINGS.update(getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", {}))
+        return module
+
+    def check_node_class(self, cls: type) -> None:
+        """What ComfyUI relies on: INPUT_TYPES() layout, RETURN_TYPES, FUNCTION, CATEGORY."""
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"} and "required" in spec, spec
+        for section in ("required", "optional"):
+            for name, entry in spec.get(section, {}).items():
+                assert isinstance(entry, tuple) and 1 <= len(entry) <= 2, (name, entry)
+                kind = entry[0]
+                assert isinstance(kind, list) or isinstance(kind, str), (name, kind)
+                if isinstance(kind, list):
+                    assert kind and entry[1].get("default", kind[0]) in kind, (name, entry)
+        assert isinstance(cls.RETURN_TYPES, tuple)
+        assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
+        assert callable(getattr(cls, cls.FUNCTION)) and isinstance(cls.CATEGORY, str)
+
+    def run(self, node_id: str, **inputs: Any) -> tuple:
+        """Validate widget inputs as ComfyUI does, call the node, check the output arity."""
+        cls = self.NODE_CLASS_MAPPINGS[node_id]
+        spec = cls.INPUT_TYPES()
+        for name, entry in spec["required"].items():
+            assert name in inputs, f"{node_id}: required input {name!r} missing"
+        for section in ("required", "optional"):
+            for name, entry in spec.get(section, {}).items():
+                if name not in inputs:
+                    continue
+                kind, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+                value = inputs[name]
+                if isinstance(kind, list) and value not in kind:
+                    raise ValueError(f"{node_id}: value not in list: {name}: {value!r} not in {kind}")
+                if kind in ("INT", "FLOAT") and ("min" in opts and value < opts["min"]
+                                                 or "max" in opts and value > opts["max"]):
+                    raise ValueError(f"{node_id}: {name} = {value} outside [{opts.get('min')}, {opts.get('max')}]")
+        result = getattr(cls(), cls.FUNCTION)(**inputs)
+        if isinstance(result, dict):
+            result = result["result"]
+        assert isinstance(result, tuple) and len(result) == len(cls.RETURN_TYPES)
+        return result

@@ -1,0 +1,227 @@
+"""The ComfyUI custom-node package (comfyui/), loaded the way ComfyUI loads custom_nodes/, on a tiny model."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ImageReward as RM
+from ImageReward import factory
+from ImageReward.preprocess import PreprocessConfig
+from ImageReward.scorer import Scorer
+from webui_shim import NodeRegistry, fake_sample, install_comfy, install_comfyui, save_tiny_image_reward
+
+PACKAGE = Path(__file__).resolve().parents[1] / "comfyui"
+PROMPT = "a red fox in the snow"
+NODES = ("ImageRewardLoader", "ImageRewardScore", "ImageRewardRankFilter", "ImageRewardScoreToText")
+
+
+class Brightness(Scorer):
+    """The mean pixel value: a scorer whose right answers are known without a model."""
+
+    name = "Brightness"
+    uses_prompt = False
+    preprocess_config = PreprocessConfig(image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    def __init__(self, higher_is_better: bool = True) -> None:
+        super().__init__()
+        self.higher_is_better = higher_is_better
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_images(self, pixel_values):
+        return pixel_values.mean(dim=(1, 2, 3))
+
+    def score_encoded(self, prompts, image_features):
+        return image_features.float()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_image_reward(tmp_path_factory.mktemp("tiny") / "ir")
+
+
+def _unload_modules(prefix: str) -> None:
+    for name in [n for n in sys.modules if n.startswith(prefix)]:
+        del sys.modules[name]
+
+
+def install_package(tmp_path: Path, how: str = "copy", folder: str = "ImageReward-nodes") -> Path:
+    custom_nodes = tmp_path / "ComfyUI" / "custom_nodes"
+    custom_nodes.mkdir(parents=True, exist_ok=True)
+    target = custom_nodes / folder
+    if how == "copy":
+        shutil.copytree(PACKAGE, target, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        target.symlink_to(PACKAGE, target_is_directory=True)
+    return target
+
+
+@pytest.fixture
+def comfy(monkeypatch, tmp_path, tiny_dir):
+    """(registry, state, loads): the package copied into a fake ComfyUI and loaded; ``ImageReward-v1.0``
+    resolves to a tiny model; ``loads`` lists the names the library was asked to load."""
+    install_comfyui(monkeypatch, tmp_path / "ComfyUI")
+    state = install_comfy(monkeypatch)
+    real_load, loads = RM.load, []
+
+    def fake_load(name="ImageReward-v1.0", device=None, *args, **kwargs):
+        loads.append((name, kwargs.get("dtype")))
+        return real_load(tiny_dir if name == "ImageReward-v1.0" else name, device=device)
+
+    monkeypatch.setattr(RM, "load", fake_load)
+    monkeypatch.setitem(factory._SCORERS, "Brightness", lambda **kw: Brightness())
+    monkeypatch.setitem(factory._SCORERS, "Darkness", lambda **kw: Brightness(higher_is_better=False))
+    registry = NodeRegistry()
+    path = install_package(tmp_path)
+    registry.module = registry.load_custom_node(path)
+    yield registry, state, loads
+    _unload_modules(str(path).replace(".", "_x_"))
+
+
+def make_images(seeds=(1, 2, 3, 4), size=32) -> torch.Tensor:
+    """A ComfyUI IMAGE batch: float32 [B, H, W, 3] in 0..1."""
+    return torch.stack([fake_sample(seed, size, size).permute(1, 2, 0) for seed in seeds])
+
+
+@pytest.mark.parametrize("how", ["copy", "symlink"])
+def test_loads_from_custom_nodes_copied_or_symlinked(monkeypatch, tmp_path, how):
+    install_comfyui(monkeypatch, tmp_path / "ComfyUI")
+    registry = NodeRegistry()
+    path = install_package(tmp_path, how, folder="comfyui-imagereward.v2")
+    try:
+        module = registry.load_custom_node(path)
+        assert set(registry.NODE_CLASS_MAPPINGS) == set(NODES)
+        assert registry.NODE_DISPLAY_NAME_MAPPINGS["ImageRewardScore"] == "ImageReward: score images"
+        assert module.image_reward_nodes.RM is sys.modules["ImageReward"]  # the installed library
+        loader_spec = registry.NODE_CLASS_MAPPINGS["ImageRewardLoader"].INPUT_TYPES()["required"]
+        assert loader_spec["scorer"][0][0] == "ImageReward-v1.0" and "Brightness" not in loader_spec["scorer"][0]
+    finally:
+        _unload_modules(str(path).replace(".", "_x_"))
+    for source in PACKAGE.glob("*.py"):
+        text = source.read_text()
+        assert "sys.path" not in text and "from ImageReward" not in text.replace("from ImageReward import", "")
+
+
+def test_score_rank_and_text_end_to_end(comfy, tiny_dir):
+    registry, state, loads = comfy
+    (scorer,) = registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="auto", dtype="float32")
+    images = make_images()
+    scores, best = registry.run("ImageRewardScore", scorer=scorer, images=images, prompt=PROMPT, batch_size=3)
+    values = scores["scores"]
+    reference = factory.load(str(tiny_dir), device="cpu")  # unpatched
+    pil_like = [(np.round(img.numpy() * 255)).astype(np.uint8) for img in images]
+    assert values == pytest.approx(reference.score_batch(PROMPT, pil_like).tolist(), abs=1e-5)
+    assert best == max(values) and len(set(np.round(values, 4))) == 4
+    assert scores["label"] == "ImageReward Score" and scores["higher_is_better"] is True
+    assert [bar.current for bar in state.progress] == [4]  # progress reported to ComfyUI
+
+    top, top_scores, count = registry.run("ImageRewardRankFilter", images=images, scores=scores, top_k=2,
+                                          use_min_score=False, min_score=0.0, sort=True)
+    best_two = sorted(range(4), key=lambda i: values[i], reverse=True)[:2]
+    assert count == 2 and top.shape == (2, 32, 32, 3) and top.dtype == torch.float32
+    assert torch.equal(top, images[best_two]) and top_scores["scores"] == [values[i] for i in best_two]
+
+    (text,) = registry.run("ImageRewardScoreToText", scores=top_scores, precision=4, separator="newline")
+    assert text.splitlines() == [f"ImageReward Score: {values[i]:.4f}" for i in best_two]
+    (text,) = registry.run("ImageRewardScoreToText", scores=top_scores, precision=2, separator="comma", label="IR")
+    assert text == ", ".join(f"IR: {values[i]:.2f}" for i in best_two)
+    assert loads == [("ImageReward-v1.0", None)]
+
+
+def test_rank_filter_edge_cases(comfy):
+    registry, _, _ = comfy
+    (scorer,) = registry.run("ImageRewardLoader", scorer="Brightness", device="cpu", dtype="float32")
+    images = make_images(seeds=(5, 6, 7, 8, 9))
+    scores, best = registry.run("ImageRewardScore", scorer=scorer, images=images, prompt="")
+    values = scores["scores"]
+    truth = images.mean(dim=(1, 2, 3))  # brightness, up to the uint8 rounding of the scorer's input
+    assert values == pytest.approx(truth.tolist(), abs=3e-3)
+    order = sorted(range(5), key=lambda i: values[i], reverse=True)
+
+    def rank(**kw):
+        args = dict(images=images, scores=scores, top_k=0, use_min_score=False, min_score=0.0, sort=True) | kw
+        return registry.run("ImageRewardRankFilter", **args)
+
+    out, kept, count = rank()
+    assert count == 5 and torch.equal(out, images[order]) and kept["scores"] == sorted(values, reverse=True)
+    out, kept, count = rank(sort=False)  # no sorting, no filtering: unchanged
+    assert torch.equal(out, images) and kept["scores"] == values
+    out, kept, count = rank(top_k=2, sort=False)  # the best two, in batch order
+    assert kept["scores"] == [values[i] for i in sorted(order[:2])]
+    out, kept, count = rank(top_k=99)
+    assert count == 5
+    limit = values[order[2]]  # exactly the third-best score: it is kept
+    out, kept, count = rank(use_min_score=True, min_score=limit)
+    assert count == 3 and kept["scores"] == [values[i] for i in order[:3]]
+    out, kept, count = rank(use_min_score=True, min_score=1.0 + max(values))  # everything filtered
+    assert count == 0 and out.shape == (0, 32, 32, 3) and kept["scores"] == []
+    assert registry.run("ImageRewardScoreToText", scores=kept, precision=4, separator="newline") == ("",)
+
+    with pytest.raises(ValueError, match="2 scores for 5 images"):
+        rank(scores={"scores": values[:2]})
+    with pytest.raises(ValueError, match="outside"):
+        rank(top_k=-1)
+
+
+def test_lower_is_better_scorer(comfy):
+    registry, _, _ = comfy
+    (scorer,) = registry.run("ImageRewardLoader", scorer="Darkness", device="cpu", dtype="float32")
+    images = make_images(seeds=(5, 6, 7))
+    scores, best = registry.run("ImageRewardScore", scorer=scorer, images=images, prompt="x")
+    assert scores["higher_is_better"] is False and best == min(scores["scores"])
+    _, kept, _ = registry.run("ImageRewardRankFilter", images=images, scores=scores, top_k=2, use_min_score=False,
+                              min_score=0.0, sort=True)
+    assert kept["scores"] == sorted(scores["scores"])[:2]
+
+
+def test_loader_reuse_checkpoint_path_and_errors(comfy, tiny_dir):
+    registry, _, loads = comfy
+    first = registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="float32")[0]
+    again = registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="float32")[0]
+    assert again is first and len(loads) == 1  # reused, not reloaded
+    half = registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="bfloat16")[0]
+    assert half is not first and loads[-1] == ("ImageReward-v1.0", torch.bfloat16)
+    local = registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="float32",
+                         checkpoint_path=f"  {tiny_dir}  ")[0]
+    assert isinstance(local, RM.ImageReward) and loads[-1][0] == str(tiny_dir)
+    with pytest.raises(ValueError, match="does not exist"):
+        registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="float32",
+                     checkpoint_path="/no/such/ImageReward.pt")
+    with pytest.raises(ValueError, match="value not in list"):
+        registry.run("ImageRewardLoader", scorer="nope", device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match="unknown scorer 'nope'"):
+        registry.module.image_reward_nodes.load_scorer("nope", "cpu")
+
+
+def test_score_node_rejects_bad_inputs_and_honours_interrupt(comfy):
+    registry, state, _ = comfy
+    (scorer,) = registry.run("ImageRewardLoader", scorer="Brightness", device="cpu", dtype="float32")
+    images = make_images(seeds=(1, 2))
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        registry.run("ImageRewardScore", scorer=scorer, images=images.permute(0, 3, 1, 2), prompt="x")
+    with pytest.raises(ValueError, match="empty"):
+        registry.run("ImageRewardScore", scorer=scorer, images=images[:0], prompt="x")
+    with pytest.raises(ValueError, match="load scorer"):
+        registry.run("ImageRewardScore", scorer="ImageReward-v1.0", images=images, prompt="x")
+    # slightly out-of-range pixels (e.g. from a VAE) are clamped the way SaveImage does, not rejected
+    scores, _ = registry.run("ImageRewardScore", scorer=scorer, images=images * 1.01, prompt="x")
+    assert len(scores["scores"]) == 2
+    state.interrupted = True
+    with pytest.raises(state.InterruptProcessingException):
+        registry.run("ImageRewardScore", scorer=scorer, images=images, prompt="x")
+
+
+def test_missing_library_names_the_install_command(monkeypatch, tmp_path):
+    install_comfyui(monkeypatch, tmp_path / "ComfyUI")
+    monkeypatch.setitem(sys.modules, "ImageReward", None)
+    path = install_package(tmp_path, "copy")
+    try:
+        with pytest.raises(ImportError, match="pip install"):
+            NodeRegistry().load_custom_node(path)
+    finally:
+        _unload_modules(str(path).replace(".", "_x_"))
