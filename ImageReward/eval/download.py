@@ -185,7 +185,7 @@ def ensure_benchmark_generations(img_dir: str | os.PathLike, models: list[str], 
         if not download:
             raise DownloadError(f"generations of {model!r} not found in {folder} (downloads disabled); "
                                 f"download {url} ({archive_name}) and unzip it there")
-        _need_download(folder, f"generations of {model!r}", url)
+        _need_download(folder, f"generations of {model!r}", f"{url} ({archive_name}, then unzip it)")
         img_dir.mkdir(parents=True, exist_ok=True)
         archive = download_url(url, img_dir / archive_name)
         if folder.is_dir():
