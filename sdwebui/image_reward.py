@@ -208,8 +208,8 @@ class Script(scripts.Script):
         all_images = list(proc.images)
         n_samples = len(all_images) - first
         prompts_all = list(getattr(proc, "all_prompts", None) or [])
-        if len(prompts_all) >= n_samples > 0:
-            n_samples = min(n_samples, len(prompts_all))
+        if prompts_all and len(prompts_all) < n_samples:  # images appended after the samples (e.g. by
+            n_samples = len(prompts_all)                 # extensions) are passed through unscored
         samples = all_images[first:first + n_samples]
         infotexts = list(getattr(proc, "infotexts", None) or [])
         aligned = len(infotexts) == len(all_images)

@@ -272,3 +272,25 @@ def test_infotext_and_limit_helpers(webui):
     assert plugin.add_to_infotext("just a prompt", "K", "1") == "just a prompt\nK: 1"
     assert plugin.parse_limit(" -0.5 ") == -0.5 and plugin.parse_limit(2) == 2.0
     assert "subprocess" not in PLUGIN.read_text()  # never installs anything at run time
+
+
+def test_extra_images_pass_through_and_interrupted_run(webui, tmp_path, monkeypatch):
+    shim, plugin, _ = webui
+    real = plugin.process_images
+
+    def with_extra(p):  # an extension appending e.g. a detection map after the samples
+        processed = real(p)
+        extra = Image.new("RGB", (32, 32), "white")
+        processed.images.append(extra)
+        processed.infotexts.append("extra image")
+        return processed
+
+    monkeypatch.setattr(plugin, "process_images", with_extra)
+    processed = run_script(shim, plugin, make_p(shim, tmp_path, n_iter=1), False, "0", True)
+    assert len(processed.images) == 3 and processed.infotexts[-1] == "extra image"
+    assert "score" not in processed.images[-1].info and all("score" in im.info for im in processed.images[:2])
+    monkeypatch.setattr(plugin, "process_images", real)
+
+    shim.shared.state.interrupted = True  # interrupted before any sample: nothing to score, no error
+    processed = run_script(shim, plugin, make_p(shim, tmp_path), True, "0", True)
+    assert processed.images == []

@@ -515,8 +515,10 @@ def _build_modules(outdir: Path) -> dict[str, types.ModuleType]:
         OptionInfo=OptionInfo,
         state=types.SimpleNamespace(interrupted=False, skipped=False, job="", job_count=0, nextjob=lambda: None),
         cmd_opts=types.SimpleNamespace(),
-        sd_model=types.SimpleNamespace(sd_model_hash="0123abcd", is_sdxl=False, sd_checkpoint_info=types.SimpleNamespace(
-            name_for_extra="tiny-sd", filename=str(outdir / "tiny-sd.safetensors"))),
+        sd_model=types.SimpleNamespace(
+            sd_model_hash="0123abcd", is_sdxl=False,
+            sd_checkpoint_info=types.SimpleNamespace(name_for_extra="tiny-sd",
+                                                     filename=str(outdir / "tiny-sd.safetensors"))),
         device=torch.device("cpu"),
         total_tqdm=types.SimpleNamespace(clear=lambda: None),
     )
