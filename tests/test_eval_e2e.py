@@ -165,3 +165,35 @@ def test_missing_data_and_unknown_models_fail_cleanly(world, tmp_path, capsys):
                             "--no-cache"])
     assert code == 2
     assert "NoSuchScorer" in capsys.readouterr().err
+
+
+def test_eval_preference_on_imagerewarddb_split(world, tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import zipfile
+
+    root = tmp_path / "ImageRewardDB"
+    (root / "images" / "test").mkdir(parents=True)
+    source = json.loads((world / "data" / "test.json").read_text())
+    rows = {"image_path": [], "prompt_id": [], "prompt": [], "rank": []}
+    with zipfile.ZipFile(root / "images" / "test" / "test_1.zip", "w") as zf:
+        for entry in source:
+            for k, (generation, rank) in enumerate(zip(entry["generations"], entry["ranking"])):
+                name = f"{entry['id']}_{k}.png"
+                zf.write(world / "data" / "test_images" / generation, f"test_1/{name}")
+                rows["image_path"].append(f"images/test/test_1/{name}")
+                rows["prompt_id"].append(entry["id"])
+                rows["prompt"].append(entry["prompt"])
+                rows["rank"].append(rank)
+    pq.write_table(pa.table(rows), root / "metadata-test.parquet")
+    out = tmp_path / "out"
+    code = main_preference(["--model_type", str(world / "tiny_ir"), "--imagerewarddb-split", "test",
+                            "--imagerewarddb-root", str(root), "--no-download", "--target_dir", str(out),
+                            "--bootstrap", "0", "--device", "cpu"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "4 prompts, 16 images, 23 pairs (2 human ties skipped)" in stdout
+    written = json.loads((out / "test_tiny_ir.json").read_text())
+    accuracy = original_acc([s["ranking"] for s in source], [w["rewards"] for w in written])
+    assert f"tiny_ir Test Acc: {100 * accuracy:.2f}%" in stdout
+    assert "ImageRewardDB test" in (out / "report.html").read_text(encoding="utf-8")
