@@ -1,0 +1,496 @@
+"""``ReFLTrainer``: reward feedback learning for SD1.x and SDXL, full fine-tune or LoRA, on accelerate.
+
+>>> from ImageReward.refl import ReFLConfig, ReFLTrainer
+>>> cfg = ReFLConfig(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4",
+...                  train_data="data/example_prompts.json", output_dir="out/refl")   # doctest: +SKIP
+>>> ReFLTrainer(cfg).train()                                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..scorer import Scorer
+from .config import ReFLConfig, ReFLConfigError
+from .data import BatchOrder, load_image_text, load_prompts
+from .families import Components, Conditioning, get_family
+from .losses import refl_loss
+from .rewards import WeightedReward, as_reward
+from .rollout import decode, draw_stop_index, initial_latents, rollout, training_scheduler
+
+__all__ = ["ReFLTrainer", "find_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "refl_state.json"
+_TINY_UPDATE_PATIENCE = 10
+
+
+def find_checkpoint(output_dir: str | os.PathLike, name: str) -> Path | None:
+    """``"latest"`` -> the highest ``checkpoint-N`` in ``output_dir`` (None if none); else the named folder."""
+    output_dir = Path(output_dir)
+    if name != "latest":
+        path = Path(name) if Path(name).is_dir() else output_dir / name
+        return path if path.is_dir() else None
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _flat(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, bool)) else str(value)
+
+
+class ReFLTrainer:
+    """Train a diffusion model's UNet (or a LoRA on it) to raise a reward.
+
+    Data and options are checked in ``__init__`` (before any model loads); :meth:`train` loads the models,
+    runs, checkpoints atomically, resumes exactly, validates, and writes the final pipeline or LoRA.
+    ``reward``/``monitor`` may be given as scorer objects instead of ``config.reward``/``monitor_reward``.
+    """
+
+    def __init__(self, config: ReFLConfig, *, reward: Scorer | str | None = None,
+                 monitor: Scorer | str | None = None) -> None:
+        self.config = config.validate()
+        self.family = get_family(config.model_family)
+        self.prompts = load_prompts(config.train_data, caption_column=config.caption_column,
+                                    dataset_name=config.dataset_name, dataset_config_name=config.dataset_config_name,
+                                    cache_dir=config.cache_dir, max_samples=config.max_train_samples, seed=config.seed)
+        self.pretrain_examples = None
+        if config.pretrain_data and config.pretrain_loss_weight > 0:
+            self.pretrain_examples = load_image_text(config.pretrain_data, caption_column=config.caption_column,
+                                                     image_column=config.image_column,
+                                                     image_base_dir=config.image_base_dir)
+        self._reward_arg = reward if reward is not None else config.reward
+        self._monitor_arg = monitor if monitor is not None else config.monitor_reward
+        self.global_step = 0
+        self.history: list[dict[str, float]] = []
+        self.validations: list[dict[str, Any]] = []
+        self._set_up = False
+
+    # ================================================================== setup
+    def setup(self) -> None:
+        """Build accelerator, models, optimizer, EMA and trackers; resume if asked. Called by :meth:`train`."""
+        if self._set_up:
+            return
+        import diffusers
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        cfg = self.config
+        output_dir = Path(cfg.output_dir)
+        project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir))
+        self.accelerator = acc = Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+            log_with=None if cfg.report_to == "none" else cfg.report_to, project_config=project)
+        if acc.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+        seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed + acc.process_index)  # rollouts, per process
+        self.order = BatchOrder(len(self.prompts), cfg.train_batch_size, seed, process_index=acc.process_index,
+                                num_processes=acc.num_processes)
+
+        # models ---------------------------------------------------------------------------------
+        comps = self.family.load_components(cfg.pretrained_model_name_or_path, revision=cfg.revision,
+                                            variant=cfg.variant, vae=cfg.pretrained_vae_model_name_or_path,
+                                            cache_dir=cfg.cache_dir)
+        self.family.check_unet(comps.unet)
+        self.components = comps
+        self.scheduler = training_scheduler(comps.scheduler_config)
+        for module in comps.frozen_modules():
+            module.requires_grad_(False).eval().to(acc.device)
+            if self.weight_dtype != torch.float32:
+                module.to(self.weight_dtype)
+        if self.family.name == "sdxl" and getattr(comps.vae.config, "force_upcast", False):
+            comps.vae.to(torch.float32)  # the SDXL VAE overflows in fp16: decode in fp32 (or pass an fp16-fix VAE)
+        reward_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
+        self.reward = as_reward(self._reward_arg, device=acc.device, download_root=cfg.reward_download_root,
+                                dtype=reward_dtype).to(acc.device)
+        self.reward.requires_grad_(False).eval()
+        if not self.reward.is_differentiable:
+            raise ReFLConfigError(f"reward {self.reward.name!r} is not differentiable")
+        self.monitor: WeightedReward | None = None
+        if self._monitor_arg:
+            self.monitor = as_reward(self._monitor_arg, device=acc.device, download_root=cfg.reward_download_root,
+                                     differentiable=False).to(acc.device)
+            self.monitor.requires_grad_(False).eval()
+
+        unet = comps.unet
+        if cfg.lora_rank:
+            if self.weight_dtype != torch.float32:
+                unet.to(dtype=self.weight_dtype)
+            from .lora import add_lora
+            params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
+        else:
+            unet.requires_grad_(True)
+            params = list(unet.parameters())
+        unet.to(acc.device).train()
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if cfg.enable_xformers_memory_efficient_attention:
+            try:
+                unet.enable_xformers_memory_efficient_attention()
+            except Exception as err:  # diffusers raises ValueError/ModuleNotFoundError without xformers
+                raise ReFLConfigError(f"--enable_xformers_memory_efficient_attention: {err}") from err
+        self.trainable = params
+        self.n_trainable = sum(p.numel() for p in params)
+
+        self.ema = None
+        if cfg.use_ema:
+            from diffusers.training_utils import EMAModel
+            self.ema = EMAModel([p.detach().clone() for p in unet.parameters()],
+                                model_cls=type(unet), model_config=unet.config)
+            self.ema.to(acc.device)
+
+        # optimisation ---------------------------------------------------------------------------
+        lr = cfg.learning_rate
+        if cfg.scale_lr:
+            lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
+        if cfg.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError as err:
+                raise ReFLConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from err
+            optimizer_cls = bnb.optim.AdamW8bit
+        else:
+            optimizer_cls = torch.optim.AdamW
+        optimizer = optimizer_cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        updates_per_epoch = math.ceil(self.order.batches_per_epoch / cfg.gradient_accumulation_steps)
+        self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
+        # accelerate steps a wrapped scheduler once per process per update: scale the horizon to match
+        lr_scheduler = diffusers.optimization.get_scheduler(
+            cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
+            num_training_steps=self.max_train_steps * acc.num_processes)
+        self.unet, self.optimizer, self.lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
+
+        self.pretrain = None
+        if self.pretrain_examples is not None:
+            from .pretrain import PretrainBranch
+            self.pretrain = PretrainBranch(self.pretrain_examples, self.family, comps, self.scheduler,
+                                           resolution=cfg.resolution, center_crop=cfg.center_crop,
+                                           random_flip=cfg.random_flip, snr_gamma=cfg.snr_gamma)
+            self.pretrain_order = BatchOrder(len(self.pretrain_examples), cfg.train_batch_size, seed + 1,
+                                             process_index=acc.process_index, num_processes=acc.num_processes)
+
+        if acc.is_main_process and cfg.report_to != "none":
+            acc.init_trackers(cfg.tracker_project_name, config={k: _flat(v) for k, v in cfg.to_dict().items()})
+        if cfg.grad_scale * cfg.learning_rate < 1e-9 and cfg.grad_scale <= 1e-3:
+            logger.info("grad_scale=%g: on small models gradients may fall below adam_epsilon=%g; the trainer "
+                        "warns if updates vanish", cfg.grad_scale, cfg.adam_epsilon)
+        self._tiny_updates = 0
+        self._set_up = True
+        if cfg.resume_from_checkpoint:
+            self.resume(cfg.resume_from_checkpoint)
+
+    # ================================================================== one step
+    def latent_size(self) -> tuple[int, int]:
+        factor = 2 ** (len(self.components.vae.config.block_out_channels) - 1)
+        return self.config.resolution // factor, self.config.resolution // factor
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        return self.family.encode_prompts(self.components, prompts).to(self.weight_dtype)
+
+    def generate_x0(self, prompts: Sequence[str], stop_index: int | None, generator: torch.Generator
+                    ) -> torch.Tensor:
+        """Rollout for ``prompts`` from fresh noise; x0 at ``stop_index`` (with grad) or the final sample."""
+        cfg = self.config
+        cond = self.encode(prompts)
+        uncond = self.family.unconditional(self.components, len(prompts)).to(self.weight_dtype) \
+            if cfg.guidance_scale > 1.0 else None
+        h, w = self.latent_size()
+        latents = initial_latents(len(prompts), self.components.vae.config.latent_channels, h, w, generator,
+                                  self.accelerator.device)
+        time_ids = self.family.time_ids(cfg.resolution, cfg.resolution)
+        return rollout(self.unet, self.scheduler, self.family, cond, latents,
+                       num_inference_steps=cfg.num_inference_steps, stop_index=stop_index, uncond=uncond,
+                       guidance_scale=cfg.guidance_scale, generator=generator, time_ids=time_ids)
+
+    def compute_loss(self, prompts: Sequence[str], micro_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The ReFL loss of one micro-batch (plus the weighted pre-training loss when enabled)."""
+        cfg = self.config
+        stop = draw_stop_index(cfg.stop_step_min, cfg.stop_step_max, self.generator)
+        x0 = self.generate_x0(prompts, stop, self.generator)
+        images = decode(self.components.vae, x0)
+        rewards, parts = self.reward.score_grad_parts(images, list(prompts))
+        loss = refl_loss(rewards, cfg.grad_scale, cfg.reward_margin)
+        stats = {"reward_loss": loss.detach(), "reward_mean": rewards.detach().mean(),
+                 "reward_std": rewards.detach().std(unbiased=False), "stop_index": torch.tensor(float(stop))}
+        if len(parts) > 1:
+            stats.update({f"reward/{name}": value.detach().mean() for name, value in parts.items()})
+        if self.pretrain is not None:
+            indices = self.pretrain_order.batch(micro_step)
+            pre = self.pretrain.loss(self.unet, indices, self.generator, self.weight_dtype)
+            stats["pretrain_loss"] = pre.detach()
+            loss = loss + cfg.pretrain_loss_weight * pre
+        stats["train_loss"] = loss.detach()
+        return loss, stats
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer update (``gradient_accumulation_steps`` micro-batches); returns its logged values."""
+        cfg, acc = self.config, self.accelerator
+        sums: dict[str, float] = {}
+        grad_norm = None
+        for k in range(cfg.gradient_accumulation_steps):
+            micro_step = self.global_step * cfg.gradient_accumulation_steps + k
+            prompts = self.order.take(self.prompts, micro_step)
+            with acc.accumulate(self.unet):
+                loss, stats = self.compute_loss(prompts, micro_step)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + float(acc.gather(value.reshape(1).float()).mean())
+        if not acc.sync_gradients:  # cannot happen with the step counter at a boundary; guard anyway
+            raise RuntimeError("gradient accumulation out of step with the optimizer")
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+        self.global_step += 1
+        logs = {k: v / cfg.gradient_accumulation_steps for k, v in sums.items()}
+        logs["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+        self._watch_tiny_updates(logs["grad_norm"])
+        return logs
+
+    def _watch_tiny_updates(self, grad_norm: float) -> None:
+        """Warn when gradients stay far below AdamW's eps (updates then vanish: lr * g / eps ~ 0)."""
+        rms = grad_norm / math.sqrt(max(self.n_trainable, 1))
+        self._tiny_updates = self._tiny_updates + 1 if rms < self.config.adam_epsilon else 0
+        if self._tiny_updates == _TINY_UPDATE_PATIENCE:
+            logger.warning(
+                "for %d updates the RMS gradient (%.2e) stayed below adam_epsilon (%.0e): AdamW updates are "
+                "~lr*g/eps and training barely moves. Raise --grad_scale or lower --adam_epsilon.",
+                _TINY_UPDATE_PATIENCE, rms, self.config.adam_epsilon)
+
+    # ================================================================== the loop
+    def train(self) -> dict[str, Any]:
+        """Run to ``max_train_steps``; returns ``{"global_step", "history", "validation"}``."""
+        from tqdm.auto import tqdm
+
+        self.setup()
+        cfg, acc = self.config, self.accelerator
+        logger.info("ReFL: %d prompts, %d updates, %d trainable parameters (%s)", len(self.prompts),
+                    self.max_train_steps, self.n_trainable, "LoRA" if cfg.lora_rank else "full UNet")
+        bar = tqdm(total=self.max_train_steps, initial=self.global_step, disable=not acc.is_local_main_process,
+                   desc="ReFL")
+        while self.global_step < self.max_train_steps:
+            logs = self.train_step()
+            self.history.append(logs)
+            acc.log(logs, step=self.global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['train_loss']:.4g}", reward=f"{logs['reward_mean']:.3f}")
+            if self.global_step % cfg.checkpointing_steps == 0:
+                self.save_checkpoint()
+            if cfg.validation_prompts and self.global_step % cfg.validation_steps == 0:
+                self.validate()
+        bar.close()
+        if cfg.validation_prompts and (not self.validations or self.validations[-1]["step"] != self.global_step):
+            self.validate()
+        self.save_final()
+        acc.end_training()
+        return {"global_step": self.global_step, "history": self.history, "validation": self.validations}
+
+    # ================================================================== checkpoints
+    def save_checkpoint(self) -> Path:
+        """``accelerate.save_state`` into ``checkpoint-N.tmp``, then an atomic rename to ``checkpoint-N``."""
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        out = Path(self.config.output_dir)
+        final, tmp = out / f"checkpoint-{self.global_step}", out / f"checkpoint-{self.global_step}.tmp"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        save_file({"generator": self.generator.get_state()}, str(tmp / f"refl_rng_{acc.process_index}.safetensors"))
+        if acc.is_main_process:
+            state = {"global_step": self.global_step, "seed": self.seed, "tiny_updates": self._tiny_updates}
+            if self.ema is not None:
+                save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)},
+                          str(tmp / "ema.safetensors"))
+                state["ema_optimization_step"] = self.ema.optimization_step
+            if self.config.lora_rank:
+                from .lora import save_lora
+                save_lora(self.family, acc.unwrap_model(self.unet), tmp / "lora", kohya=False)
+            (tmp / STATE_NAME).write_text(json.dumps(state))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune_checkpoints()
+            logger.info("saved %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.config.checkpoints_total_limit
+        if limit is None:
+            return
+        found = sorted((p for p in Path(self.config.output_dir).glob("checkpoint-*")
+                        if p.is_dir() and p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
+        for old in found[: max(len(found) - limit, 0)]:
+            shutil.rmtree(old)
+            logger.info("removed %s (--checkpoints_total_limit %d)", old, limit)
+
+    def resume(self, name: str) -> None:
+        """Restore weights, optimizer, LR schedule, RNGs (accelerate's and the rollout generator), EMA and the
+        data position from a checkpoint; ``"latest"`` with no checkpoint starts fresh."""
+        from safetensors.torch import load_file
+
+        path = find_checkpoint(self.config.output_dir, name)
+        if path is None:
+            if name == "latest":
+                logger.info("no checkpoint in %s: starting a fresh run", self.config.output_dir)
+                return
+            raise ReFLConfigError(f"--resume_from_checkpoint {name!r}: not found")
+        state_file = path / STATE_NAME
+        if not state_file.is_file():
+            raise ReFLConfigError(f"{str(path)!r} is not a complete ReFL checkpoint (no {STATE_NAME})")
+        acc = self.accelerator
+        acc.load_state(str(path))
+        state = json.loads(state_file.read_text())
+        self.global_step = int(state["global_step"])
+        if state.get("seed") != self.seed:
+            logger.warning("resuming with seed %s, checkpoint was made with %s", self.seed, state.get("seed"))
+        self.seed = state.get("seed", self.seed)
+        self.order.seed = self.seed
+        self._tiny_updates = int(state.get("tiny_updates", 0))
+        rng_file = path / f"refl_rng_{acc.process_index}.safetensors"
+        if rng_file.is_file():
+            self.generator.set_state(load_file(str(rng_file))["generator"])
+        if self.ema is not None:
+            shadow = load_file(str(path / "ema.safetensors"))
+            for i, param in enumerate(self.ema.shadow_params):
+                param.data.copy_(shadow[f"p{i}"].to(param.device))
+            self.ema.optimization_step = int(state["ema_optimization_step"])
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    # ================================================================== validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Images for ``--validation_prompts`` at a fixed seed, at the training setting (this trainer's
+        rollout, every step) and at the pipeline's default setting; their rewards and held-out rewards."""
+        cfg, acc = self.config, self.accelerator
+        prompts = list(cfg.validation_prompts or [])
+        seed = self.seed
+        ema_swapped = False
+        if self.ema is not None:
+            self.ema.store(self.unet.parameters())
+            self.ema.copy_to(self.unet.parameters())
+            ema_swapped = True
+        self.unet.eval()
+        try:
+            images = {"train_setting": decode(self.components.vae, self.generate_x0(
+                prompts, None, torch.Generator().manual_seed(seed))).cpu()}
+            pipe = self.family.build_pipeline(self.components, acc.unwrap_model(self.unet))
+            pipe.set_progress_bar_config(disable=True)
+            with torch.autocast(acc.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
+                out = pipe(prompts, height=cfg.resolution, width=cfg.resolution, output_type="pt",
+                           generator=torch.Generator().manual_seed(seed))
+            images["default_setting"] = out.images.float().cpu()
+        finally:
+            self.unet.train()
+            if ema_swapped:
+                self.ema.restore(self.unet.parameters())
+        result: dict[str, Any] = {"step": self.global_step}
+        logs = {}
+        for setting, batch in images.items():
+            items = list(batch)
+            rewards = self.reward.score_batch(prompts, items)
+            logs[f"validation/{setting}/reward"] = float(rewards.mean())
+            result[setting] = {"reward": rewards.tolist()}
+            if self.monitor is not None:
+                held_out = self.monitor.score_batch(prompts, items)
+                logs[f"validation/{setting}/heldout_reward"] = float(held_out.mean())
+                result[setting]["heldout_reward"] = held_out.tolist()
+        self.validations.append(result)
+        acc.log(logs, step=self.global_step)
+        if acc.is_main_process:
+            self._log_images(images, prompts)
+        return result
+
+    def _log_images(self, images: dict[str, torch.Tensor], prompts: list[str]) -> None:
+        from PIL import Image
+
+        folder = Path(self.config.output_dir) / "validation" / f"step-{self.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for setting, batch in images.items():
+            arrays = (batch.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+            for i, array in enumerate(arrays):
+                Image.fromarray(array).save(folder / f"{setting}_{i:02d}.png")
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_images(f"validation/{setting}", arrays, self.global_step, dataformats="NHWC")
+                elif tracker.name == "wandb":
+                    import wandb
+                    tracker.log({f"validation/{setting}": [wandb.Image(a, caption=p) for a, p in zip(arrays, prompts)]},
+                                step=self.global_step)
+        (folder / "prompts.json").write_text(json.dumps(prompts, indent=1))
+
+    # ================================================================== final artefacts
+    def save_final(self) -> Path:
+        """Full fine-tune: a ``from_pretrained``-loadable pipeline folder (EMA weights if ``--use_ema``).
+        LoRA: ``pytorch_lora_weights.safetensors`` (+ kohya file). Both with a model card."""
+        acc, cfg = self.accelerator, self.config
+        acc.wait_for_everyone()
+        out = Path(cfg.output_dir)
+        if acc.is_main_process:
+            unet = acc.unwrap_model(self.unet)
+            if cfg.lora_rank:
+                from .lora import save_lora
+                save_lora(self.family, unet, out)
+            else:
+                if self.ema is not None:
+                    self.ema.copy_to(unet.parameters())
+                self._save_pipeline(unet, out)
+            self._write_model_card(out)
+            if cfg.push_to_hub:
+                from huggingface_hub import upload_folder
+                upload_folder(repo_id=cfg.hub_model_id or out.name, folder_path=str(out),
+                              ignore_patterns=["checkpoint-*", "*.tmp"])
+        acc.wait_for_everyone()
+        return out
+
+    def _save_pipeline(self, unet: Any, out: Path) -> None:
+        cfg = self.config
+        kwargs: dict[str, Any] = {"unet": unet, "revision": cfg.revision, "cache_dir": cfg.cache_dir}
+        if cfg.pretrained_vae_model_name_or_path:
+            from diffusers import AutoencoderKL
+            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, cache_dir=cfg.cache_dir)
+        pipe = self.family.pipeline_class().from_pretrained(cfg.pretrained_model_name_or_path, **kwargs)
+        pipe.save_pretrained(out)
+
+    def _write_model_card(self, out: Path) -> None:
+        cfg = self.config
+        last = self.history[-1] if self.history else {}
+        final_val = self.validations[-1] if self.validations else None
+        lines = [
+            "---", "library_name: diffusers", f"base_model: {cfg.pretrained_model_name_or_path}",
+            "tags: [image-reward, refl, text-to-image]", "---", "",
+            f"# ReFL fine-tune of {cfg.pretrained_model_name_or_path}", "",
+            f"Trained with ImageReward ReFL ({'LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else 'full UNet'}, "
+            f"family {cfg.model_family}) for {self.global_step} updates on reward `{cfg.reward}`.", "",
+            "## Final training values", "", "```json", json.dumps(last, indent=1), "```", "",
+        ]
+        if final_val is not None:
+            lines += ["## Final validation rewards", "", "```json", json.dumps(final_val, indent=1), "```", ""]
+        lines += ["## Arguments", "", "```json", json.dumps(cfg.to_dict(), indent=1), "```", ""]
+        (out / "README.md").write_text("\n".join(lines))
+        cfg.save(out / "refl_args.json")

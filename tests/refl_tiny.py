@@ -1,0 +1,118 @@
+"""Tiny Stable Diffusion 1.x / SDXL pipelines built from configs, for the ReFL tests (no downloads).
+
+Sizes follow spec/diffusers-webui.md section 3: 16x16 latents -> 32x32 images, ~0.8M-parameter UNets.
+The CLIP tokenizer has no merges (bytes + specials, 514 tokens), so it needs no vocabulary files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level alphabet: printable bytes map to themselves, the rest to 256 + n."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    codes, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    from transformers import CLIPTokenizer
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(vocab_list)}
+    return CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=77)
+
+
+def _text_encoder(tokenizer, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, sample_size=32,
+                         scaling_factor=scaling_factor)
+
+
+def build_tiny_sd1(seed: int = 0):
+    """A tiny StableDiffusionPipeline with a PNDM-like (DDIM) scheduler config, clip_sample False."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    tokenizer = tiny_clip_tokenizer()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, prediction_type="epsilon")
+    return StableDiffusionPipeline(vae=_vae(0.18215), text_encoder=_text_encoder(tokenizer, False), tokenizer=tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+
+
+def build_tiny_sdxl(seed: int = 0):
+    """A tiny StableDiffusionXLPipeline (two text encoders, text_time conditioning, Euler scheduler)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=32)
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!")
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    return StableDiffusionXLPipeline(
+        vae=_vae(0.13025), text_encoder=_text_encoder(tokenizer, False), text_encoder_2=_text_encoder(tokenizer_2, True),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=None,
+        feature_extractor=None, force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def save_tiny(family: str, directory: Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline of ``family`` ("sd1" or "sdxl") and save it as a diffusers folder."""
+    pipe = build_tiny_sd1(seed) if family == "sd1" else build_tiny_sdxl(seed)
+    pipe.save_pretrained(directory)
+    return Path(directory)
+
+
+def tiny_reward(seed: int = 0):
+    """A tiny ImageReward with random weights whose reward really depends on the image.
+
+    The original head init (std 1/(d+1), five linear layers) makes a random model's reward constant to 1e-5;
+    a fan-in init gives rewards of spread ~1, so there is something to learn."""
+    import ImageReward as RM
+    from ImageReward.models.blip import BLIPConfig
+
+    torch.manual_seed(seed)
+    model = RM.ImageReward(BLIPConfig.tiny())
+    for layer in model.mlp.layers:
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+    return model.eval()
+
+
+def save_tiny_reward(directory: Path, seed: int = 0) -> Path:
+    """:func:`tiny_reward` saved with save_pretrained; ``RM.load(directory)`` reads it."""
+    tiny_reward(seed).save_pretrained(directory)
+    return Path(directory)
