@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from ..errors import DownloadError, InvalidInputError
 
 __all__ = ["IMAGEREWARDDB_REPO", "SPLITS", "SCALES", "read_metadata", "archive_part", "select_parts",
-           "prepare_split", "convert_split", "hub_fetcher", "local_fetcher"]
+           "prepare_split", "convert_split", "make_dataset", "hub_fetcher", "local_fetcher"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,3 +176,37 @@ def convert_split(rows: Sequence[dict[str, Any]], root: str | os.PathLike, *, im
     if bad:
         logger.warning("%d image(s) missing or corrupt were skipped (see the list written by make_dataset)", len(bad))
     return kept
+
+
+def make_dataset(root: str | os.PathLike, out: str | os.PathLike, *, scale: str = "8k",
+                 splits: Sequence[str] = ("train", "valid", "test"), fetch: Fetcher | None = None,
+                 image_base: str | os.PathLike | None = None, verify: bool = True) -> dict[str, dict[str, int]]:
+    """ImageRewardDB -> ``out/{train,valid,test}.json`` (grouped format, paths relative to ``image_base``,
+    default ``root/images``) and ``out/bad_images.txt`` (missing/corrupt images that were skipped).
+    Each split file is written atomically once complete, so an interrupted run redoes only what is missing.
+
+    >>> make_dataset(".", "dataset", scale="1k")  # doctest: +SKIP
+    {'train': {'prompts': 1000, 'images': ..., 'pairs': ..., 'skipped_images': ...}, ...}
+    """
+    from .data import expand_pairs, read_groups, write_groups
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, dict[str, int]] = {}
+    for split in splits:
+        target = out / f"{split}.json"
+        bad: list[str] = []
+        if target.is_file():
+            logger.info("%s exists: kept (delete it to rebuild)", target)
+            groups = read_groups(target)
+        else:
+            rows = prepare_split(split, root, scale=scale, fetch=fetch)
+            groups = convert_split(rows, root, image_base=image_base, verify=verify, bad_images=bad)
+            if bad:
+                with open(out / "bad_images.txt", "a") as handle:
+                    handle.write("".join(f"{split}\t{path}\n" for path in bad))
+            write_groups(groups, target)
+        summary[split] = {"prompts": len(groups), "images": sum(len(g["generations"]) for g in groups),
+                          "pairs": len(expand_pairs(groups)), "skipped_images": len(bad)}
+        logger.info("%s: %s", target, summary[split])
+    return summary

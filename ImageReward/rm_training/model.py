@@ -97,7 +97,7 @@ def _load_image_reward(model: ImageReward, source: str, download_root: str | os.
 
 def freeze_layers(model: ImageReward, fix_rate: float = 0.0, *, fix_base: bool = False) -> None:
     """Freeze by layer index: BERT embeddings + layers ``< int(n_layers * fix_rate)``; ViT cls/pos/patch
-    embedding + blocks ``< int(n_blocks * fix_rate)``. The unused ``*_proj`` layers are always frozen and
+    embedding + blocks ``< int(n_blocks * fix_rate)`` (and the final norm when that is all blocks). The unused ``*_proj`` layers are always frozen and
     ``fix_base`` freezes all of BLIP. (The original's substring walk also froze the first tensor of the
     boundary layer; we do not.)"""
     for param in model.parameters():
@@ -121,6 +121,8 @@ def freeze_layers(model: ImageReward, fix_rate: float = 0.0, *, fix_base: bool =
     vision.patch_embed.requires_grad_(False)
     for block in vision.blocks[:vit_k]:
         block.requires_grad_(False)
+    if vit_k >= len(vision.blocks):  # fix_rate 1: the whole ViT, as the original's walk that never stops
+        vision.requires_grad_(False)
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

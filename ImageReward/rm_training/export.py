@@ -1,0 +1,126 @@
+"""After training: per-image rewards of grouped data, the original test accuracy, the mean/std normalisation
+from a reference set, and the export as an ImageReward checkpoint that ``RM.load`` reads strictly.
+
+>>> export_dir, pt_path = export_model(model, "checkpoint/run", mean=0.17, std=1.03)  # doctest: +SKIP
+>>> RM.load(str(export_dir))                                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ImageLoadError
+from ..image_io import load_image
+from ..models.image_reward import ImageReward
+from ..preprocess import preprocess_pil
+
+__all__ = ["group_rewards", "test_accuracy", "reference_stats", "export_model"]
+
+logger = logging.getLogger(__name__)
+
+
+class _ImageDataset(Dataset):
+    """Every generation of every group: ``(group, index, ids, mask, pixels, ok)``, decoded in workers."""
+
+    def __init__(self, groups: Sequence[Mapping[str, Any]], image_root: str | os.PathLike, image_size: int) -> None:
+        from ..preprocess import PreprocessConfig
+        from ..tokenizer import tokenize
+
+        self.items = [(g, i) for g, group in enumerate(groups) for i in range(len(group["generations"]))]
+        self.paths = [[Path(image_root) / p for p in group["generations"]] for group in groups]
+        self.preprocess = PreprocessConfig(image_size=image_size)
+        self.ids, self.mask = tokenize([group["prompt"] for group in groups]) if groups else (None, None)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        g, i = self.items[index]
+        try:
+            pixels, ok = preprocess_pil(load_image(self.paths[g][i]), self.preprocess), True
+        except (ImageLoadError, OSError, ValueError) as err:
+            logger.warning("skipping unreadable image %s (%s)", self.paths[g][i], err)
+            size = self.preprocess.image_size
+            pixels, ok = torch.zeros(3, size, size), False
+        return g, i, self.ids[g], self.mask[g], pixels, ok
+
+
+@torch.no_grad()
+def group_rewards(model: ImageReward, groups: Sequence[Mapping[str, Any]], image_root: str | os.PathLike, *,
+                  batch_size: int = 16, num_workers: int = 0) -> list[list[float]]:
+    """Rewards (with the model's current mean/std) of every generation, per group; ``nan`` = unreadable."""
+    was_training = model.training
+    model.eval()
+    device = model.device
+    dataset = _ImageDataset(groups, image_root, model.config.vision.image_size)
+    out = [[math.nan] * len(group["generations"]) for group in groups]
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    for g, i, ids, mask, pixels, ok in loader:
+        embeds = model.encode_images(pixels.to(device, model.input_dtype))
+        cls = model.text_features(ids.to(device), mask.to(device), embeds)
+        rewards = model.reward_from_features(cls.float()).float().cpu()
+        for gg, ii, reward, good in zip(g.tolist(), i.tolist(), rewards.tolist(), ok.tolist()):
+            if good:
+                out[gg][ii] = reward
+    model.train(was_training)
+    return out
+
+
+def test_accuracy(model: ImageReward, groups: Sequence[Mapping[str, Any]], image_root: str | os.PathLike, *,
+                  batch_size: int = 16, num_workers: int = 0) -> tuple[float, int]:
+    """The original ``test.py`` accuracy (non-tie pairs pooled over prompts, predicted ties wrong), computed
+    with the evaluation package's ``pair_counts``/``accuracies`` ("original" metric). Returns ``(acc, pairs)``.
+    Unreadable images are left out of their prompt's pairs."""
+    from ..eval.metrics import accuracies, pair_counts
+
+    rewards = group_rewards(model, groups, image_root, batch_size=batch_size, num_workers=num_workers)
+    counts = []
+    for group, scores in zip(groups, rewards):
+        keep = [k for k, s in enumerate(scores) if not math.isnan(s)]
+        counts.append(pair_counts([group["ranking"][k] for k in keep], [scores[k] for k in keep]))
+    pairs = int(sum(c.original[1] for c in counts))
+    return accuracies(counts)["original"], pairs
+
+
+def reference_stats(model: ImageReward, groups: Sequence[Mapping[str, Any]], image_root: str | os.PathLike, *,
+                    batch_size: int = 16, num_workers: int = 0) -> tuple[float, float]:
+    """Mean and (population) standard deviation of the raw head outputs over a reference set of generations:
+    the normalisation stored with the export so rewards come out roughly N(0, 1)."""
+    mean, std = model.mean, model.std
+    model.mean, model.std = 0.0, 1.0
+    try:
+        rewards = group_rewards(model, groups, image_root, batch_size=batch_size, num_workers=num_workers)
+    finally:
+        model.mean, model.std = mean, std
+    values = torch.tensor([r for rs in rewards for r in rs if not math.isnan(r)], dtype=torch.float64)
+    if values.numel() < 2:
+        logger.warning("reference set has %d readable image(s): keeping mean 0, std 1", values.numel())
+        return 0.0, 1.0
+    std_value = float(values.std(unbiased=False))
+    return float(values.mean()), (std_value if std_value > 0 else 1.0)
+
+
+def export_model(model: ImageReward, directory: str | os.PathLike, *, mean: float, std: float,
+                 folder_name: str = "ImageReward", pt_name: str = "ImageReward.pt") -> tuple[Path, Path]:
+    """Write ``directory/ImageReward/`` (config.json + model.safetensors) and ``directory/ImageReward.pt``
+    (plain keys, no ``module.`` prefix, with 0-d ``reward_mean``/``reward_std``), both loadable by ``RM.load``."""
+    directory = Path(directory)
+    old = model.mean, model.std
+    model.mean, model.std = float(mean), float(std)
+    try:
+        folder = model.save_pretrained(directory / folder_name)
+        pt_path = directory / pt_name
+        temp = pt_path.with_suffix(".pt.part")
+        torch.save(model.checkpoint_state(), temp)
+        os.replace(temp, pt_path)
+    finally:
+        model.mean, model.std = old
+    logger.info("exported %s and %s (mean %.6f, std %.6f)", folder, pt_path, mean, std)
+    return folder, pt_path
