@@ -105,7 +105,10 @@ def fetch_url(url: str, *, timeout: float = 10.0, retries: int = 1) -> bytes:
                 break
         except (urllib.error.URLError, TimeoutError, OSError) as err:
             last = err
-    reason = getattr(last, "reason", None) or last
+    if isinstance(last, urllib.error.HTTPError):
+        reason: object = f"HTTP {last.code} {last.reason}"
+    else:
+        reason = getattr(last, "reason", None) or last
     raise ImageLoadError(f"{url!r}: download failed ({reason})") from last
 
 

@@ -58,11 +58,17 @@ class DistributedContext:
 def distributed_context() -> DistributedContext:
     """accelerate's process index and count when started by ``accelerate launch`` (or torchrun) with more
     than one process; otherwise a single process. accelerate is imported only in that case."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
         return DistributedContext()
     from accelerate import PartialState
 
-    state = PartialState()
+    # without a GPU, accelerate only forms a process group (gloo) when asked for the CPU explicitly
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if state.num_processes != world_size:
+        raise RuntimeError(f"WORLD_SIZE={world_size} but accelerate formed a group of {state.num_processes} "
+                           "process(es); every process would score everything. Check the launcher configuration.")
     return DistributedContext(state.process_index, state.num_processes, state)
 
 
