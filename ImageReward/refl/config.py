@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 from ..errors import InvalidInputError
 
-__all__ = ["ReFLConfig", "ReFLConfigError", "build_parser", "parse_args", "parse_reward_spec"]
+__all__ = ["ReFLConfig", "ReFLConfigError", "add_arguments", "build_parser", "config_from_namespace", "parse_args",
+           "parse_reward_spec"]
 
 
 class ReFLConfigError(InvalidInputError):
@@ -221,8 +222,14 @@ def _arg_type(hint: Any) -> tuple[Any, bool]:
 
 def build_parser(defaults: ReFLConfig | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one ``--option`` per :class:`ReFLConfig` field (defaults from ``defaults``)."""
-    defaults = defaults or ReFLConfig()
     parser = argparse.ArgumentParser(description="ReFL: fine-tune a diffusion model on a reward model.")
+    add_arguments(parser, defaults)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: ReFLConfig | None = None) -> None:
+    """Add one ``--option`` per :class:`ReFLConfig` field to ``parser``."""
+    defaults = defaults or ReFLConfig()
     hints = typing.get_type_hints(ReFLConfig)
     for item in dataclasses.fields(ReFLConfig):
         kind, is_flag = _arg_type(hints[item.name])
@@ -235,10 +242,14 @@ def build_parser(defaults: ReFLConfig | None = None) -> argparse.ArgumentParser:
                 if key in item.metadata:
                     kwargs[key] = item.metadata[key]
         parser.add_argument(f"--{item.name}", **kwargs)
-    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None, defaults: ReFLConfig | None = None) -> ReFLConfig:
     """Parse command-line options into a validated :class:`ReFLConfig`."""
-    namespace = build_parser(defaults).parse_args(argv)
-    return ReFLConfig(**vars(namespace)).validate()
+    return config_from_namespace(build_parser(defaults).parse_args(argv))
+
+
+def config_from_namespace(namespace: argparse.Namespace) -> ReFLConfig:
+    """The validated :class:`ReFLConfig` of parsed options (other attributes of ``namespace`` ignored)."""
+    names = {f.name for f in dataclasses.fields(ReFLConfig)}
+    return ReFLConfig(**{k: v for k, v in vars(namespace).items() if k in names}).validate()
