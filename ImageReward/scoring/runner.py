@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from ..errors import ImageRewardError
 from ..preprocess import PreprocessConfig, preprocess_pil
 from .datasets import Record, load_record_image, read_records
-from .writers import Journal, done_ids, journal_path, merge_outputs, output_format, read_output, remove_outputs
+from .writers import (Journal, done_ids, journal_path, merge_outputs, output_format, parts_dir, read_output,
+                      remove_outputs)
 
 __all__ = ["score_dataset", "DistributedContext", "distributed_context"]
 
@@ -180,9 +181,12 @@ def score_dataset(
     output = Path(output)
     output_format(output)
     model = model_name or getattr(scorer, "name", type(scorer).__name__)
+    marker = _done_marker(output, context.rank, context.world_size)
     if overwrite and context.is_main:
         remove_outputs(output)
-    context.barrier()
+    if marker.exists():
+        marker.unlink()  # left by an earlier run: this run has not finished yet
+    context.barrier()  # nobody starts before the output is cleared and stale markers are gone
     records = read_records(source, prompt=prompt, prompt_column=prompt_column, image_column=image_column,
                            id_column=id_column, split=split, revision=revision)
     if limit is not None:
@@ -218,7 +222,11 @@ def score_dataset(
         bar.close()
         journal.close()
     seconds = time.perf_counter() - started
-    context.barrier()
+    if context.world_size > 1:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{scored} {errors}\n")
+        if context.is_main:  # poll files, not a collective: shards may finish hours apart after a resume
+            _wait_for_markers(output, context.world_size)
     summary: dict[str, Any] = {
         "output": str(output), "rank": context.rank, "world_size": context.world_size, "rows": len(records),
         "resumed": len(mine) - len(pending), "scored": scored, "errors": errors, "seconds": seconds,
@@ -235,5 +243,21 @@ def score_dataset(
 
             summary["html"] = str(write_gallery(final, html, records=records, per_prompt=html_per_prompt,
                                                 timeout=timeout, title=f"{model} on {os.fspath(source)}"))
-    context.barrier()
     return summary
+
+
+def _done_marker(output: Path, rank: int, world_size: int) -> Path:
+    return parts_dir(output) / f"rank-{rank:05d}-of-{world_size:05d}.done"
+
+
+def _wait_for_markers(output: Path, world_size: int, poll: float = 0.5) -> None:
+    """Block until every process of the group has written its done marker (logged once a minute)."""
+    last_log = time.monotonic()
+    while True:
+        missing = [rank for rank in range(world_size) if not _done_marker(output, rank, world_size).exists()]
+        if not missing:
+            return
+        if time.monotonic() - last_log > 60:
+            logger.warning("waiting for process(es) %s to finish their shards before merging", missing)
+            last_log = time.monotonic()
+        time.sleep(poll)
