@@ -78,6 +78,12 @@ class Scorer(nn.Module):
         """One prompt per row of ``image_features`` -> float32 rewards ``[B]``."""
         raise NotImplementedError
 
+    def score_pairs(self, prompts: Sequence[str], image_features: torch.Tensor, image_index: torch.Tensor
+                    ) -> torch.Tensor:
+        """Rewards of pairs ``(prompts[i], image_features[image_index[i]])``. Override to reuse per-image
+        work across prompts; the default gathers the rows and calls :meth:`score_encoded`."""
+        return self.score_encoded(prompts, image_features[image_index])
+
     # ------------------------------------------------------------------ shared machinery
     @property
     def device(self) -> torch.device:
@@ -137,12 +143,14 @@ class Scorer(nn.Module):
                 chunk = unique_items[start : start + batch_size]
                 pixels = torch.stack([self.preprocess(item, index=pos) for pos, item in chunk])
                 features = self.encode_images(pixels.to(self.device, self.input_dtype))
-                # every pair whose image is in this chunk: (pair index, row in `features`)
+                # every pair whose image is in this chunk: (pair index, row in `features`), prompts of similar
+                # length together so that padding can be trimmed per sub-batch
                 rows = [(pair, row) for row in range(len(chunk)) for pair in pairs_of_image[start + row]]
+                rows.sort(key=lambda item: len(prompt_list[item[0]]))
                 for sub in range(0, len(rows), batch_size):
                     part = rows[sub : sub + batch_size]
                     index = torch.tensor([row for _, row in part], device=features.device)
-                    scores = self.score_encoded([prompt_list[pair] for pair, _ in part], features[index])
+                    scores = self.score_pairs([prompt_list[pair] for pair, _ in part], features, index)
                     rewards[[pair for pair, _ in part]] = scores.float().cpu()
                     bar.update(len(part))
         bar.close()

@@ -178,3 +178,17 @@ def test_import_is_light():
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_fast_path_equals_the_plain_model(tiny_model, images):
+    """Cached cross-attention K/V and trimmed padding give the same rewards as the original computation."""
+    from ImageReward.tokenizer import tokenize
+
+    prompts = ["a cat", "a much longer prompt about a red sports car at night", "x"]
+    fast = tiny_model.score_batch(prompts, [images[0], images[0], images[1]])
+    with torch.inference_mode():
+        pixels = torch.stack([tiny_model.preprocess(images[i]) for i in (0, 0, 1)])
+        ids, mask = tokenize(prompts)  # padded to 35, as the original
+        cls = tiny_model.text_features(ids, mask, tiny_model.encode_images(pixels))
+        plain = (tiny_model.mlp(cls) - tiny_model.mean) / tiny_model.std
+    assert torch.allclose(fast, plain.squeeze(-1), atol=1e-5)

@@ -248,12 +248,15 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, config.hidden_size)
         self.value = nn.Linear(kv_width, config.hidden_size)
 
+    def key_value(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head-split keys and values of ``source`` (cacheable per image for cross-attention)."""
+        return _split_heads(self.key(source), self.num_heads), _split_heads(self.value(source), self.num_heads)
+
     def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None,
-                additive_mask: torch.Tensor | None = None) -> torch.Tensor:
-        source = hidden if context is None else context
+                additive_mask: torch.Tensor | None = None,
+                key_value: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         q = _split_heads(self.query(hidden), self.num_heads)
-        k = _split_heads(self.key(source), self.num_heads)
-        v = _split_heads(self.value(source), self.num_heads)
+        k, v = key_value if key_value is not None else self.key_value(hidden if context is None else context)
         dropout = self.dropout_p if self.training else 0.0
         return _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout))
 
@@ -278,8 +281,9 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config, in_features=config.hidden_size)
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None,
-                additive_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.output(self.self(hidden, context, additive_mask), hidden)
+                additive_mask: torch.Tensor | None = None,
+                key_value: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.output(self.self(hidden, context, additive_mask, key_value), hidden)
 
 
 class BertIntermediate(nn.Module):
@@ -302,11 +306,11 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertSelfOutput(config, in_features=config.intermediate_size)
 
-    def forward(self, hidden: torch.Tensor, self_mask: torch.Tensor | None,
-                image_embeds: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, self_mask: torch.Tensor | None, image_embeds: torch.Tensor | None,
+                cross_key_value: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         hidden = self.attention(hidden, None, self_mask)
-        if image_embeds is not None:
-            hidden = self.crossattention(hidden, image_embeds, None)
+        if image_embeds is not None or cross_key_value is not None:
+            hidden = self.crossattention(hidden, image_embeds, None, cross_key_value)
         return self.output(self.intermediate(hidden), hidden)
 
 
@@ -337,24 +341,33 @@ class BertModel(nn.Module):
             module.bias.data.zero_()
             module.weight.data.fill_(1.0)
 
+    def cross_attention_key_values(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the cross-attention keys and values of ``image_embeds``. They depend on the image only,
+        so they can be computed once per image and reused for every prompt scored against it."""
+        image_embeds = image_embeds.to(self.embeddings.word_embeddings.weight.dtype)
+        return [layer.crossattention.self.key_value(image_embeds) for layer in self.encoder.layer]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_embeds: torch.Tensor | None = None, *, mode: str = "multimodal") -> torch.Tensor:
-        """Returns ``last_hidden_state`` ``[B, L, hidden]``."""
+                image_embeds: torch.Tensor | None = None, *, mode: str = "multimodal",
+                cross_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Returns ``last_hidden_state`` ``[B, L, hidden]``. In multimodal mode pass ``image_embeds``, or their
+        precomputed ``cross_key_values`` (one ``(k, v)`` per layer, batch-aligned with ``input_ids``)."""
         if mode not in ("multimodal", "text"):
             raise ValueError(f"mode must be 'multimodal' or 'text', got {mode!r}")
-        if mode == "multimodal" and image_embeds is None:
-            raise ValueError("mode='multimodal' needs image_embeds")
+        if mode == "multimodal" and image_embeds is None and cross_key_values is None:
+            raise ValueError("mode='multimodal' needs image_embeds or cross_key_values")
         hidden = self.embeddings(input_ids)
         # The original's own mask: (1 - mask) * -10000 in the model dtype, broadcast over heads and queries.
         self_mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * -10000.0
-        context = image_embeds if mode == "multimodal" else None
+        context = image_embeds if mode == "multimodal" and cross_key_values is None else None
         if context is not None:
             context = context.to(hidden.dtype)
-        for layer in self.encoder.layer:
+        for index, layer in enumerate(self.encoder.layer):
+            cached = cross_key_values[index] if mode == "multimodal" and cross_key_values is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, self_mask, context, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, self_mask, context, cached, use_reentrant=False)
             else:
-                hidden = layer(hidden, self_mask, context)
+                hidden = layer(hidden, self_mask, context, cached)
         return hidden
 
 

@@ -1,0 +1,158 @@
+"""Throughput and peak memory of ImageReward scoring, printed as a Markdown table.
+
+Each configuration runs in its own subprocess so that peak RSS is its own. Weights are random (timing does
+not depend on their values); images are random 512x512 RGB PNGs.
+
+    python benchmarks/bench_score.py                      # full size, the issue's configurations
+    python benchmarks/bench_score.py --quick              # tiny model, to check the script works
+    python benchmarks/bench_score.py --configs original:1x8 batched-fp32:1x8 batched-bf16:1x8
+
+Modes:
+  original       the original's algorithm: one image at a time through the ViT and the text encoder, fp32
+  batched-fp32   our engine (batched ViT, each distinct image once), fp32
+  batched-bf16   our engine, encoders in bf16, head in fp32
+  compiled-fp32 / compiled-bf16   the same with the ViT wrapped in torch.compile (compile time excluded)
+Shapes are PROMPTSxIMAGES: 1x32 is one prompt and 32 images, 32x1 is 32 prompts for one image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_CONFIGS = [
+    "original:1x1", "batched-fp32:1x1", "batched-bf16:1x1",
+    "original:1x8", "batched-fp32:1x8", "batched-bf16:1x8",
+    "original:1x32", "batched-fp32:1x32", "batched-bf16:1x32", "compiled-bf16:1x32",
+    "original:32x1", "batched-fp32:32x1", "batched-bf16:32x1",
+]
+
+
+def build_model(quick: bool, dtype_name: str):
+    import torch
+
+    from ImageReward.models.blip import BLIPConfig
+    from ImageReward.models.image_reward import ImageReward
+
+    config = BLIPConfig.tiny() if quick else BLIPConfig()
+    with torch.device("meta"):
+        model = ImageReward(config)
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name.lower() and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+        model.blip.text_encoder.embeddings.position_ids.copy_(torch.arange(config.text.max_position_embeddings)[None])
+    model.eval()
+    if dtype_name == "bf16":
+        model.blip.to(torch.bfloat16)
+    return model
+
+
+def original_algorithm(model, prompt_list, images):
+    """What ImageReward 1.5 does: per (prompt, image), ViT at batch 1 and text encoder at batch 1."""
+    import torch
+
+    from ImageReward.tokenizer import tokenize
+
+    rewards = []
+    for prompt, image in zip(prompt_list, images):
+        ids, mask = tokenize(prompt)
+        pixels = model.preprocess(image)[None]
+        embeds = model.encode_images(pixels)
+        rewards.append(model.reward_from_features(model.text_features(ids, mask, embeds).float()))
+    return torch.cat(rewards)
+
+
+def run_one(config: str, quick: bool, image_dir: Path, repeats: int) -> dict:
+    import torch
+
+    mode, shape = config.split(":")
+    n_prompts, n_images = (int(x) for x in shape.split("x"))
+    dtype_name = "bf16" if mode.endswith("bf16") else "fp32"
+    model = build_model(quick, dtype_name)
+    all_images = sorted(str(p) for p in image_dir.glob("*.png"))
+    if n_prompts == 1:
+        prompts, images = "a photo of a cat on a sofa", all_images[:n_images]
+    else:
+        prompts = [f"prompt number {i}: a photo of a cat on a sofa" for i in range(n_prompts)]
+        images = [all_images[0]] * n_prompts
+    pairs = n_prompts * n_images
+    if mode.startswith("compiled"):
+        model.blip.visual_encoder = torch.compile(model.blip.visual_encoder, dynamic=False)
+    prompt_list = [prompts] * len(images) if isinstance(prompts, str) else prompts
+
+    def once():
+        with torch.inference_mode():
+            if mode == "original":
+                return original_algorithm(model, prompt_list, images)
+            return model.score_batch(prompts, images, batch_size=32)
+
+    once()  # warm-up (tokenizer, kernels, compilation)
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        timings.append(time.perf_counter() - start)
+    best = min(timings)
+    return {"config": config, "pairs": pairs, "seconds": best, "pairs_per_s": pairs / best,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS)
+    parser.add_argument("--quick", action="store_true", help="tiny model: checks the script, not the speed")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--image-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        print(json.dumps(run_one(args.worker, args.quick, Path(args.image_dir), args.repeats)))
+        return 0
+
+    import numpy as np
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as folder:
+        rng = np.random.default_rng(0)
+        for index in range(32):
+            Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(f"{folder}/{index:02d}.png")
+        rows = []
+        for config in args.configs:
+            command = [sys.executable, __file__, "--worker", config, "--image-dir", folder, "--repeats", str(args.repeats)]
+            if args.quick:
+                command.append("--quick")
+            result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+            if result.returncode != 0:
+                print(f"{config}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(f"done {config}: {rows[-1]['pairs_per_s']:.2f} pairs/s", file=sys.stderr)
+
+    baseline = {r["config"].split(":")[1]: r["pairs_per_s"] for r in rows if r["config"].startswith("original:")}
+    print(f"\nImageReward scoring ({'tiny model' if args.quick else 'ViT-L/16 + BERT, full size'}; "
+          f"{rows[0]['threads'] if rows else '?'} threads; best of {args.repeats})\n")
+    print("| mode | prompts x images | seconds | pairs/s | vs original | peak RSS (MB) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        mode, shape = row["config"].split(":")
+        speedup = row["pairs_per_s"] / baseline[shape] if shape in baseline else float("nan")
+        print(f"| {mode} | {shape} | {row['seconds']:.2f} | {row['pairs_per_s']:.2f} | {speedup:.2f}x | {row['peak_rss_mb']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
