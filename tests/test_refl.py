@@ -134,9 +134,10 @@ def test_thirty_steps_raise_held_out_reward(sd1_dir, prompt_file, tmp_path):
     result = trainer.train()
     after = torch.tensor(result["validation"][-1]["train_setting"]["reward"])
     assert result["global_step"] == 30 and len(result["history"]) == 30
-    # every held-out prompt improves, and the mean gain dwarfs the spread between prompts
-    assert bool((after > before).all()), (before, after)
-    assert (after.mean() - before.mean()).item() > 3 * before.std().item()
+    # every held-out prompt improves (same seeds before and after), by much more than the gains vary
+    gain = after - before
+    assert bool((gain > 0).all()), (before, after)
+    assert gain.mean().item() > 3 * gain.std().item() and gain.mean().item() > 0.02
     assert "heldout_reward" in result["validation"][-1]["train_setting"]
     logged = result["history"][-1]
     assert {"train_loss", "reward_mean", "reward_std", "grad_norm", "lr"} <= set(logged)
@@ -269,3 +270,23 @@ def test_batch_order_is_resumable_and_sharded():
     assert sorted(seen) == list(range(20))
     with pytest.raises(PromptDataError, match="fewer than one batch"):
         BatchOrder(3, 2, num_processes=2)
+
+
+def test_warns_when_updates_vanish_below_adam_eps(caplog):
+    trainer = ReFLTrainer.__new__(ReFLTrainer)  # the watchdog needs only the config and the parameter count
+    trainer.config, trainer.n_trainable, trainer._tiny_updates = ReFLConfig(), 10**6, 0
+    with caplog.at_level("WARNING", logger="ImageReward.refl.trainer"):
+        for _ in range(9):
+            trainer._watch_tiny_updates(1e-6)  # RMS 1e-9 < eps 1e-8
+        assert not caplog.records
+        trainer._watch_tiny_updates(1e-6)
+    assert len(caplog.records) == 1 and "adam_epsilon" in caplog.records[0].getMessage()
+    trainer._watch_tiny_updates(1.0)
+    assert trainer._tiny_updates == 0
+
+
+def test_launcher_reports_bad_options_without_traceback(tmp_path, capsys):
+    from ImageReward.refl.cli import main
+
+    assert main(["--train_data", str(tmp_path / "none.json"), "--output_dir", str(tmp_path)]) == 2
+    assert "--train_data" in capsys.readouterr().err

@@ -28,9 +28,9 @@ def training_scheduler(base_config: dict[str, Any]) -> Any:
     """
     from diffusers import DDPMScheduler
 
-    if base_config.get("clip_sample", True):
+    if base_config.get("clip_sample", False):
         logger.warning("base scheduler config has clip_sample=%s; ReFL uses clip_sample=False (clipping x0 kills "
-                       "the reward gradient)", base_config.get("clip_sample", "unset (DDPM default True)"))
+                       "the reward gradient)", base_config.get("clip_sample"))
     return DDPMScheduler.from_config(dict(base_config), clip_sample=False)
 
 

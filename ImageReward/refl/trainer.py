@@ -114,7 +114,8 @@ class ReFLTrainer:
             module.requires_grad_(False).eval().to(acc.device)
             if self.weight_dtype != torch.float32:
                 module.to(self.weight_dtype)
-        if self.family.name == "sdxl" and getattr(comps.vae.config, "force_upcast", False):
+        if (self.family.name == "sdxl" and getattr(comps.vae.config, "force_upcast", False)
+                and comps.vae.dtype != torch.float32):
             comps.vae.to(torch.float32)  # the SDXL VAE overflows in fp16: decode in fp32 (or pass an fp16-fix VAE)
         reward_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
         self.reward = as_reward(self._reward_arg, device=acc.device, download_root=cfg.reward_download_root,
