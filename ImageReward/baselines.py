@@ -1,4 +1,150 @@
-"""Baseline scorers (CLIP, BLIP, Aesthetic) register themselves with the factory here.
+"""Baseline scorers ``"CLIP"``, ``"BLIP"`` and ``"Aesthetic"``, registered with :func:`ImageReward.load_score`.
 
-(Filled in by the baselines work; importing this module must stay cheap.)
+Where the weights come from (the first that exists wins; nothing touches the network when a file is
+already in ``download_root``, default ``~/.cache/ImageReward``):
+
+* CLIP: ``ViT-L-14.pt`` (OpenAI's file, as the original caches it), then
+  ``clip-vit-large-patch14.safetensors``, then the Hub (``openai/clip-vit-large-patch14`` at a pinned
+  revision), then OpenAI's URL (SHA-256 checked).
+* BLIP: ``model_large.pth`` (Salesforce's URL). Aesthetic: ``sac+logos+ava1-l14-linearMSE.pth`` or the
+  original's literal ``sac%2Blogos%2Bava1-l14-linearMSE.pth`` (LAION's URL), plus CLIP's image tower.
+
+All three are float32 unless ``dtype=torch.float16/bfloat16`` is asked for (the Aesthetic head stays
+float32). Importing this module is cheap: models and transformers are imported by the builders.
 """
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DownloadError
+from .factory import _place, register_scorer
+from .pretrained import PretrainedCfg, _offline, default_cache_dir, fetch
+
+__all__ = ["BASELINE_FILES", "CLIP_HUB", "CLIP_OPENAI", "BLIP_LARGE", "AESTHETIC_HEAD", "clip_weights_path",
+           "build_clip", "build_blip", "build_aesthetic"]
+
+logger = logging.getLogger(__name__)
+
+CLIP_OPENAI = PretrainedCfg(
+    name="CLIP ViT-L/14 (OpenAI)",
+    filename="ViT-L-14.pt",
+    url="https://openaipublic.azureedge.net/clip/models/"
+        "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    sha256="b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+    license="MIT",
+    description="OpenAI CLIP ViT-L/14 as a TorchScript archive (the file the original ImageReward used)",
+)
+CLIP_HUB = PretrainedCfg(
+    name="CLIP ViT-L/14 (Hub)",
+    filename="clip-vit-large-patch14.safetensors",
+    hf_repo="openai/clip-vit-large-patch14",
+    hf_filename="model.safetensors",
+    # The snapshot commonly pinned for this repo (its model.safetensors is seen under this snapshot id in
+    # public caches); could not be checked against the Hub from here.
+    revision="32bd64288804d66eefd0ccbe215aa642df71cc41",
+    license="MIT",
+    description="OpenAI CLIP ViT-L/14 in transformers' layout (same weights as ViT-L-14.pt)",
+)
+BLIP_LARGE = PretrainedCfg(
+    name="BLIP",
+    filename="model_large.pth",
+    url="https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_large.pth",
+    license="BSD-3-Clause",
+    description="Salesforce BLIP ViT-L pretraining checkpoint ({'model': state_dict})",
+)
+AESTHETIC_HEAD = PretrainedCfg(
+    name="Aesthetic",
+    filename="sac+logos+ava1-l14-linearMSE.pth",
+    alt_filenames=("sac%2Blogos%2Bava1-l14-linearMSE.pth",),
+    url="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth",
+    license="see github.com/christophschuhmann/improved-aesthetic-predictor",
+    description="LAION improved aesthetic predictor head (linear MLP on normalised CLIP ViT-L/14 image embeddings)",
+)
+BASELINE_FILES: dict[str, tuple[PretrainedCfg, ...]] = {
+    "CLIP": (CLIP_OPENAI, CLIP_HUB),
+    "BLIP": (BLIP_LARGE,),
+    "Aesthetic": (AESTHETIC_HEAD, CLIP_OPENAI, CLIP_HUB),
+}
+
+
+def clip_weights_path(download_root: str | os.PathLike | None = None, *, revision: str | None = None) -> Path:
+    """Local path of CLIP ViT-L/14 weights: a file already in ``download_root`` (OpenAI's ``ViT-L-14.pt``
+    first), else downloaded from the Hub, else from OpenAI's URL."""
+    root = Path(download_root) if download_root is not None else default_cache_dir()
+    for cfg in (CLIP_OPENAI, CLIP_HUB):
+        if (root / cfg.filename).is_file():
+            return root / cfg.filename
+    try:
+        return fetch(CLIP_HUB, root, revision=revision)
+    except DownloadError as hub_error:
+        if _offline():
+            raise DownloadError(f"{hub_error} (or put OpenAI's {CLIP_OPENAI.filename} there)") from hub_error
+        logger.warning("Hub download of CLIP failed (%s); trying OpenAI's URL", hub_error)
+        return fetch(CLIP_OPENAI, root)
+
+
+def _checkpoint_arg(kwargs: dict[str, Any], name: str) -> str | None:
+    value = kwargs.pop(name, None)
+    if kwargs:
+        raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+    return os.fspath(value) if value is not None else None
+
+
+def build_clip(device: str | torch.device | None = None, download_root: str | os.PathLike | None = None,
+               dtype: torch.dtype | None = None, **kwargs: Any):
+    """``load_score("CLIP", ...)``; ``checkpoint=`` names a weights file (OpenAI ``.pt`` or ``.safetensors``)."""
+    from .models.clip import CLIPScorer
+
+    path = _checkpoint_arg(kwargs, "checkpoint") or clip_weights_path(download_root)
+    logger.info("loading CLIP from %s", path)
+    return _place(CLIPScorer.from_checkpoint(path), device, dtype)
+
+
+def build_blip(device: str | torch.device | None = None, download_root: str | os.PathLike | None = None,
+               dtype: torch.dtype | None = None, **kwargs: Any):
+    """``load_score("BLIP", ...)``; ``checkpoint=`` names a ``{'model': state_dict}`` file."""
+    from .checkpoint import read_state_dict
+    from .models.blip import BLIPConfig, TextConfig
+    from .models.blip_itc import BLIPITCScorer
+
+    path = _checkpoint_arg(kwargs, "checkpoint") or fetch(BLIP_LARGE, download_root)
+    logger.info("loading BLIP from %s", path)
+    config = BLIPConfig(text=TextConfig.from_med_config(None, encoder_width=1024))
+    scorer = BLIPITCScorer.from_state_dict(read_state_dict(path, nested_key="model"), config, source=os.fspath(path))
+    return _place(scorer, device, dtype)
+
+
+def build_aesthetic(device: str | torch.device | None = None, download_root: str | os.PathLike | None = None,
+                    dtype: torch.dtype | None = None, **kwargs: Any):
+    """``load_score("Aesthetic", ...)``; ``checkpoint=`` names the head file, ``clip_checkpoint=`` the CLIP
+    weights, ``clip=`` an already loaded CLIP scorer whose image tower is shared."""
+    from .models.aesthetic import AestheticScorer
+    from .models.clip import load_clip_weights
+
+    clip = kwargs.pop("clip", None)
+    clip_path = kwargs.pop("clip_checkpoint", None)
+    head_path = _checkpoint_arg(kwargs, "checkpoint") or fetch(AESTHETIC_HEAD, download_root)
+    if clip is not None:
+        scorer = AestheticScorer.from_clip(clip)
+    else:
+        clip_path = os.fspath(clip_path) if clip_path is not None else clip_weights_path(download_root)
+        logger.info("loading the Aesthetic CLIP image tower from %s", clip_path)
+        hparams, vision_state = load_clip_weights(clip_path, vision_only=True)
+        scorer = AestheticScorer.build(hparams, vision_state, source=os.fspath(clip_path))
+    logger.info("loading the Aesthetic head from %s", head_path)
+    scorer.load_head(head_path)
+    if clip is not None:  # the shared tower already has its device and dtype
+        scorer.mlp.to(scorer.device)
+        return scorer.eval()
+    return _place(scorer, device, dtype, keep_fp32=("mlp",))
+
+
+register_scorer("CLIP", build_clip)
+register_scorer("BLIP", build_blip)
+register_scorer("Aesthetic", build_aesthetic)

@@ -63,10 +63,28 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 @functools.lru_cache(maxsize=1)
 def load_clip_tokenizer():
     """``transformers.CLIPTokenizer`` with OpenAI's vocabulary (cached for the process; no download)."""
+    import transformers
     from transformers import CLIPTokenizer
 
     vocab, merges = _vocab_and_merges()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
+    else:  # transformers 4: the fast tokenizer reads vocab.json / merges.txt files
+        import json
+        import tempfile
+        from pathlib import Path
+
+        from transformers import CLIPTokenizerFast
+
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+            lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
+            (Path(folder) / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            tokenizer = CLIPTokenizerFast(vocab_file=str(Path(folder) / "vocab.json"),
+                                          merges_file=str(Path(folder) / "merges.txt"))
+    if len(tokenizer) != 49408:
+        raise RuntimeError(f"CLIP tokenizer built with {len(tokenizer)} tokens, expected 49408")
+    return tokenizer
 
 
 @functools.lru_cache(maxsize=1)

@@ -33,8 +33,11 @@ def build_state_dict(recipe_path: str | Path, seed: int | None = None) -> dict[s
             value = value + op["add"]
         state[name] = value.to(getattr(torch, op["dtype"]))
     for name, shape, dtype, rule in recipe.get("buffers", []):
-        if rule["type"] != "arange_expand":
+        if rule["type"] == "arange_expand":
+            state[name] = torch.arange(rule["n"]).expand((1, -1)).to(getattr(torch, dtype))
+        elif rule["type"] == "constant":  # e.g. OpenAI CLIP's input_resolution / context_length / vocab_size
+            state[name] = torch.full(shape, rule["value"], dtype=getattr(torch, dtype))
+        else:
             raise ValueError(f"unknown buffer rule {rule}")
-        state[name] = torch.arange(rule["n"]).expand((1, -1)).to(getattr(torch, dtype))
     order = recipe.get("state_dict_order")
     return {k: state[k] for k in order} if order else state
