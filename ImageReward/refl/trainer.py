@@ -471,7 +471,8 @@ class ReFLTrainer:
 
     def _save_pipeline(self, unet: Any, out: Path) -> None:
         cfg = self.config
-        kwargs: dict[str, Any] = {"unet": unet, "revision": cfg.revision, "cache_dir": cfg.cache_dir}
+        kwargs: dict[str, Any] = {"unet": unet, "revision": cfg.revision, "variant": cfg.variant,
+                                  "cache_dir": cfg.cache_dir}
         if cfg.pretrained_vae_model_name_or_path:
             from diffusers import AutoencoderKL
             kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, cache_dir=cfg.cache_dir)
