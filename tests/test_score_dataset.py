@@ -275,3 +275,24 @@ def test_cli_scores_a_folder_and_reports_bad_arguments(tmp_path, tiny_model, cap
     assert [r["id"] for r in read_output(out)] == ["img00.png", "img01.png", "img02.png"]
     assert main(["score-dataset", str(tmp_path / "gen"), "-o", str(tmp_path / "s.txt"), "--model", str(model_dir)]) == 2
     assert "name it .jsonl or .parquet" in capsys.readouterr().err
+
+
+def test_a_row_the_scorer_rejects_becomes_an_error_row(tmp_path, tiny_model, monkeypatch):
+    table, rows = _table(tmp_path, 5)
+    with table.open("a") as handle:
+        handle.write(json.dumps({"id": "rejected", "prompt": "REJECT me", "image": "imgs/img01.png"}) + "\n")
+    real = tiny_model.score_encoded
+
+    def picky(prompts, features):
+        if any(p.startswith("REJECT") for p in prompts):
+            raise InvalidInputError("this scorer rejects the prompt")
+        return real(prompts, features)
+
+    monkeypatch.setattr(tiny_model, "score_encoded", picky)
+    out = tmp_path / "scores.jsonl"
+    summary = score_dataset(tiny_model, table, out, batch_size=4, progress=False, context=_single())
+    got = {r["id"]: r for r in read_output(out)}
+    assert summary["scored"] == 5 and summary["errors"] == 1
+    assert got["rejected"]["score"] is None and "rejects the prompt" in got["rejected"]["error"]
+    reference = tiny_model.score_batch([r["prompt"] for r in rows], [str(tmp_path / r["image"]) for r in rows])
+    torch.testing.assert_close(torch.tensor([got[r["id"]]["score"] for r in rows]), reference, atol=1e-5, rtol=0)

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +50,12 @@ def _env() -> dict[str, str]:
 def _command(folder: Path, output: Path) -> list[str]:
     return [sys.executable, "-m", "ImageReward.cli", "score-dataset", str(folder / "pairs.jsonl"), "-o", str(output),
             "--model", str(folder / "model"), "--batch-size", "2", "--num-workers", "1", "--no-progress"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _lines(path: Path) -> int:
@@ -106,7 +113,7 @@ def test_accelerate_launch_two_processes_shard_and_merge(dataset):
     pytest.importorskip("pyarrow")
     launcher = str(Path(sys.executable).parent / "accelerate")
     command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "ImageReward.cli", "score-dataset",
+               "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "ImageReward.cli", "score-dataset",
                str(folder / "pairs.jsonl"), "-o", str(output), "--model", str(folder / "model"), "--limit", "60",
                "--num-workers", "0", "--batch-size", "8", "--no-progress"]
     # a previous, killed single-process run left 10 rows in a journal: they must not be scored again

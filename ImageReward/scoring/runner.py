@@ -130,20 +130,19 @@ def _score_batch(scorer: Any, batch: list, records: Sequence[Record], model: str
         prompts = [records[position].prompt for position, _ in good]
         try:
             with torch.inference_mode():
-                features = scorer.encode_images(torch.stack(stack).to(scorer.device, scorer.input_dtype))
+                pixels_in = torch.stack(stack).to(scorer.device, scorer.input_dtype, non_blocking=True)
+                features = scorer.encode_images(pixels_in)
                 index = torch.tensor(which, device=features.device)
                 scores = scorer.score_encoded(prompts, features[index]).float().cpu().tolist()
             for (position, _), score in zip(good, scores):
                 rows[position] = _row(records[position], float(score), None, model)
-        except ImageRewardError:
+        except ImageRewardError as err:  # bad input for the scorer (not a crash): find the row(s) at fault
             if len(good) == 1:
-                raise
-            for item in good:  # find the row at fault: score them one by one
-                position = item[0]
-                try:
-                    rows[position] = _score_batch(scorer, [(position, item[1], None)], records, model)[0]
-                except ImageRewardError as err:
-                    rows[position] = _row(records[position], None, f"row {records[position].index}: {err}", model)
+                position = good[0][0]
+                rows[position] = _row(records[position], None, f"row {records[position].index}: {err}", model)
+            else:
+                for position, pixels in good:
+                    rows[position] = _score_batch(scorer, [(position, pixels, None)], records, model)[0]
     return [rows[position] for position, _, _ in batch]
 
 
