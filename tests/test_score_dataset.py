@@ -296,3 +296,10 @@ def test_a_row_the_scorer_rejects_becomes_an_error_row(tmp_path, tiny_model, mon
     assert got["rejected"]["score"] is None and "rejects the prompt" in got["rejected"]["error"]
     reference = tiny_model.score_batch([r["prompt"] for r in rows], [str(tmp_path / r["image"]) for r in rows])
     torch.testing.assert_close(torch.tensor([got[r["id"]]["score"] for r in rows]), reference, atol=1e-5, rtol=0)
+
+
+def test_an_uncached_hub_dataset_offline_is_a_typed_error_without_network():
+    from ImageReward.errors import DownloadError
+
+    with pytest.raises(DownloadError, match="nobody/nothing"):
+        read_records("hf://datasets/nobody/nothing")

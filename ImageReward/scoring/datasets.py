@@ -6,7 +6,7 @@ later, in DataLoader workers, by :func:`load_record_image`. Problems with one ro
 image, failed download) become an error row downstream; problems with the whole input raise a typed error.
 
 >>> records = read_records("generations/", prompt="a red bicycle")   # doctest: +SKIP
->>> records[0].id, records[0].prompt
+>>> records[0].id, records[0].prompt                                   # doctest: +SKIP
 ('0001.png', 'a red bicycle')
 """
 
