@@ -128,6 +128,8 @@ def test_plain_torch_save_is_not_taken_for_an_archive(openai_clip, tmp_path):
 def test_converter_reads_architecture_and_refuses_unknown_or_missing_keys(openai_clip):
     state = openai_clip.state_dict()
     assert openai_hparams(state) == tiny_clip_hparams()
+    masked = {**state, "transformer.resblocks.0.attn_mask": torch.zeros(77, 77)}
+    assert openai_to_hf(masked).keys() == openai_to_hf(state).keys()
     with pytest.raises(RM.CheckpointError, match="does not know"):
         openai_to_hf({**state, "visual.extra": torch.zeros(1)})
     broken = dict(state)
@@ -356,3 +358,15 @@ def test_blip_tokenization_matches_the_original_fixtures():
     assert ids.tolist() == [item["input_ids"] for item in reference["blip_tokenization"]]
     assert mask.tolist() == [item["attention_mask"] for item in reference["blip_tokenization"]]
 
+
+
+def test_cli_scores_with_a_baseline(openai_archive, clip, capsys):
+    from ImageReward.cli import main
+
+    code = main(["rank", "--model", "CLIP", "--device", "cpu", "--download-root", str(openai_archive),
+                 "--prompt", PROMPTS[0], "--json", *IMAGES])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = clip.score(PROMPTS[0], IMAGES)
+    assert {row["image"]: row["score"] for row in result["results"]} == pytest.approx(dict(zip(IMAGES, expected)), abs=1e-6)
+    assert [row["rank"] for row in result["results"]] == [1, 2, 3]

@@ -198,7 +198,7 @@ def _convert_block(state: Mapping[str, torch.Tensor], src: str, dst: str, out: d
 def openai_to_hf(state: Mapping[str, torch.Tensor], *, vision_only: bool = False) -> dict[str, torch.Tensor]:
     """OpenAI key names -> ``transformers.CLIPModel`` key names (``vision_only``: the keys of
     ``CLIPVisionModelWithProjection``). Every source key must be used or be one of OpenAI's three scalar
-    buffers; anything else raises :class:`CheckpointError`."""
+    buffers (or a block's ``attn_mask``); anything else raises :class:`CheckpointError`."""
     hp = openai_hparams(state)
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set(OPENAI_EXTRA_KEYS)
@@ -230,7 +230,8 @@ def openai_to_hf(state: Mapping[str, torch.Tensor], *, vision_only: bool = False
             _convert_block(state, f"transformer.resblocks.{layer}.", f"text_model.encoder.layers.{layer}.", out, used)
         take("text_projection", "text_projection.weight", transpose=True)
         take("logit_scale", "logit_scale")
-    unused = sorted(set(state) - used)
+    # OpenAI's blocks keep their causal mask as a plain attribute; a scripted copy would carry it as a tensor
+    unused = sorted(k for k in set(state) - used if not k.endswith(".attn_mask"))
     if unused:
         shown = ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else "")
         raise CheckpointError(f"OpenAI CLIP checkpoint has {len(unused)} keys the converter does not know: {shown}")
