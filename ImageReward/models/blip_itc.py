@@ -82,6 +82,9 @@ class BLIPITCScorer(Scorer):
         from ..tokenizer import tokenize
 
         input_ids, attention_mask = tokenize(prompts)
+        # padding is masked out (weight exp(-10000) == 0): drop the columns every prompt pads
+        end = int(attention_mask.sum(dim=1).max())
+        input_ids, attention_mask = input_ids[:, :end], attention_mask[:, :end]
         hidden = self.blip.text_encoder(input_ids.to(self.device), attention_mask.to(self.device), mode="text")
         return F.normalize(self.blip.text_proj(hidden[:, 0, :]).float(), dim=-1)
 

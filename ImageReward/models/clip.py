@@ -159,10 +159,13 @@ class CLIPScorer(Scorer):
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalised text embeddings ``[N, 768]`` (float32)."""
-        from ..clip_tokenizer import clip_tokenize
+        from ..clip_tokenizer import EOT_TOKEN_ID, clip_tokenize
 
         input_ids = clip_tokenize(prompts, self.model.config.text_config.max_position_embeddings)
-        pooled = self.model.text_model(input_ids=input_ids.to(self.device)).pooler_output
+        # The feature is read at the first EOT and attention is causal, so the padding after the longest
+        # prompt's EOT cannot change it: drop it (same numbers, far less work than 77 positions).
+        end = int((input_ids == EOT_TOKEN_ID).int().argmax(dim=1).max()) + 1
+        pooled = self.model.text_model(input_ids=input_ids[:, :end].to(self.device)).pooler_output
         return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
     def score_encoded(self, prompts: Sequence[str], image_features: torch.Tensor) -> torch.Tensor:
