@@ -29,6 +29,11 @@ def _one_thread():
     torch.set_num_threads(1)  # 2 threads on 2 shared cores ran 5-6x slower (spec/diffusers-webui.md)
     yield
     torch.set_num_threads(threads)
+    # accelerate keeps process-wide singletons (mixed precision, accumulation): each test builds its own
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +132,7 @@ def test_gradients_reach_only_the_unet(sd1_dir, prompt_file, tmp_path):
 # ---------------------------------------------------------------------------------------------- learning
 def test_thirty_steps_raise_held_out_reward(sd1_dir, prompt_file, tmp_path):
     cfg = tiny_config(sd1_dir, prompt_file, tmp_path / "out", max_train_steps=30, validation_prompts=HELD_OUT,
-                      validation_steps=1000)
+                      validation_steps=1000, report_to="tensorboard")
     trainer = ReFLTrainer(cfg, reward=tiny_reward(), monitor=tiny_reward(seed=1))
     trainer.setup()
     before = torch.tensor(trainer.validate()["train_setting"]["reward"])
@@ -142,6 +147,7 @@ def test_thirty_steps_raise_held_out_reward(sd1_dir, prompt_file, tmp_path):
     logged = result["history"][-1]
     assert {"train_loss", "reward_mean", "reward_std", "grad_norm", "lr"} <= set(logged)
     assert list((tmp_path / "out" / "validation" / "step-30").glob("default_setting_*.png"))
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
 
 
 # ---------------------------------------------------------------------------------------------- resume

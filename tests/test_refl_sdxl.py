@@ -27,9 +27,14 @@ HELD_OUT = ["a red cube", "a blue dog", "a green tree", "a yellow car"]
 @pytest.fixture(autouse=True)
 def _one_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # 2 threads on 2 shared cores ran 5-6x slower (spec/diffusers-webui.md)
     yield
     torch.set_num_threads(threads)
+    # accelerate keeps process-wide singletons (mixed precision, accumulation): each test builds its own
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -221,4 +226,18 @@ def test_random_crop_time_ids_follow_the_crop(tmp_path):
 def test_fp16_sdxl_step_has_no_nan(sdxl_dir, prompt_file, tmp_path):
     cfg = sdxl_config(sdxl_dir, prompt_file, tmp_path, mixed_precision="fp16", lora_rank=4)
     result = ReFLTrainer(cfg, reward=tiny_reward()).train()
+    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["grad_norm"]) for h in result["history"])
+
+
+def test_bf16_lora_step_keeps_vae_and_lora_in_fp32(sdxl_dir, prompt_file, tmp_path):
+    """Mixed precision on the CPU (bf16 autocast): the half-precision path, short of a GPU's fp16."""
+    cfg = sdxl_config(sdxl_dir, prompt_file, tmp_path, mixed_precision="bf16", lora_rank=4, max_train_steps=1,
+                      gradient_checkpointing=True)
+    trainer = ReFLTrainer(cfg, reward=tiny_reward())
+    result = trainer.train()
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    assert trainer.components.vae.dtype == torch.float32  # force_upcast VAE stays fp32
+    assert trainer.components.text_encoders[1].dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.trainable)
+    assert unet.conv_in.weight.dtype == torch.bfloat16  # frozen LoRA base in half precision
     assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["grad_norm"]) for h in result["history"])

@@ -110,13 +110,12 @@ class ReFLTrainer:
         self.family.check_unet(comps.unet)
         self.components = comps
         self.scheduler = training_scheduler(comps.scheduler_config)
+        # the SDXL VAE overflows in fp16 (config force_upcast): it decodes in fp32 unless an fp16-fix VAE is given
+        keep_fp32 = self.family.name == "sdxl" and getattr(comps.vae.config, "force_upcast", False)
         for module in comps.frozen_modules():
             module.requires_grad_(False).eval().to(acc.device)
-            if self.weight_dtype != torch.float32:
+            if self.weight_dtype != torch.float32 and not (keep_fp32 and module is comps.vae):
                 module.to(self.weight_dtype)
-        if (self.family.name == "sdxl" and getattr(comps.vae.config, "force_upcast", False)
-                and comps.vae.dtype != torch.float32):
-            comps.vae.to(torch.float32)  # the SDXL VAE overflows in fp16: decode in fp32 (or pass an fp16-fix VAE)
         reward_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
         self.reward = as_reward(self._reward_arg, device=acc.device, download_root=cfg.reward_download_root,
                                 dtype=reward_dtype).to(acc.device)
