@@ -1,6 +1,6 @@
 """The one image loader: turns whatever a user passes as "an image" into a ``PIL.Image``.
 
-Accepted: a path (``str`` or ``os.PathLike``), a ``PIL.Image.Image``, a ``numpy`` array (``HxW`` or
+Accepted: a path (``str`` or ``os.PathLike``), encoded file bytes, a ``PIL.Image.Image``, a ``numpy`` array (``HxW`` or
 ``HxWxC`` with C in 1/3/4; ``uint8``, or floats in [0, 1]) or a ``torch.Tensor`` (``CxHxW`` or ``HxWxC``,
 same value rules). Anything else, and any file that cannot be decoded, raises a typed error that names
 the offending item, so a bad input can never silently score another image.
@@ -8,6 +8,7 @@ the offending item, so a bad input can never silently score another image.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -27,6 +28,8 @@ def describe(item: Any, index: int | None = None) -> str:
     where = f"image #{index} " if index is not None else "image "
     if isinstance(item, (str, os.PathLike)):
         return f"{where}{os.fspath(item)!r}"
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"{where}({len(item)} bytes)"
     if isinstance(item, Image.Image):
         return f"{where}(PIL {item.mode} {item.size[0]}x{item.size[1]})"
     shape = getattr(item, "shape", None)
@@ -45,6 +48,8 @@ def load_image(item: ImageLike, *, index: int | None = None) -> Image.Image:
         return item
     if isinstance(item, (str, os.PathLike)):
         return _open_path(Path(os.fspath(item)), item, index)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(bytes(item)), item, index)
     if isinstance(item, np.ndarray):
         return _from_array(item, item, index)
     if type(item).__module__.startswith("torch"):
@@ -54,7 +59,7 @@ def load_image(item: ImageLike, *, index: int | None = None) -> Image.Image:
         return _from_array(tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy(), item, index)
     raise UnsupportedInputError(
         f"{describe(item, index)}: unsupported type {type(item).__name__}; "
-        "expected a file path, PIL.Image, numpy array or torch.Tensor"
+        "expected a file path, image bytes, PIL.Image, numpy array or torch.Tensor"
     )
 
 
@@ -63,11 +68,15 @@ def _open_path(path: Path, item: Any, index: int | None) -> Image.Image:
         raise ImageLoadError(f"{describe(item, index)}: file does not exist")
     if path.is_dir():
         raise ImageLoadError(f"{describe(item, index)}: is a directory, expected an image file")
+    return _decode(path, item, index)
+
+
+def _decode(source: Path | io.BytesIO, item: Any, index: int | None) -> Image.Image:
     try:
-        with Image.open(path) as opened:
+        with Image.open(source) as opened:
             opened.load()  # decode now: truncated files fail here, not later inside preprocessing
             return opened.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageLoadError(f"{describe(item, index)}: cannot decode image ({err})") from err
 
 

@@ -54,8 +54,8 @@ def build_model(quick: bool, dtype_name: str):
                 param.normal_(0.0, 0.02, generator=generator)
         model.blip.text_encoder.embeddings.position_ids.copy_(torch.arange(config.text.max_position_embeddings)[None])
     model.eval()
-    if dtype_name == "bf16":
-        model.blip.to(torch.bfloat16)
+    if dtype_name == "bf16":  # as RM.load(dtype=torch.bfloat16): the ViT in bf16, text encoder and head fp32
+        model.blip.visual_encoder.to(torch.bfloat16)
     return model
 
 
@@ -89,7 +89,7 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int) -> dict:
         images = [all_images[0]] * n_prompts
     pairs = n_prompts * n_images
     if mode.startswith("compiled"):
-        model.blip.visual_encoder = torch.compile(model.blip.visual_encoder, dynamic=False)
+        model.blip.visual_encoder.compile(dynamic=False)  # in place: state-dict keys unchanged
     prompt_list = [prompts] * len(images) if isinstance(prompts, str) else prompts
 
     def once():

@@ -138,6 +138,7 @@ def test_bf16_load_keeps_head_in_fp32(tiny_model, tmp_path):
     model = RM.load(str(folder), device="cpu", dtype=torch.bfloat16)
     assert model.input_dtype == torch.bfloat16
     assert model.mlp.layers[0].weight.dtype == torch.float32
+    assert model.blip.text_encoder.embeddings.word_embeddings.weight.dtype == torch.float32
     fp32 = RM.load(str(folder), device="cpu")
     images = [torch.rand(3, 32, 32) for _ in range(3)]
     assert torch.allclose(model.score_batch("a cat", images), fp32.score_batch("a cat", images), atol=2e-2)

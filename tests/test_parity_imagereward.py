@@ -101,3 +101,15 @@ def test_score_gard_rewards_and_input_gradient(model):
     expected = torch.from_numpy(io["grad_image"])
     relative = (image.grad - expected).norm() / expected.norm()
     assert relative.item() < 1e-4
+
+
+@pytest.mark.slow
+def test_bf16_scores_within_2e2_of_the_original(model):
+    import copy
+
+    bf16 = copy.deepcopy(model)
+    bf16.blip.visual_encoder.to(torch.bfloat16)  # what RM.load(..., dtype=torch.bfloat16) does
+    prompts = [p for p in PROMPTS for _ in IMAGES]
+    scores = bf16.score_batch(prompts, IMAGES * len(PROMPTS), batch_size=8).view(len(PROMPTS), len(IMAGES))
+    single = torch.tensor(REFERENCE["score_single"]["values"])
+    assert (scores - single).abs().max().item() < 2e-2

@@ -192,3 +192,10 @@ def test_fast_path_equals_the_plain_model(tiny_model, images):
         cls = tiny_model.text_features(ids, mask, tiny_model.encode_images(pixels))
         plain = (tiny_model.mlp(cls) - tiny_model.mean) / tiny_model.std
     assert torch.allclose(fast, plain.squeeze(-1), atol=1e-5)
+
+
+def test_encoded_bytes_are_images_too(tiny_model, images):
+    data = open(images[2], "rb").read()
+    assert tiny_model.score("a cat", data) == pytest.approx(tiny_model.score("a cat", images[2]), abs=1e-6)
+    with pytest.raises(ImageLoadError, match="bytes"):
+        tiny_model.score("a cat", [images[0], b"garbage"])
