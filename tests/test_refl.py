@@ -296,3 +296,22 @@ def test_launcher_reports_bad_options_without_traceback(tmp_path, capsys):
 
     assert main(["--train_data", str(tmp_path / "none.json"), "--output_dir", str(tmp_path)]) == 2
     assert "--train_data" in capsys.readouterr().err
+
+
+def test_sd1_lora_reloads_in_diffusers(sd1_dir, prompt_file, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = tiny_config(sd1_dir, prompt_file, tmp_path / "out", lora_rank=4, lora_alpha=2.0, max_train_steps=2)
+    trainer = ReFLTrainer(cfg, reward=tiny_reward())
+    trainer.train()
+    trained = trainer.accelerator.unwrap_model(trainer.unet).eval()
+    assert trainer.n_trainable == 9984 and not (tmp_path / "out" / "unet").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(sd1_dir)
+    pipe.load_lora_weights(tmp_path / "out")
+    generator = torch.Generator().manual_seed(0)
+    sample, hidden = torch.randn(1, 4, 16, 16, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    with torch.no_grad():
+        reloaded = pipe.unet(sample, 300, hidden).sample
+        torch.testing.assert_close(reloaded, trained(sample, 300, hidden).sample, rtol=1e-5, atol=1e-6)
+        pipe.unload_lora_weights()
+        assert (pipe.unet(sample, 300, hidden).sample - reloaded).abs().max() > 1e-4  # the LoRA did change it

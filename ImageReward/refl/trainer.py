@@ -317,6 +317,7 @@ class ReFLTrainer:
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
+        tmp.mkdir(parents=True, exist_ok=True)
         acc.save_state(str(tmp))
         save_file({"generator": self.generator.get_state()}, str(tmp / f"refl_rng_{acc.process_index}.safetensors"))
         if acc.is_main_process:
@@ -462,9 +463,9 @@ class ReFLTrainer:
                 self._save_pipeline(unet, out)
             self._write_model_card(out)
             if cfg.push_to_hub:
-                from huggingface_hub import upload_folder
-                upload_folder(repo_id=cfg.hub_model_id or out.name, folder_path=str(out),
-                              ignore_patterns=["checkpoint-*", "*.tmp"])
+                from huggingface_hub import create_repo, upload_folder
+                repo_id = create_repo(cfg.hub_model_id or out.name, exist_ok=True).repo_id
+                upload_folder(repo_id=repo_id, folder_path=str(out), ignore_patterns=["checkpoint-*", "*.tmp"])
         acc.wait_for_everyone()
         return out
 
