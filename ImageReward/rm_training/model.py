@@ -161,5 +161,6 @@ class PairRewardModel(nn.Module):
         embeds = self.model.encode_images(torch.cat([better, worse]))
         ids, mask = torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask])
         features = self.model.text_features(ids, mask, embeds).float()
-        rewards = self.model.mlp(features.to(self.model.mlp.layers[0].weight.dtype)).float().squeeze(-1)
+        with torch.autocast(device_type=features.device.type, enabled=False):  # head in float32, as the original
+            rewards = self.model.mlp(features.to(self.model.mlp.layers[0].weight.dtype)).float().squeeze(-1)
         return rewards[:batch], rewards[batch:]

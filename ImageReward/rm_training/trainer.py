@@ -164,6 +164,7 @@ class _Run:
                                     f"{self.blip_config.text.hidden_size}")
         self.model = build_model(self.blip_config, blip_path=cfg.blip_path, preload_path=t.preload_path,
                                  fix_rate=t.fix_rate, fix_base=t.fix_base, download_root=t.download_root or None)
+        set_seed(t.seed, device_specific=True)  # dropout / drop-path streams differ per rank (seed + rank)
         if t.gradient_checkpointing:
             self.model.blip.set_gradient_checkpointing(True)
         self.preprocess = PreprocessConfig(image_size=self.blip_config.vision.image_size)
