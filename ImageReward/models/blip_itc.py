@@ -8,7 +8,6 @@ cross-attention, prompts tokenised as for ImageReward (35 tokens, ``[CLS]`` kept
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import torch
