@@ -279,3 +279,13 @@ def test_imagerewarddb_fixture_through_the_converter(tmp_path, monkeypatch):
         assert all((root / "images" / p).is_file() for p in g["generations"])
     # re-running keeps the finished files and does not re-extract
     assert db.make_dataset(root, root / "dataset", scale="1k", splits=("train",), fetch=db.local_fetcher(mirror))["train"]["prompts"] == 2
+
+
+def test_blip_url_uses_the_cached_registry_file_offline(tmp_path):
+    from ImageReward.rm_training.config import BLIP_LARGE_URL
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path, state = _fake_blip_pretrain(cache)  # saved as cache/model_large.pth, the registry's file name
+    model = build_model(BLIPConfig.tiny(image_size=16, patch_size=8), blip_path=BLIP_LARGE_URL, download_root=cache)
+    assert torch.equal(model.blip.state_dict()["visual_encoder.pos_embed"], state["visual_encoder.pos_embed"])

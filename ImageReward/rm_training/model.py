@@ -21,18 +21,10 @@ from ..models.blip import BLIP, BLIPConfig, TextConfig, VisionConfig, interpolat
 from ..models.image_reward import ImageReward
 from ..pretrained import PretrainedCfg, fetch
 
-__all__ = ["BLIP_PRETRAIN_LARGE", "blip_config_for", "load_blip_pretrain", "build_model", "freeze_layers",
+__all__ = ["blip_config_for", "load_blip_pretrain", "build_model", "freeze_layers",
            "trainable_parameter_names", "PairRewardModel"]
 
 logger = logging.getLogger(__name__)
-
-BLIP_PRETRAIN_LARGE = PretrainedCfg(
-    name="BLIP-pretrain-ViT-L",
-    filename="model_large.pth",
-    url="https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_large.pth",
-    license="BSD-3-Clause (Salesforce BLIP)",
-    description="BLIP ViT-L/16 pre-training checkpoint ({'model': state_dict}); ImageReward's initialisation",
-)
 
 # Salesforce BLIP_Pretrain keys that the reward model does not have: momentum encoders, queues, ITM head,
 # decoder, temperature. Ignored BY NAME; any other extra key is an error.
@@ -58,8 +50,10 @@ def blip_config_for(vit: str, image_size: int = 224, patch_size: int = 16, med_c
     return BLIPConfig(vision=vision, text=TextConfig.from_med_config(med_config, encoder_width=vision.width))
 
 
-def _resolve_file(source: str, cfg: PretrainedCfg, download_root: str | os.PathLike | None) -> Path:
+def _resolve_file(source: str, download_root: str | os.PathLike | None) -> Path:
     if source.startswith(("http://", "https://")):
+        from ..baselines import BLIP_LARGE as cfg  # the registry entry of model_large.pth (one downloader)
+
         if source == cfg.url:
             return fetch(cfg, download_root)
         name = source.rstrip("/").rsplit("/", 1)[-1]
@@ -71,7 +65,7 @@ def load_blip_pretrain(blip: BLIP, source: str, download_root: str | os.PathLike
     """Load Salesforce BLIP ``{'model': state_dict}`` (URL or file) into ``blip``, interpolating the ViT
     position table to the model's grid. Unused pre-training keys are ignored by name; anything else that
     does not match raises :class:`~ImageReward.errors.CheckpointError`."""
-    path = _resolve_file(source, BLIP_PRETRAIN_LARGE, download_root)
+    path = _resolve_file(source, download_root)
     state = read_state_dict(path, nested_key="model")
     key = "visual_encoder.pos_embed"
     if key in state:
