@@ -370,3 +370,27 @@ def test_cli_scores_with_a_baseline(openai_archive, clip, capsys):
     expected = clip.score(PROMPTS[0], IMAGES)
     assert {row["image"]: row["score"] for row in result["results"]} == pytest.approx(dict(zip(IMAGES, expected)), abs=1e-6)
     assert [row["rank"] for row in result["results"]] == [1, 2, 3]
+
+
+def test_clip_weights_come_from_local_files_then_the_hub_then_openai(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_fetch(cfg, root, revision=None):
+        calls.append(cfg.name)
+        if cfg is baselines.CLIP_HUB:
+            raise RM.DownloadError("no route to the Hub")
+        return root / cfg.filename
+
+    monkeypatch.setattr(baselines, "fetch", fake_fetch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert baselines.clip_weights_path(tmp_path) == tmp_path / "ViT-L-14.pt"
+    assert calls == [baselines.CLIP_HUB.name, baselines.CLIP_OPENAI.name]
+    calls.clear()
+    (tmp_path / "clip-vit-large-patch14.safetensors").write_bytes(b"")
+    assert baselines.clip_weights_path(tmp_path) == tmp_path / "clip-vit-large-patch14.safetensors" and calls == []
+    (tmp_path / "ViT-L-14.pt").write_bytes(b"")
+    assert baselines.clip_weights_path(tmp_path) == tmp_path / "ViT-L-14.pt" and calls == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RM.DownloadError, match="ViT-L-14.pt"):
+        baselines.clip_weights_path(tmp_path / "empty")
+    assert calls == [baselines.CLIP_HUB.name]  # offline: no attempt at OpenAI's URL
