@@ -14,14 +14,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, TypeVar
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["read_state_dict", "strip_prefix", "load_state_dict_strict", "LoadReport"]
+__all__ = ["read_state_dict", "strip_prefix", "load_state_dict_strict", "build_from_state_dict", "LoadReport"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,3 +130,52 @@ def load_state_dict_strict(
         logger.info("%s: %d keys absent and left at their defaults (%s)", source, len(report.allowed_missing),
                     ", ".join(report.allowed_missing[:5]))
     return report
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def build_from_state_dict(
+    factory: Callable[[], M],
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    allow_missing: Iterable[str] = (),
+    allow_unexpected: Iterable[str] = (),
+    defaults: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    source: str = "checkpoint",
+) -> M:
+    """``factory()`` built on the meta device (no memory, no random init) that adopts the checkpoint's tensors,
+    loaded strictly by name. Allowed-missing keys get a value first: ``position_ids`` buffers are ``arange``,
+    anything else comes from ``defaults(key, meta_tensor)``, and without it such a key is an error (nothing is
+    ever left uninitialised). Cast afterwards (``factory._place``): tensors keep the checkpoint's dtype.
+
+    >>> head = build_from_state_dict(lambda: nn.Linear(2, 1), {"weight": torch.ones(1, 2), "bias": torch.zeros(1)})
+    >>> head.weight.tolist()
+    [[1.0, 1.0]]
+    """
+    allow_missing = tuple(allow_missing)
+    with torch.device("meta"):
+        module = factory()
+    complete = dict(state_dict)
+    for key, value in module.state_dict().items():
+        if key in complete or not _matches(key, allow_missing):
+            continue
+        if key.rpartition(".")[2] == "position_ids":
+            complete[key] = torch.arange(value.shape[-1]).expand(value.shape).clone()
+        elif defaults is not None:
+            complete[key] = defaults(key, value)
+        else:
+            raise CheckpointError(f"{source}: {key} is missing and has no default: it would be left uninitialised")
+    load_state_dict_strict(module, complete, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+                           source=source, assign=True)
+    for name, buffer in list(module.named_buffers()):  # non-persistent buffers are not in any state dict
+        if buffer.is_meta:
+            owner_name, _, leaf = name.rpartition(".")
+            if leaf != "position_ids":
+                raise CheckpointError(f"{source}: buffer {name} would be left uninitialised")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            owner._buffers[leaf] = torch.arange(buffer.shape[-1]).expand(buffer.shape).clone()
+    still_meta = [name for name, param in module.named_parameters() if param.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{source}: parameters left uninitialised: {still_meta[:5]}")
+    return module.eval()

@@ -7,11 +7,15 @@ not depend on their values); images are random 512x512 RGB PNGs.
     python benchmarks/bench_score.py --quick              # tiny model, to check the script works
     python benchmarks/bench_score.py --configs original:1x8 batched-fp32:1x8 batched-bf16:1x8
 
+    python benchmarks/bench_score.py --baselines          # the CLIP, BLIP and Aesthetic baselines too
+    python benchmarks/bench_score.py --device cuda --configs batched-bf16:64x1 original:1x64
+
 Modes:
   original       the original's algorithm: one image at a time through the ViT and the text encoder, fp32
-  batched-fp32   our engine (batched ViT, each distinct image once), fp32
-  batched-bf16   our engine, encoders in bf16, head in fp32
-  compiled-fp32 / compiled-bf16   the same with the ViT wrapped in torch.compile (compile time excluded)
+  batched-fp32   our engine (batched ViT, each distinct image once, cached cross-attention K/V), fp32
+  batched-bf16   our engine with the ViT in bf16 (text encoder and head fp32), as RM.load(dtype=torch.bfloat16)
+  compiled-fp32 / compiled-bf16   the same with the ViT compiled (torch.compile; compile time excluded)
+  CLIP-fp32, CLIP-bf16, BLIP-fp32, BLIP-bf16, Aesthetic-fp32, Aesthetic-bf16   the baseline scorers
 Shapes are PROMPTSxIMAGES: 1x32 is one prompt and 32 images, 32x1 is 32 prompts for one image.
 """
 
@@ -33,6 +37,47 @@ DEFAULT_CONFIGS = [
     "original:1x32", "batched-fp32:1x32", "batched-bf16:1x32", "compiled-bf16:1x32",
     "original:32x1", "batched-fp32:32x1", "batched-bf16:32x1",
 ]
+BASELINE_CONFIGS = [f"{name}-{dtype}:1x8" for name in ("CLIP", "BLIP", "Aesthetic") for dtype in ("fp32", "bf16")]
+
+
+def _randomise(module) -> None:
+    """Fill a meta-built module with random weights (timing does not depend on their values)."""
+    import torch
+
+    module.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "norm" in name.lower() and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+        for name, buffer in module.named_buffers():
+            if name.endswith("position_ids"):
+                buffer.copy_(torch.arange(buffer.shape[-1]).expand(buffer.shape))
+
+
+def build_baseline(name: str, quick: bool):
+    """CLIP / BLIP / Aesthetic with random weights, built on meta and filled (no slow init, no files)."""
+    import torch
+
+    from ImageReward.models.aesthetic import AestheticScorer
+    from ImageReward.models.blip import BLIPConfig
+    from ImageReward.models.blip_itc import BLIPITCScorer
+    from ImageReward.models.clip import VIT_L_14, CLIPScorer, build_clip_model, clip_config, tiny_clip_hparams
+
+    hparams = tiny_clip_hparams() if quick else VIT_L_14
+    with torch.device("meta"):
+        if name == "CLIP":
+            scorer = CLIPScorer(build_clip_model(clip_config(hparams)))
+        elif name == "BLIP":
+            scorer = BLIPITCScorer(BLIPConfig.tiny() if quick else BLIPConfig())
+        elif name == "Aesthetic":
+            scorer = AestheticScorer.build(hparams)
+        else:
+            raise SystemExit(f"unknown scorer {name}")
+    _randomise(scorer)
+    return scorer.eval()
 
 
 def build_model(quick: bool, dtype_name: str):
@@ -44,15 +89,7 @@ def build_model(quick: bool, dtype_name: str):
     config = BLIPConfig.tiny() if quick else BLIPConfig()
     with torch.device("meta"):
         model = ImageReward(config)
-    model.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name.lower() and name.endswith("weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-        model.blip.text_encoder.embeddings.position_ids.copy_(torch.arange(config.text.max_position_embeddings)[None])
+    _randomise(model)
     model.eval()
     if dtype_name == "bf16":  # as RM.load(dtype=torch.bfloat16): the ViT in bf16, text encoder and head fp32
         model.blip.visual_encoder.to(torch.bfloat16)
@@ -67,20 +104,27 @@ def original_algorithm(model, prompt_list, images):
 
     rewards = []
     for prompt, image in zip(prompt_list, images):
-        ids, mask = tokenize(prompt)
-        pixels = model.preprocess(image)[None]
+        ids, mask = (t.to(model.device) for t in tokenize(prompt))
+        pixels = model.preprocess(image)[None].to(model.device)
         embeds = model.encode_images(pixels)
         rewards.append(model.reward_from_features(model.text_features(ids, mask, embeds).float()))
     return torch.cat(rewards)
 
 
-def run_one(config: str, quick: bool, image_dir: Path, repeats: int) -> dict:
+def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str) -> dict:
     import torch
 
     mode, shape = config.split(":")
     n_prompts, n_images = (int(x) for x in shape.split("x"))
     dtype_name = "bf16" if mode.endswith("bf16") else "fp32"
-    model = build_model(quick, dtype_name)
+    if mode.split("-")[0] in ("CLIP", "BLIP", "Aesthetic"):
+        from ImageReward.factory import _place
+
+        name = mode.split("-")[0]
+        model = _place(build_baseline(name, quick), device, getattr(torch, "bfloat16" if dtype_name == "bf16" else "float32"),
+                       keep_fp32=("mlp",) if name == "Aesthetic" else ())
+    else:
+        model = build_model(quick, dtype_name).to(device)
     all_images = sorted(str(p) for p in image_dir.glob("*.png"))
     if n_prompts == 1:
         prompts, images = "a photo of a cat on a sofa", all_images[:n_images]
@@ -95,8 +139,11 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int) -> dict:
     def once():
         with torch.inference_mode():
             if mode == "original":
-                return original_algorithm(model, prompt_list, images)
-            return model.score_batch(prompts, images, batch_size=32)
+                original_algorithm(model, prompt_list, images)
+            else:
+                model.score_batch(prompts, images, batch_size=64)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     once()  # warm-up (tokenizer, kernels, compilation)
     timings = []
@@ -115,12 +162,14 @@ def main() -> int:
     parser.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS)
     parser.add_argument("--quick", action="store_true", help="tiny model: checks the script, not the speed")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--baselines", action="store_true", help="also run CLIP, BLIP and Aesthetic (1 prompt x 8)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--image-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        print(json.dumps(run_one(args.worker, args.quick, Path(args.image_dir), args.repeats)))
+        print(json.dumps(run_one(args.worker, args.quick, Path(args.image_dir), args.repeats, args.device)))
         return 0
 
     import numpy as np
@@ -131,8 +180,10 @@ def main() -> int:
         for index in range(32):
             Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(f"{folder}/{index:02d}.png")
         rows = []
-        for config in args.configs:
-            command = [sys.executable, __file__, "--worker", config, "--image-dir", folder, "--repeats", str(args.repeats)]
+        configs = list(args.configs) + (BASELINE_CONFIGS if args.baselines else [])
+        for config in configs:
+            command = [sys.executable, __file__, "--worker", config, "--image-dir", folder, "--repeats", str(args.repeats),
+                       "--device", args.device]
             if args.quick:
                 command.append("--quick")
             result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
@@ -143,14 +194,15 @@ def main() -> int:
             print(f"done {config}: {rows[-1]['pairs_per_s']:.2f} pairs/s", file=sys.stderr)
 
     baseline = {r["config"].split(":")[1]: r["pairs_per_s"] for r in rows if r["config"].startswith("original:")}
-    print(f"\nImageReward scoring ({'tiny model' if args.quick else 'ViT-L/16 + BERT, full size'}; "
-          f"{rows[0]['threads'] if rows else '?'} threads; best of {args.repeats})\n")
+    print(f"\nScoring throughput ({'tiny models' if args.quick else 'full size'}; {args.device}; "
+          f"{rows[0]['threads'] if rows else '?'} threads; best of {args.repeats}; 'vs original' compares the same shape)\n")
     print("| mode | prompts x images | seconds | pairs/s | vs original | peak RSS (MB) |")
     print("|---|---|---:|---:|---:|---:|")
     for row in rows:
         mode, shape = row["config"].split(":")
-        speedup = row["pairs_per_s"] / baseline[shape] if shape in baseline else float("nan")
-        print(f"| {mode} | {shape} | {row['seconds']:.2f} | {row['pairs_per_s']:.2f} | {speedup:.2f}x | {row['peak_rss_mb']:.0f} |")
+        speedup = row["pairs_per_s"] / baseline[shape] if shape in baseline and mode.split("-")[0] in ("batched", "compiled") else float("nan")
+        ratio = "–" if speedup != speedup else f"{speedup:.2f}x"
+        print(f"| {mode} | {shape} | {row['seconds']:.2f} | {row['pairs_per_s']:.2f} | {ratio} | {row['peak_rss_mb']:.0f} |")
     return 0
 
 

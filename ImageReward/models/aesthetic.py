@@ -54,7 +54,7 @@ class AestheticScorer(Scorer):
         given, else random) and a fresh head."""
         from transformers import CLIPVisionModelWithProjection
 
-        from ._loading import materialize
+        from ..checkpoint import build_from_state_dict
         from .clip import HF_IGNORED_KEYS
 
         config = clip_config(hparams).vision_config
@@ -62,7 +62,7 @@ class AestheticScorer(Scorer):
         if vision_state is None:
             tower = CLIPVisionModelWithProjection(config)
         else:
-            tower = materialize(lambda: CLIPVisionModelWithProjection(config), vision_state,
+            tower = build_from_state_dict(lambda: CLIPVisionModelWithProjection(config), vision_state,
                                 allow_unexpected=HF_IGNORED_KEYS, source=source)
         return cls(tower.vision_model, tower.visual_projection)
 

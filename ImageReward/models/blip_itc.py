@@ -51,10 +51,10 @@ class BLIPITCScorer(Scorer):
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], config: BLIPConfig | None = None, *,
                         source: str = "checkpoint") -> "BLIPITCScorer":
         """Build straight from a ``BLIP_Pretrain`` state dict (no random init first), strictly by name."""
-        from ._loading import materialize
+        from ..checkpoint import build_from_state_dict
 
         config = config or BLIPConfig()
-        blip = materialize(lambda: BLIP(config), state_dict, allow_missing=("text_encoder.embeddings.position_ids",),
+        blip = build_from_state_dict(lambda: BLIP(config), state_dict, allow_missing=("text_encoder.embeddings.position_ids",),
                            allow_unexpected=BLIP_PRETRAIN_UNUSED_KEYS, source=source)
         return cls(blip=blip)
 

@@ -64,11 +64,11 @@ def build_clip_model(config, state_dict: Mapping[str, torch.Tensor] | None = Non
     (transformers' key names) without a random init first."""
     from transformers import CLIPModel
 
-    from ._loading import materialize
+    from ..checkpoint import build_from_state_dict
 
     if state_dict is None:
         return CLIPModel(config).eval()
-    return materialize(lambda: CLIPModel(config), state_dict, allow_unexpected=HF_IGNORED_KEYS, source=source)
+    return build_from_state_dict(lambda: CLIPModel(config), state_dict, allow_unexpected=HF_IGNORED_KEYS, source=source)
 
 
 def load_clip_weights(path: str | os.PathLike, *, vision_only: bool = False) -> tuple[dict[str, int], dict[str, torch.Tensor]]:

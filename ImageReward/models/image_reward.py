@@ -6,7 +6,6 @@ no activation between them (as the original, copied from LAION's "linearMSE" aes
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import load_state_dict_strict, read_state_dict, strip_prefix
+from ..checkpoint import build_from_state_dict, load_state_dict_strict, read_state_dict, strip_prefix
 from ..scorer import Scorer
 from ..tokenizer import tokenize
 from .blip import BLIP, BLIPConfig
@@ -131,8 +130,7 @@ class ImageReward(Scorer):
         return self.reward_from_features(cls).unsqueeze(-1).to(image_embeds.dtype)
 
     # ---------------------------------------------------------------- checkpoints
-    def load_checkpoint_state(self, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint",
-                              assign: bool = False) -> None:
+    def load_checkpoint_state(self, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
         """Strictly load an ImageReward state dict (original key names; a ``module.`` prefix is stripped).
         Optional 0-d ``reward_mean``/``reward_std`` entries set the normalisation."""
         state_dict = strip_prefix(state_dict, "module.")
@@ -141,28 +139,25 @@ class ImageReward(Scorer):
         if "reward_std" in state_dict:
             self.std = float(state_dict["reward_std"])
         weights = {k: v for k, v in state_dict.items() if k not in _NORM_KEYS}
-        load_state_dict_strict(self, weights, allow_missing=_ALLOW_MISSING, source=source, assign=assign)
+        load_state_dict_strict(self, weights, allow_missing=_ALLOW_MISSING, source=source)
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor], config: BLIPConfig | None = None, *,
                         source: str = "checkpoint") -> "ImageReward":
-        """Build directly from a checkpoint without paying for random initialisation: the module is created
-        on the meta device and adopts the checkpoint's tensors; the optional keys a checkpoint may lack
-        (position ids, the unused ITC projections) get their defaults first."""
+        """Build directly from a checkpoint without paying for random initialisation (meta device, tensors
+        adopted, strict by name). The unused ITC projections, if absent, get BLIP's init."""
         state_dict = strip_prefix(state_dict, "module.")
-        with torch.device("meta"):
-            model = cls(config)
-        complete = dict(state_dict)
-        for key, value in model.state_dict().items():
-            if key in complete or not any(fnmatch.fnmatchcase(key, p) for p in _ALLOW_MISSING):
-                continue
-            if key.endswith("position_ids"):
-                complete[key] = torch.arange(value.shape[-1]).expand((1, -1))
-            elif key.endswith(".weight"):
-                complete[key] = nn.init.normal_(torch.empty(value.shape), std=0.02)
-            else:
-                complete[key] = torch.zeros(value.shape)
-        model.load_checkpoint_state(complete, source=source, assign=True)
+        norm = {k: float(state_dict[k]) for k in _NORM_KEYS if k in state_dict}
+        weights = {k: v for k, v in state_dict.items() if k not in _NORM_KEYS}
+
+        def defaults(key: str, meta: torch.Tensor) -> torch.Tensor:
+            value = torch.empty(meta.shape)
+            return nn.init.normal_(value, std=0.02) if key.endswith(".weight") else nn.init.zeros_(value)
+
+        model = build_from_state_dict(lambda: cls(config), weights, allow_missing=_ALLOW_MISSING,
+                                      defaults=defaults, source=source)
+        model.mean = norm.get("reward_mean", model.mean)
+        model.std = norm.get("reward_std", model.std)
         return model
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
