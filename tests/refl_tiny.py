@@ -8,20 +8,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
+from ImageReward.clip_tokenizer import _bytes_to_unicode  # the byte-level alphabet of CLIP's BPE
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-level alphabet: printable bytes map to themselves, the rest to 256 + n."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
-        + list(range(ord("\xae"), ord("\xff") + 1))
-    codes, extra = list(printable), 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
+
+PROMPTS = [f"a photo of thing number {i}" for i in range(16)]
+HELD_OUT = ["a red cube", "a blue dog", "a green tree", "a yellow car"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Trainer tests: one thread (2 threads on 2 shared cores ran 5-6x slower, spec/diffusers-webui.md) and
+    fresh accelerate singletons (mixed precision, accumulation) for every test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>"):

@@ -12,32 +12,11 @@ import torch
 
 import ImageReward as RM
 from ImageReward import factory
-from ImageReward.preprocess import PreprocessConfig
-from ImageReward.scorer import Scorer
-from webui_shim import NodeRegistry, fake_sample, install_comfy, install_comfyui, save_tiny_image_reward
+from webui_shim import Brightness, NodeRegistry, fake_sample, install_comfy, install_comfyui, save_tiny_image_reward
 
 PACKAGE = Path(__file__).resolve().parents[1] / "comfyui"
 PROMPT = "a red fox in the snow"
 NODES = ("ImageRewardLoader", "ImageRewardScore", "ImageRewardRankFilter", "ImageRewardScoreToText")
-
-
-class Brightness(Scorer):
-    """The mean pixel value: a scorer whose right answers are known without a model."""
-
-    name = "Brightness"
-    uses_prompt = False
-    preprocess_config = PreprocessConfig(image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
-    def __init__(self, higher_is_better: bool = True) -> None:
-        super().__init__()
-        self.higher_is_better = higher_is_better
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    def encode_images(self, pixel_values):
-        return pixel_values.mean(dim=(1, 2, 3))
-
-    def score_encoded(self, prompts, image_features):
-        return image_features.float()
 
 
 @pytest.fixture(scope="module")

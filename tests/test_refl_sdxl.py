@@ -15,26 +15,11 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from PIL import Image  # noqa: E402
-from refl_tiny import save_tiny, tiny_reward  # noqa: E402
+from refl_tiny import HELD_OUT, PROMPTS, _one_thread, save_tiny, tiny_reward  # noqa: E402,F401 (autouse fixture)
 
 from ImageReward.refl import ReFLConfig, ReFLConfigError, ReFLTrainer, get_family  # noqa: E402
 from ImageReward.refl.pretrain import augment  # noqa: E402
 
-PROMPTS = [f"a photo of thing number {i}" for i in range(16)]
-HELD_OUT = ["a red cube", "a blue dog", "a green tree", "a yellow car"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on 2 shared cores ran 5-6x slower (spec/diffusers-webui.md)
-    yield
-    torch.set_num_threads(threads)
-    # accelerate keeps process-wide singletons (mixed precision, accumulation): each test builds its own
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

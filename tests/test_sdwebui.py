@@ -8,14 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import ImageReward as RM
 from ImageReward import factory
-from ImageReward.preprocess import PreprocessConfig
-from ImageReward.scorer import Scorer
-from webui_shim import install_webui, parse_generation_parameters, save_tiny_image_reward
+from webui_shim import Brightness, install_webui, parse_generation_parameters, save_tiny_image_reward
 
 PLUGIN = Path(__file__).resolve().parents[1] / "sdwebui" / "image_reward.py"
 TITLE = "ImageReward - generate human preference scores"
@@ -25,25 +22,6 @@ PROMPT = "a red fox in the snow"
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return save_tiny_image_reward(tmp_path_factory.mktemp("tiny") / "ir")
-
-
-class Brightness(Scorer):
-    """A transparent scorer: the mean pixel value (so the right order is known without a model)."""
-
-    name = "Brightness"
-    uses_prompt = False
-    preprocess_config = PreprocessConfig(image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
-    def __init__(self, higher_is_better: bool = True) -> None:
-        super().__init__()
-        self.higher_is_better = higher_is_better
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    def encode_images(self, pixel_values):
-        return pixel_values.mean(dim=(1, 2, 3))
-
-    def score_encoded(self, prompts, image_features):
-        return image_features.float()
 
 
 def load_plugin(name: str = "image_reward_webui_script"):

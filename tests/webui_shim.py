@@ -22,6 +22,9 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from ImageReward.preprocess import PreprocessConfig
+from ImageReward.scorer import Scorer
+
 SHIM_VERSION = "v1.10.1-shim"
 
 
@@ -728,3 +731,22 @@ class NodeRegistry:
             result = result["result"]
         assert isinstance(result, tuple) and len(result) == len(cls.RETURN_TYPES)
         return result
+
+
+class Brightness(Scorer):
+    """The mean pixel value: a scorer whose right answers are known without a model."""
+
+    name = "Brightness"
+    uses_prompt = False
+    preprocess_config = PreprocessConfig(image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    def __init__(self, higher_is_better: bool = True) -> None:
+        super().__init__()
+        self.higher_is_better = higher_is_better
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_images(self, pixel_values):
+        return pixel_values.mean(dim=(1, 2, 3))
+
+    def score_encoded(self, prompts, image_features):
+        return image_features.float()

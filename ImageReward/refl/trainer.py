@@ -14,7 +14,6 @@ import math
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +22,7 @@ import torch
 from ..scorer import Scorer
 from .config import ReFLConfig, ReFLConfigError
 from .data import BatchOrder, load_image_text, load_prompts
-from .families import Components, Conditioning, get_family
+from .families import Conditioning, get_family
 from .losses import refl_loss
 from .rewards import WeightedReward, as_reward
 from .rollout import decode, draw_stop_index, initial_latents, rollout, training_scheduler
