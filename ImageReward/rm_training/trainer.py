@@ -275,11 +275,12 @@ class _Run:
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> bool:
         """Train until the end or ``max_steps``; returns True when all epochs are done."""
-        t, p = self.opts, self.progress
+        t = self.opts
         if self.resume_from is not None:
-            self.load_state(self.resume_from)
+            self.load_state(self.resume_from)  # replaces self.progress
         elif t.validate_at_start:
             self._after_validation(0)
+        p = self.progress
         self.net.train()
         sampler: ShardedEpochSampler = self.train_loader.sampler  # type: ignore[assignment]
         accum = t.accumulation_steps
