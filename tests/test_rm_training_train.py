@@ -168,3 +168,47 @@ def test_killed_subprocess_resumes_to_the_same_weights(small_task, uninterrupted
     assert resumed.finished
     _assert_same_weights(read_state_dict(resumed.run_dir / "states" / "checkpoint-21" / "model.safetensors"),
                          full_weights)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_ddp_run_reduces_metrics_and_resumes_exactly(small_task, tmp_path):
+    """torchrun, 2 CPU processes (gloo): the pairs are sharded, validation is reduced over both ranks, only
+    rank 0 exports, and stop-at-step-5 + resume reaches the same weights as an uninterrupted run."""
+    import yaml
+
+    data = tiny_config_dict(small_task, **{**RESUME, "epochs": 2, "batch_size": 4})
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).resolve().parents[1] / "train" / "src" / "train.py"
+
+    def launch(out: Path, *extra: str) -> list[dict]:
+        data["checkpoint_base"] = str(out / "checkpoint")
+        data["visual_base"] = str(out / "visualization")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(data))
+        done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                               "--master_port", str(_free_port()), str(script), "--config", str(out / "config.yaml"),
+                               *extra], env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+    full = launch(tmp_path / "full")
+    assert len(full) == 2 and all(r["global_step"] == 14 for r in full)  # 50 pairs/rank: 13 micro, 7 steps/epoch
+    assert full[0]["best_val_loss"] == full[1]["best_val_loss"]          # reduced over ranks
+    assert sorted(r["export"] is None for r in full) == [False, True]   # rank 0 exports
+    run = next((tmp_path / "full" / "checkpoint").iterdir())
+    assert run.name.startswith("blip_uni_cross_mul_bs16_")              # 4 pairs x 2 accumulation x 2 ranks
+    stopped = launch(tmp_path / "resumed", "--max_steps", "5")
+    assert all(not r["finished"] and r["global_step"] == 5 for r in stopped)
+    resumed = launch(tmp_path / "resumed", "--resume_from_checkpoint", "latest")
+    assert all(r["finished"] for r in resumed)
+    _assert_same_weights(read_state_dict(run / "states" / "checkpoint-14" / "model.safetensors"),
+                         read_state_dict(next((tmp_path / "resumed" / "checkpoint").iterdir()) / "states" /
+                                         "checkpoint-14" / "model.safetensors"))

@@ -122,19 +122,11 @@ class _Run:
     """State of one training run (kept small; the loop is in :meth:`fit`)."""
 
     def __init__(self, cfg: RMTrainConfig, blip_config: BLIPConfig | None, accelerator: Any | None) -> None:
-        from accelerate import Accelerator, PartialState
+        from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
         self.cfg, t = cfg, cfg.train
         self.opts = t
-        state = PartialState()
-        self.run_name = cfg.run_name(state.num_processes)
-        self.run_dir = Path(cfg.checkpoint_base) / self.run_name
-        self.states_dir = self.run_dir / "states"
-        visual_dir = Path(cfg.visual_base) / self.run_name
-        resume = self._resume_path()
-        if t.clear_visualizer and resume is None and state.is_main_process and visual_dir.exists():
-            shutil.rmtree(visual_dir)
         use_tb = t.report_to == "tensorboard"
         if use_tb:
             try:
@@ -142,9 +134,18 @@ class _Run:
             except ImportError:
                 logger.warning("tensorboard is not installed: metrics are only logged")
                 use_tb = False
+        # the Accelerator first: it (not a bare PartialState) honours ACCELERATE_USE_CPU for multi-CPU runs
         self.acc = accelerator or Accelerator(
             mixed_precision=t.mixed_precision, log_with="tensorboard" if use_tb else None,
-            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(Path(cfg.visual_base))))
+            project_config=ProjectConfiguration(project_dir=str(cfg.checkpoint_base), logging_dir=str(cfg.visual_base)))
+        self.run_name = cfg.run_name(self.acc.num_processes)
+        self.run_dir = Path(cfg.checkpoint_base) / self.run_name
+        self.states_dir = self.run_dir / "states"
+        visual_dir = Path(cfg.visual_base) / self.run_name
+        resume = self._resume_path()
+        if t.clear_visualizer and resume is None and self.acc.is_main_process and visual_dir.exists():
+            shutil.rmtree(visual_dir)
+        self.acc.wait_for_everyone()
         if use_tb:
             self.acc.init_trackers(self.run_name, config={k: v for k, v in _flat(cfg.to_dict()).items()})
         if t.std_log and self.acc.is_main_process:
