@@ -197,7 +197,13 @@ def test_two_process_ddp_run_reduces_metrics_and_resumes_exactly(small_task, tmp
                                "--master_port", str(_free_port()), str(script), "--config", str(out / "config.yaml"),
                                *extra], env=env, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
-        return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        decoder, text, found = json.JSONDecoder(), done.stdout, []
+        start = text.find("{")
+        while start != -1:  # one JSON summary per rank (robust to lines sharing a pipe)
+            obj, end = decoder.raw_decode(text, start)
+            found.append(obj)
+            start = text.find("{", end)
+        return found
 
     full = launch(tmp_path / "full")
     assert len(full) == 2 and all(r["global_step"] == 14 for r in full)  # 50 pairs/rank: 13 micro, 7 steps/epoch

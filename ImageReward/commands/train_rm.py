@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 # original option name -> config key under ``train`` (the shipped train_one_node.sh flags keep working)
 _ORIGINAL_FLAGS: dict[str, tuple[str, type]] = {
@@ -66,5 +67,6 @@ def run(args: argparse.Namespace) -> int:
     summary = {"run_dir": str(result.run_dir), "finished": result.finished, "global_step": result.global_step,
                "best_val_loss": result.best_val_loss, "best_val_accuracy": result.best_val_accuracy,
                "test_accuracy": result.test_accuracy, "export": str(result.export_dir) if result.export_dir else None}
-    print(json.dumps(summary))
+    sys.stdout.write(json.dumps(summary) + "\n")  # one write per process: ranks' lines do not interleave
+    sys.stdout.flush()
     return 0
