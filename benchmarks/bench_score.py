@@ -13,7 +13,7 @@ not depend on their values); images are random 512x512 RGB PNGs.
 Modes:
   original       the original's algorithm: one image at a time through the ViT and the text encoder, fp32
   batched-fp32   our engine (batched ViT, each distinct image once, cached cross-attention K/V), fp32
-  batched-bf16   our engine with the ViT in bf16 (text encoder and head fp32), as RM.load(dtype=torch.bfloat16)
+  batched-bf16   our engine with the image side in bf16 (text encoder and head fp32), as RM.load(dtype=torch.bfloat16)
   compiled-fp32 / compiled-bf16   the same with the ViT compiled (torch.compile; compile time excluded)
   CLIP-fp32, CLIP-bf16, BLIP-fp32, BLIP-bf16, Aesthetic-fp32, Aesthetic-bf16   the baseline scorers
 Shapes are PROMPTSxIMAGES: 1x32 is one prompt and 32 images, 32x1 is 32 prompts for one image.
@@ -91,8 +91,8 @@ def build_model(quick: bool, dtype_name: str):
         model = ImageReward(config)
     _randomise(model)
     model.eval()
-    if dtype_name == "bf16":  # as RM.load(dtype=torch.bfloat16): the ViT in bf16, text encoder and head fp32
-        model.blip.visual_encoder.to(torch.bfloat16)
+    if dtype_name == "bf16":  # as RM.load(dtype=torch.bfloat16): image side bf16, text encoder and head fp32
+        model.set_image_dtype(torch.bfloat16)
     return model
 
 

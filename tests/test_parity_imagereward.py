@@ -108,7 +108,7 @@ def test_bf16_scores_within_2e2_of_the_original(model):
     import copy
 
     bf16 = copy.deepcopy(model)
-    bf16.blip.visual_encoder.to(torch.bfloat16)  # what RM.load(..., dtype=torch.bfloat16) does
+    bf16.set_image_dtype(torch.bfloat16)  # what RM.load(..., dtype=torch.bfloat16) does
     prompts = [p for p in PROMPTS for _ in IMAGES]
     scores = bf16.score_batch(prompts, IMAGES * len(PROMPTS), batch_size=8).view(len(PROMPTS), len(IMAGES))
     single = torch.tensor(REFERENCE["score_single"]["values"])

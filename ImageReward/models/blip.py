@@ -249,8 +249,12 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(kv_width, config.hidden_size)
 
     def key_value(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head-split keys and values of ``source`` (cacheable per image for cross-attention)."""
-        return _split_heads(self.key(source), self.num_heads), _split_heads(self.value(source), self.num_heads)
+        """Head-split keys and values of ``source`` (cacheable per image for cross-attention), computed in the
+        key/value weights' dtype and returned in the query's (they may differ in reduced-precision mode)."""
+        source = source.to(self.key.weight.dtype)
+        out_dtype = self.query.weight.dtype
+        return (_split_heads(self.key(source).to(out_dtype), self.num_heads),
+                _split_heads(self.value(source).to(out_dtype), self.num_heads))
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None,
                 additive_mask: torch.Tensor | None = None,
@@ -344,7 +348,6 @@ class BertModel(nn.Module):
     def cross_attention_key_values(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the cross-attention keys and values of ``image_embeds``. They depend on the image only,
         so they can be computed once per image and reused for every prompt scored against it."""
-        image_embeds = image_embeds.to(self.embeddings.word_embeddings.weight.dtype)
         return [layer.crossattention.self.key_value(image_embeds) for layer in self.encoder.layer]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
