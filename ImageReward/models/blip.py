@@ -311,8 +311,14 @@ class BertLayer(nn.Module):
         self.output = BertSelfOutput(config, in_features=config.intermediate_size)
 
     def forward(self, hidden: torch.Tensor, self_mask: torch.Tensor | None, image_embeds: torch.Tensor | None,
-                cross_key_value: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        hidden = self.attention(hidden, None, self_mask)
+                cross_key_value: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                cls_only: bool = False) -> torch.Tensor:
+        """``cls_only`` computes the output of the first position only (its self-attention still reads every
+        token): enough for a last layer whose [CLS] is all that is used."""
+        if cls_only:
+            hidden = self.attention(hidden[:, :1], hidden, self_mask)
+        else:
+            hidden = self.attention(hidden, None, self_mask)
         if image_embeds is not None or cross_key_value is not None:
             hidden = self.crossattention(hidden, image_embeds, None, cross_key_value)
         return self.output(self.intermediate(hidden), hidden)
@@ -352,9 +358,11 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_embeds: torch.Tensor | None = None, *, mode: str = "multimodal",
-                cross_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-        """Returns ``last_hidden_state`` ``[B, L, hidden]``. In multimodal mode pass ``image_embeds``, or their
-        precomputed ``cross_key_values`` (one ``(k, v)`` per layer, batch-aligned with ``input_ids``)."""
+                cross_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                cls_only: bool = False) -> torch.Tensor:
+        """Returns ``last_hidden_state`` ``[B, L, hidden]`` (``[B, 1, hidden]``, the [CLS] row, with ``cls_only``).
+        In multimodal mode pass ``image_embeds``, or their precomputed ``cross_key_values`` (one ``(k, v)`` per
+        layer, batch-aligned with ``input_ids``)."""
         if mode not in ("multimodal", "text"):
             raise ValueError(f"mode must be 'multimodal' or 'text', got {mode!r}")
         if mode == "multimodal" and image_embeds is None and cross_key_values is None:
@@ -365,12 +373,14 @@ class BertModel(nn.Module):
         context = image_embeds if mode == "multimodal" and cross_key_values is None else None
         if context is not None:
             context = context.to(hidden.dtype)
+        last = len(self.encoder.layer) - 1
         for index, layer in enumerate(self.encoder.layer):
             cached = cross_key_values[index] if mode == "multimodal" and cross_key_values is not None else None
+            only_cls = cls_only and index == last
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, self_mask, context, cached, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, self_mask, context, cached, cls_only=only_cls, use_reentrant=False)
             else:
-                hidden = layer(hidden, self_mask, context, cached)
+                hidden = layer(hidden, self_mask, context, cached, cls_only=only_cls)
         return hidden
 
 

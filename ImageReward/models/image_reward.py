@@ -118,9 +118,9 @@ class ImageReward(Scorer):
 
     def score_pairs(self, prompts: Sequence[str], image_features: torch.Tensor, image_index: torch.Tensor
                     ) -> torch.Tensor:
-        """Fast path: cross-attention keys/values are computed once per distinct image (not per pair), and
-        trailing padding shared by the whole batch is dropped (the [CLS] output does not depend on it: pad
-        keys get -10000, whose softmax weight is exactly 0)."""
+        """Fast path: cross-attention keys/values are computed once per distinct image (not per pair), trailing
+        padding shared by the whole batch is dropped (the [CLS] output does not depend on it: pad keys get -10000,
+        whose softmax weight is exactly 0), and the last layer computes the [CLS] row only."""
         input_ids, attention_mask = tokenize(prompts)
         length = max(int(attention_mask.sum(dim=1).max()), 1)
         device = image_features.device
@@ -128,7 +128,8 @@ class ImageReward(Scorer):
         distinct, inverse = torch.unique(image_index, return_inverse=True)
         key_values = self.blip.text_encoder.cross_attention_key_values(image_features[distinct])
         key_values = [(k[inverse], v[inverse]) for k, v in key_values]
-        hidden = self.blip.text_encoder(input_ids, attention_mask, mode="multimodal", cross_key_values=key_values)
+        hidden = self.blip.text_encoder(input_ids, attention_mask, mode="multimodal", cross_key_values=key_values,
+                                        cls_only=True)
         return self.reward_from_features(hidden[:, 0, :].float()).float()
 
     def score_gard(self, prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor,
