@@ -20,7 +20,6 @@ from ImageReward.refl import (  # noqa: E402
 from ImageReward.refl.rollout import draw_stop_index, rollout, training_scheduler  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def sd1_dir(tmp_path_factory) -> Path:
     return save_tiny("sd1", tmp_path_factory.mktemp("tiny_sd1") / "pipe")

@@ -21,7 +21,6 @@ from ImageReward.refl import ReFLConfig, ReFLConfigError, ReFLTrainer, get_famil
 from ImageReward.refl.pretrain import augment  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory) -> Path:
     return save_tiny("sdxl", tmp_path_factory.mktemp("tiny_sdxl") / "pipe")

@@ -70,16 +70,20 @@ def parse_test_items(raw: Any, *, img_prefix: str | os.PathLike | None = None, s
     return items
 
 
-def load_test_json(path: str | os.PathLike, *, img_prefix: str | os.PathLike | None = None) -> list[PreferenceItem]:
-    """Read the original ``test.json`` format; image paths are ``img_prefix/<generation>``."""
+def _read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a JSON file; a missing or malformed file is an :class:`InvalidInputError` naming ``what``."""
     path = Path(path)
     if not path.is_file():
-        raise InvalidInputError(f"test set {str(path)!r} does not exist")
+        raise InvalidInputError(f"{what} {str(path)!r} does not exist")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"test set {str(path)!r} is not valid JSON: {err}") from err
-    return parse_test_items(raw, img_prefix=img_prefix, source=str(path))
+        raise InvalidInputError(f"{what} {str(path)!r} is not valid JSON: {err}") from err
+
+
+def load_test_json(path: str | os.PathLike, *, img_prefix: str | os.PathLike | None = None) -> list[PreferenceItem]:
+    """Read the original ``test.json`` format; image paths are ``img_prefix/<generation>``."""
+    return parse_test_items(_read_json(path, "test set"), img_prefix=img_prefix, source=str(path))
 
 
 def dataset_stats(items: Sequence[PreferenceItem]) -> dict[str, int]:
@@ -119,13 +123,7 @@ def load_imagerewarddb(split: str = "test", root: str | os.PathLike | None = Non
 # ------------------------------------------------------------------------------------------- benchmark
 def load_benchmark_prompts(path: str | os.PathLike) -> list[dict[str, str]]:
     """The benchmark prompt list: JSON ``[{"id": ..., "prompt": ...}, ...]``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"benchmark prompts {str(path)!r} do not exist")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"benchmark prompts {str(path)!r} are not valid JSON: {err}") from err
+    raw = _read_json(path, "benchmark prompts")
     if not isinstance(raw, list) or not all(isinstance(e, dict) and "id" in e and isinstance(e.get("prompt"), str)
                                             for e in raw):
         raise InvalidInputError(f"{path}: expected a JSON list of {{'id', 'prompt'}} objects")

@@ -117,16 +117,21 @@ def _need_download(path: Path, what: str, url: str) -> None:
                             f"to {path}, or pass its local path")
 
 
-def ensure_test_json(path: str | os.PathLike, *, download: bool = True) -> Path:
-    """``path`` if it exists, else download the original ``data/test.json`` there (when allowed)."""
+def _ensure_file(path: str | os.PathLike, what: str, url: str, download: bool) -> Path:
+    """``path`` if it exists, else ``url`` downloaded there (when allowed and online)."""
     path = Path(path)
     if path.is_file():
         return path
     if not download:
-        raise DownloadError(f"test set {path} not found (downloads disabled); get it from {TEST_JSON_URL}")
-    _need_download(path, "test set", TEST_JSON_URL)
-    logger.info("downloading %s to %s", TEST_JSON_URL, path)
-    return download_url(TEST_JSON_URL, path)
+        raise DownloadError(f"{what} {path} not found (downloads disabled); get it from {url}")
+    _need_download(path, what, url)
+    logger.info("downloading %s to %s", url, path)
+    return download_url(url, path)
+
+
+def ensure_test_json(path: str | os.PathLike, *, download: bool = True) -> Path:
+    """``path`` if it exists, else download the original ``data/test.json`` there (when allowed)."""
+    return _ensure_file(path, "test set", TEST_JSON_URL, download)
 
 
 def ensure_test_images(img_prefix: str | os.PathLike, *, download: bool = True,
@@ -157,13 +162,7 @@ def ensure_test_images(img_prefix: str | os.PathLike, *, download: bool = True,
 
 def ensure_benchmark_prompts(path: str | os.PathLike, *, download: bool = True) -> Path:
     """``path`` if it exists, else download the original ``benchmark/benchmark-prompts.json`` there."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not download:
-        raise DownloadError(f"benchmark prompts {path} not found (downloads disabled); get {BENCHMARK_PROMPTS_URL}")
-    _need_download(path, "benchmark prompts", BENCHMARK_PROMPTS_URL)
-    return download_url(BENCHMARK_PROMPTS_URL, path)
+    return _ensure_file(path, "benchmark prompts", BENCHMARK_PROMPTS_URL, download)
 
 
 def ensure_benchmark_generations(img_dir: str | os.PathLike, models: list[str], *, download: bool = True) -> None:
