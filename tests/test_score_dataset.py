@@ -281,14 +281,14 @@ def test_a_row_the_scorer_rejects_becomes_an_error_row(tmp_path, tiny_model, mon
     table, rows = _table(tmp_path, 5)
     with table.open("a") as handle:
         handle.write(json.dumps({"id": "rejected", "prompt": "REJECT me", "image": "imgs/img01.png"}) + "\n")
-    real = tiny_model.score_encoded
+    real = tiny_model.score_pairs
 
-    def picky(prompts, features):
+    def picky(prompts, features, image_index):
         if any(p.startswith("REJECT") for p in prompts):
             raise InvalidInputError("this scorer rejects the prompt")
-        return real(prompts, features)
+        return real(prompts, features, image_index)
 
-    monkeypatch.setattr(tiny_model, "score_encoded", picky)
+    monkeypatch.setattr(tiny_model, "score_pairs", picky)
     out = tmp_path / "scores.jsonl"
     summary = score_dataset(tiny_model, table, out, batch_size=4, progress=False, context=_single())
     got = {r["id"]: r for r in read_output(out)}

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .kernels import linear
+
 __all__ = [
     "VisionConfig",
     "TextConfig",
@@ -156,19 +158,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
-        return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        q, k, v = (_split_heads(t, self.num_heads) for t in linear(x, self.qkv).chunk(3, dim=-1))
+        return linear(_merge_heads(F.scaled_dot_product_attention(q, k, v)), self.proj)
 
 
 class Mlp(nn.Module):
     def __init__(self, *, width: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU()
+        self.act = nn.GELU()  # exact (erf); fused into fc1 by `linear(..., gelu=True)`
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return linear(linear(x, self.fc1, gelu=True), self.fc2)
 
 
 class Block(nn.Module):
@@ -253,13 +255,13 @@ class BertSelfAttention(nn.Module):
         key/value weights' dtype and returned in the query's (they may differ in reduced-precision mode)."""
         source = source.to(self.key.weight.dtype)
         out_dtype = self.query.weight.dtype
-        return (_split_heads(self.key(source).to(out_dtype), self.num_heads),
-                _split_heads(self.value(source).to(out_dtype), self.num_heads))
+        return (_split_heads(linear(source, self.key).to(out_dtype), self.num_heads),
+                _split_heads(linear(source, self.value).to(out_dtype), self.num_heads))
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None,
                 additive_mask: torch.Tensor | None = None,
                 key_value: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        q = _split_heads(self.query(hidden), self.num_heads)
+        q = _split_heads(linear(hidden, self.query), self.num_heads)
         k, v = key_value if key_value is not None else self.key_value(hidden if context is None else context)
         dropout = self.dropout_p if self.training else 0.0
         return _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout))
@@ -275,7 +277,7 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(residual + self.dropout(self.dense(x)))
+        return self.LayerNorm(residual + self.dropout(linear(x, self.dense)))
 
 
 class BertAttention(nn.Module):
@@ -296,7 +298,7 @@ class BertIntermediate(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x))
+        return linear(x, self.dense, gelu=True)
 
 
 class BertLayer(nn.Module):
@@ -319,9 +321,24 @@ class BertLayer(nn.Module):
             hidden = self.attention(hidden[:, :1], hidden, self_mask)
         else:
             hidden = self.attention(hidden, None, self_mask)
-        if image_embeds is not None or cross_key_value is not None:
+        if cross_key_value is not None and cross_key_value[0].shape[0] != hidden.shape[0]:
+            hidden = self._cross_attend_grouped(hidden, cross_key_value)
+        elif image_embeds is not None or cross_key_value is not None:
             hidden = self.crossattention(hidden, image_embeds, None, cross_key_value)
         return self.output(self.intermediate(hidden), hidden)
+
+    def _cross_attend_grouped(self, hidden: torch.Tensor, key_value: tuple[torch.Tensor, torch.Tensor]
+                              ) -> torch.Tensor:
+        """Cross-attention when ``B`` text rows share ``n`` images, rows ``[i*B/n, (i+1)*B/n)`` reading image
+        ``i``. Queries attend independently and the rest of the block is row-wise, so the rows of one image are
+        laid side by side as one longer sequence: one attention call per image, no per-row copy of its keys
+        and values."""
+        batch, length, width = hidden.shape
+        images = key_value[0].shape[0]
+        if batch % images:
+            raise ValueError(f"{batch} text rows cannot be split evenly over {images} images")
+        folded = hidden.reshape(images, (batch // images) * length, width)
+        return self.crossattention(folded, None, None, key_value).reshape(batch, length, width)
 
 
 class BertEncoder(nn.Module):
@@ -362,7 +379,7 @@ class BertModel(nn.Module):
                 cls_only: bool = False) -> torch.Tensor:
         """Returns ``last_hidden_state`` ``[B, L, hidden]`` (``[B, 1, hidden]``, the [CLS] row, with ``cls_only``).
         In multimodal mode pass ``image_embeds``, or their precomputed ``cross_key_values`` (one ``(k, v)`` per
-        layer, batch-aligned with ``input_ids``)."""
+        layer) for ``n`` images, ``n`` dividing the batch: consecutive groups of ``B/n`` rows share one image."""
         if mode not in ("multimodal", "text"):
             raise ValueError(f"mode must be 'multimodal' or 'text', got {mode!r}")
         if mode == "multimodal" and image_embeds is None and cross_key_values is None:

@@ -118,19 +118,25 @@ class ImageReward(Scorer):
 
     def score_pairs(self, prompts: Sequence[str], image_features: torch.Tensor, image_index: torch.Tensor
                     ) -> torch.Tensor:
-        """Fast path: cross-attention keys/values are computed once per distinct image (not per pair), trailing
-        padding shared by the whole batch is dropped (the [CLS] output does not depend on it: pad keys get -10000,
-        whose softmax weight is exactly 0), and the last layer computes the [CLS] row only."""
+        """Fast path: cross-attention keys/values are computed once per distinct image (not per pair) and pairs
+        of the same image attend to them together; trailing padding shared by the whole batch is dropped (the
+        [CLS] output does not depend on it: pad keys get -10000, whose softmax weight is exactly 0); the last
+        layer computes the [CLS] row only."""
+        device = image_features.device
+        order = torch.sort(image_index, stable=True).indices  # group the pairs of each image together
+        distinct, pairs_per_image = torch.unique_consecutive(image_index[order], return_counts=True)
+        key_values = self.blip.text_encoder.cross_attention_key_values(image_features[distinct])
+        if not bool((pairs_per_image == pairs_per_image[0]).all()):  # uneven groups: one K/V row per pair
+            row_image = torch.repeat_interleave(torch.arange(len(distinct), device=device), pairs_per_image)
+            key_values = [(k[row_image], v[row_image]) for k, v in key_values]
         input_ids, attention_mask = tokenize(prompts)
         length = max(int(attention_mask.sum(dim=1).max()), 1)
-        device = image_features.device
         input_ids, attention_mask = input_ids[:, :length].to(device), attention_mask[:, :length].to(device)
-        distinct, inverse = torch.unique(image_index, return_inverse=True)
-        key_values = self.blip.text_encoder.cross_attention_key_values(image_features[distinct])
-        key_values = [(k[inverse], v[inverse]) for k, v in key_values]
-        hidden = self.blip.text_encoder(input_ids, attention_mask, mode="multimodal", cross_key_values=key_values,
-                                        cls_only=True)
-        return self.reward_from_features(hidden[:, 0, :].float()).float()
+        hidden = self.blip.text_encoder(input_ids[order], attention_mask[order], mode="multimodal",
+                                        cross_key_values=key_values, cls_only=True)
+        rewards = torch.empty(len(prompts), dtype=torch.float32, device=device)
+        rewards[order] = self.reward_from_features(hidden[:, 0, :].float()).float()
+        return rewards
 
     def score_gard(self, prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor,
                    image: torch.Tensor) -> torch.Tensor:

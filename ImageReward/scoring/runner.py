@@ -1,8 +1,8 @@
 """``score_dataset``: score every (prompt, image) of a dataset into a resumable JSONL/Parquet file.
 
 Decoding and preprocessing run in DataLoader workers (``num_workers``) while the main process runs the
-scorer's own ``encode_images`` + ``score_encoded`` under ``torch.inference_mode``; within a batch each
-distinct image is encoded once. Under ``accelerate launch`` every process scores the rows with
+scorer's own ``encode_images`` + ``score_pairs`` under ``torch.inference_mode``; within a batch each
+distinct image is encoded once (and, for ImageReward, its cross-attention keys/values computed once). Under ``accelerate launch`` every process scores the rows with
 ``index % world_size == rank`` into its own journal and the main process merges them at the end.
 
 >>> import ImageReward as RM
@@ -133,7 +133,7 @@ def _score_batch(scorer: Any, batch: list, records: Sequence[Record], model: str
                 pixels_in = torch.stack(stack).to(scorer.device, scorer.input_dtype, non_blocking=True)
                 features = scorer.encode_images(pixels_in)
                 index = torch.tensor(which, device=features.device)
-                scores = scorer.score_encoded(prompts, features[index]).float().cpu().tolist()
+                scores = scorer.score_pairs(prompts, features, index).float().cpu().tolist()
             for (position, _), score in zip(good, scores):
                 rows[position] = _row(records[position], float(score), None, model)
         except ImageRewardError as err:  # bad input for the scorer (not a crash): find the row(s) at fault

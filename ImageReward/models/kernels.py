@@ -1,0 +1,64 @@
+"""Linear layers for CPU inference through oneDNN, with the GELU fused in.
+
+On CPU, ``torch.ops.mkldnn._linear_pointwise`` (the kernel ``torch.compile`` itself emits for a Linear,
+optionally followed by an activation) is faster than ``F.linear``: measured on 2 Zen 4 cores, 7-10% in fp32
+for every ViT-L and BERT-base shape, and in bf16 the fused ``Linear -> GELU`` of the MLPs takes 32 ms instead
+of 39 ms (8 images). The bias is added and the GELU (exact, erf) applied on the fp32 accumulator; outputs
+agree with ``F.linear`` to float rounding (parity-set rewards move by < 1e-6).
+
+It is used only where it is safe: CPU tensors, float32 or bfloat16, and autograd off (``inference_mode`` or
+``no_grad``; the kernel has no backward), outside ``torch.compile`` (which makes its own fusions).
+Everything else, training included, runs ``F.linear``.
+``reference_kernels()`` turns it off, e.g. to time the original implementation:
+
+>>> from ImageReward.models.kernels import reference_kernels
+>>> with reference_kernels():                            # doctest: +SKIP
+...     model.score("a cat", "cat.png")                  # plain F.linear + F.gelu, as the original
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["linear", "reference_kernels", "fused_kernels_available"]
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+_state = threading.local()
+
+
+def fused_kernels_available() -> bool:
+    """Whether this PyTorch build has oneDNN's fused linear (CPU builds with mkldnn do)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Within the block (this thread), every linear layer runs plain ``F.linear`` (+ ``F.gelu``)."""
+    previous = getattr(_state, "reference", False)
+    _state.reference = True
+    try:
+        yield
+    finally:
+        _state.reference = previous
+
+
+def _use_fused(x: torch.Tensor, layer: nn.Linear) -> bool:
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype in _FUSED_DTYPES
+            and layer.weight.dtype == x.dtype and not getattr(_state, "reference", False)
+            and not torch.compiler.is_compiling()  # inductor makes its own fusions from F.linear + F.gelu
+            and fused_kernels_available())
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, *, gelu: bool = False) -> torch.Tensor:
+    """``layer(x)``, or ``F.gelu(layer(x))`` with ``gelu=True``; oneDNN-fused on CPU inference."""
+    if _use_fused(x, layer):
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu" if gelu else "none",
+                                                  [], "none" if gelu else "")
+    out = layer(x)
+    return F.gelu(out) if gelu else out
