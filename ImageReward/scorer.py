@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 import torch
@@ -56,6 +57,37 @@ def _as_image_list(images: Any, what: str = "images") -> list:
     if not items:
         raise InvalidInputError(f"{what} is empty: pass at least one image")
     return items
+
+
+class _ImagePrefetcher:
+    """Decodes and preprocesses images in a small thread pool (Pillow releases the GIL), so that the next
+    batch is read while the model runs on this one, and the images of one batch are read in parallel. A bad
+    image raises its typed error when its batch is collected, as if read in the caller's thread."""
+
+    def __init__(self, scorer: "Scorer", items: list[tuple[int, Any]]) -> None:
+        self.scorer = scorer
+        self.workers = max(1, min(len(items), os.cpu_count() or 1, 8))
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: dict[int, Future] = {}
+
+    def __enter__(self) -> "_ImagePrefetcher":
+        if self.workers > 1:
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="imagereward-decode")
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def request(self, chunk: list[tuple[int, Any]]) -> None:
+        if self.pool is not None:
+            for position, item in chunk:
+                self.pending[position] = self.pool.submit(self.scorer.preprocess, item, index=position)
+
+    def collect(self, chunk: list[tuple[int, Any]]) -> torch.Tensor:
+        if self.pool is None:
+            return torch.stack([self.scorer.preprocess(item, index=position) for position, item in chunk])
+        return torch.stack([self.pending.pop(position).result() for position, _ in chunk])
 
 
 class Scorer(nn.Module):
@@ -138,10 +170,13 @@ class Scorer(nn.Module):
             pairs_of_image[image_id].append(pair)
 
         bar = tqdm(total=len(items), desc=f"scoring ({self.name})", unit="pair", disable=not progress)
-        with torch.inference_mode():
-            for start in range(0, len(unique_items), batch_size):
+        starts = range(0, len(unique_items), batch_size)
+        with _ImagePrefetcher(self, unique_items) as images, torch.inference_mode():
+            images.request(unique_items[:batch_size])
+            for start in starts:
                 chunk = unique_items[start : start + batch_size]
-                pixels = torch.stack([self.preprocess(item, index=pos) for pos, item in chunk])
+                pixels = images.collect(chunk)
+                images.request(unique_items[start + batch_size : start + 2 * batch_size])  # decoded meanwhile
                 features = self.encode_images(pixels.to(self.device, self.input_dtype))
                 # every pair whose image is in this chunk: (pair index, row in `features`), prompts of similar
                 # length together so that padding can be trimmed per sub-batch

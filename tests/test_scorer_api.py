@@ -199,3 +199,52 @@ def test_encoded_bytes_are_images_too(tiny_model, images):
     assert tiny_model.score("a cat", data) == pytest.approx(tiny_model.score("a cat", images[2]), abs=1e-6)
     with pytest.raises(ImageLoadError, match="bytes"):
         tiny_model.score("a cat", [images[0], b"garbage"])
+
+
+@pytest.mark.parametrize("image_index", [[0, 1, 2, 3], [2, 2, 2, 2], [1, 0, 1, 0], [0, 0, 1, 2], [3, 1, 3, 3]],
+                         ids=["one-pair-per-image", "one-image", "two-each-interleaved", "uneven", "uneven-interleaved"])
+def test_score_pairs_grouping_equals_the_plain_model(tiny_model, images, image_index):
+    """However pairs share images (grouped cross-attention, or one K/V row per pair when uneven), the rewards
+    are the plain model's, in input order, and equal to running with reference (non-fused) kernels."""
+    from ImageReward.models.kernels import reference_kernels
+    from ImageReward.tokenizer import tokenize
+
+    prompts = ["a cat", "a much longer prompt about a red sports car at night", "x", "two dogs"]
+    with torch.inference_mode():
+        features = tiny_model.encode_images(torch.stack([tiny_model.preprocess(path) for path in images]))
+        index = torch.tensor(image_index)
+        fast = tiny_model.score_pairs(prompts, features, index)
+        with reference_kernels():
+            ids, mask = tokenize(prompts)
+            cls = tiny_model.text_features(ids, mask, features[index])
+            plain = tiny_model.reward_from_features(cls)
+    assert torch.allclose(fast, plain, atol=1e-5)
+
+
+def test_fused_kernels_only_without_autograd():
+    """The oneDNN linear has no backward: with grad enabled the plain F.linear runs (and gradients flow)."""
+    from ImageReward.models import kernels
+
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    kernels.linear(x, layer, gelu=True).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    with torch.inference_mode():
+        fused = kernels.linear(x.detach(), layer, gelu=True)
+        with kernels.reference_kernels():
+            plain = kernels.linear(x.detach(), layer, gelu=True)
+    assert torch.allclose(fused, plain, atol=1e-6)
+    assert torch.allclose(plain, torch.nn.functional.gelu(layer(x.detach())))
+
+
+def test_images_read_ahead_keep_order_and_errors(tiny_model, images):
+    """Images are decoded in a thread pool, a batch ahead: results stay in input order across batches, and a bad
+    image in a later batch raises its own typed error, naming it."""
+    paths = images * 3  # 4 distinct images over 6 batches of 2 pairs
+    prompts = [f"prompt {i}" for i in range(len(paths))]
+    batched = tiny_model.score_batch(prompts, paths, batch_size=2)
+    one_by_one = torch.tensor([tiny_model.score(p, path) for p, path in zip(prompts, paths)])
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+    with pytest.raises(ImageLoadError) as info:
+        tiny_model.score_batch("a cat", images[:3] + [images[3] + ".missing"], batch_size=1)
+    assert "image #3" in str(info.value) and ".missing" in str(info.value)
