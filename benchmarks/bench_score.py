@@ -8,10 +8,11 @@ not depend on their values); images are random 512x512 RGB PNGs.
     python benchmarks/bench_score.py --configs original:1x8 batched-fp32:1x8 batched-bf16:1x8
 
     python benchmarks/bench_score.py --baselines          # the CLIP, BLIP and Aesthetic baselines too
-    python benchmarks/bench_score.py --device cuda --configs batched-bf16:64x1 original:1x64
+    python benchmarks/bench_score.py --device cuda --peak-tflops 989 --configs original:1x64 batched-bf16:1x64
 
 Modes:
-  original       the original's algorithm: one image at a time through the ViT and the text encoder, fp32
+  original       the original's algorithm and kernels: one image at a time through the ViT and the text encoder,
+                 prompts padded to 35 tokens, plain F.linear, fp32
   batched-fp32   our engine (batched ViT, each distinct image once, cached cross-attention K/V), fp32
   batched-bf16   our engine with the image side in bf16 (text encoder and head fp32), as RM.load(dtype=torch.bfloat16)
   compiled-fp32 / compiled-bf16   the same with the ViT compiled (torch.compile; compile time excluded)
@@ -100,15 +101,35 @@ def original_algorithm(model, prompt_list, images):
     """What ImageReward 1.5 does: per (prompt, image), ViT at batch 1 and text encoder at batch 1."""
     import torch
 
+    from ImageReward.models.kernels import reference_kernels
     from ImageReward.tokenizer import tokenize
 
     rewards = []
-    for prompt, image in zip(prompt_list, images):
-        ids, mask = (t.to(model.device) for t in tokenize(prompt))
-        pixels = model.preprocess(image)[None].to(model.device)
-        embeds = model.encode_images(pixels)
-        rewards.append(model.reward_from_features(model.text_features(ids, mask, embeds).float()))
+    with reference_kernels():  # the original's kernels: plain F.linear + F.gelu
+        for prompt, image in zip(prompt_list, images):
+            ids, mask = (t.to(model.device) for t in tokenize(prompt))
+            pixels = model.preprocess(image)[None].to(model.device)
+            embeds = model.encode_images(pixels)
+            rewards.append(model.reward_from_features(model.text_features(ids, mask, embeds).float()))
     return torch.cat(rewards)
+
+
+def count_flops(once, prompt_list: list[str], images: list[str]) -> float:
+    """FLOPs that ``once`` executes (matrix products, convolutions, attention), counted by PyTorch's
+    FlopCounterMode on plain kernels (math attention, F.linear), which it can see. 1 x N shapes are counted on one
+    image and scaled: the work per image does not depend on the batch."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ImageReward.models.kernels import reference_kernels
+
+    scale = 1
+    if len(set(prompt_list)) == 1 and len(images) > 1:
+        scale, prompt_list, images = len(images), prompt_list[:1], images[:1]
+    with FlopCounterMode(display=False) as counter, reference_kernels(), sdpa_kernel(SDPBackend.MATH):
+        once(prompt_list, images)
+    return float(counter.get_total_flops() * scale)
 
 
 def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str) -> dict:
@@ -132,18 +153,20 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str
         prompts = [f"prompt number {i}: a photo of a cat on a sofa" for i in range(n_prompts)]
         images = [all_images[0]] * n_prompts
     pairs = n_prompts * n_images
-    if mode.startswith("compiled"):
-        model.blip.visual_encoder.compile(dynamic=False)  # in place: state-dict keys unchanged
     prompt_list = [prompts] * len(images) if isinstance(prompts, str) else prompts
 
-    def once():
+    def once(prompt_list=prompt_list, images=images):
         with torch.inference_mode():
             if mode == "original":
                 original_algorithm(model, prompt_list, images)
             else:
-                model.score_batch(prompts, images, batch_size=64)
+                model.score_batch(prompt_list, images, batch_size=64)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+
+    flops = count_flops(once, prompt_list, images)
+    if mode.startswith("compiled"):
+        model.blip.visual_encoder.compile(dynamic=False)  # in place: state-dict keys unchanged
 
     once()  # warm-up (tokenizer, kernels, compilation)
     timings = []
@@ -152,7 +175,8 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str
         once()
         timings.append(time.perf_counter() - start)
     best = min(timings)
-    return {"config": config, "pairs": pairs, "seconds": best, "pairs_per_s": pairs / best,
+    return {"config": config, "pairs": pairs, "images": len(set(images)), "seconds": best, "pairs_per_s": pairs / best,
+            "gflop_per_s": flops / best / 1e9,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "threads": torch.get_num_threads()}
 
@@ -163,6 +187,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model: checks the script, not the speed")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak rate (e.g. 989 for H100 SXM bf16 dense): "
+                        "adds a '% of peak' column")
     parser.add_argument("--baselines", action="store_true", help="also run CLIP, BLIP and Aesthetic (1 prompt x 8)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--image-dir", help=argparse.SUPPRESS)
@@ -175,12 +201,12 @@ def main() -> int:
     import numpy as np
     from PIL import Image
 
+    configs = list(args.configs) + (BASELINE_CONFIGS if args.baselines else [])
     with tempfile.TemporaryDirectory() as folder:
         rng = np.random.default_rng(0)
-        for index in range(32):
+        for index in range(max(int(config.split("x")[-1]) for config in configs)):
             Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(f"{folder}/{index:02d}.png")
         rows = []
-        configs = list(args.configs) + (BASELINE_CONFIGS if args.baselines else [])
         for config in configs:
             command = [sys.executable, __file__, "--worker", config, "--image-dir", folder, "--repeats", str(args.repeats),
                        "--device", args.device]
@@ -196,13 +222,16 @@ def main() -> int:
     baseline = {r["config"].split(":")[1]: r["pairs_per_s"] for r in rows if r["config"].startswith("original:")}
     print(f"\nScoring throughput ({'tiny models' if args.quick else 'full size'}; {args.device}; "
           f"{rows[0]['threads'] if rows else '?'} threads; best of {args.repeats}; 'vs original' compares the same shape)\n")
-    print("| mode | prompts x images | seconds | pairs/s | vs original | peak RSS (MB) |")
-    print("|---|---|---:|---:|---:|---:|")
+    peak = f" | % of {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else ""
+    print(f"| mode | prompts x images | seconds | images/s | pairs/s | vs original | GFLOP/s{peak} | peak RSS (MB) |")
+    print("|---|---|---:|---:|---:|---:|---:|" + ("---:|" if peak else "") + "---:|")
     for row in rows:
         mode, shape = row["config"].split(":")
         speedup = row["pairs_per_s"] / baseline[shape] if shape in baseline and mode.split("-")[0] in ("batched", "compiled") else float("nan")
         ratio = "–" if speedup != speedup else f"{speedup:.2f}x"
-        print(f"| {mode} | {shape} | {row['seconds']:.2f} | {row['pairs_per_s']:.2f} | {ratio} | {row['peak_rss_mb']:.0f} |")
+        fraction = f" | {100 * row['gflop_per_s'] / (args.peak_tflops * 1000):.0f}%" if peak else ""
+        print(f"| {mode} | {shape} | {row['seconds']:.2f} | {row['images'] / row['seconds']:.2f} | {row['pairs_per_s']:.2f} | "
+              f"{ratio} | {row['gflop_per_s']:.0f}{fraction} | {row['peak_rss_mb']:.0f} |")
     return 0
 
 
