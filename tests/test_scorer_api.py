@@ -248,3 +248,25 @@ def test_images_read_ahead_keep_order_and_errors(tiny_model, images):
     with pytest.raises(ImageLoadError) as info:
         tiny_model.score_batch("a cat", images[:3] + [images[3] + ".missing"], batch_size=1)
     assert "image #3" in str(info.value) and ".missing" in str(info.value)
+
+
+def test_attention_through_weights_equals_projected_keys_and_values(monkeypatch):
+    """Cross-attention for few queries skips projecting the image tokens; same result as projecting them."""
+    from ImageReward.models.blip import BertSelfAttention, TextConfig
+    from ImageReward.models.kernels import reference_kernels
+
+    torch.manual_seed(0)
+    attention = BertSelfAttention(TextConfig(hidden_size=64, num_attention_heads=4, encoder_width=96),
+                                  kv_width=96).eval()
+    hidden, image_tokens = torch.randn(2, 3, 64), torch.randn(2, 50, 96)
+    assert attention.attention_through_weights_is_cheaper(3, 50)
+    assert not attention.attention_through_weights_is_cheaper(200, 50)
+    with torch.inference_mode():
+        with reference_kernels():
+            projected = attention(hidden, image_tokens)
+        monkeypatch.setattr(attention, "key_value", lambda source: pytest.fail("image tokens were projected"))
+        shortcut = attention(hidden, image_tokens)
+    monkeypatch.undo()
+    assert torch.allclose(shortcut, projected, atol=1e-5)
+    with torch.enable_grad():  # training never takes the shortcut
+        assert attention(hidden, image_tokens).requires_grad

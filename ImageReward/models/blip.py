@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .kernels import linear
+from .kernels import inference_shortcuts_allowed, linear
 
 __all__ = [
     "VisionConfig",
@@ -258,10 +258,35 @@ class BertSelfAttention(nn.Module):
         return (_split_heads(linear(source, self.key).to(out_dtype), self.num_heads),
                 _split_heads(linear(source, self.value).to(out_dtype), self.num_heads))
 
+    def attention_through_weights_is_cheaper(self, queries: int, keys: int) -> bool:
+        """Whether :meth:`attend_through_weights` costs fewer FLOPs than projecting ``keys`` context tokens to
+        keys and values: ``queries * heads * (head_dim + keys) < keys * hidden`` (about 48 queries for 197 image
+        tokens), true for one prompt per image."""
+        heads, hidden = self.num_heads, self.query.out_features
+        return queries * heads * (hidden // heads + keys) < keys * hidden
+
+    def attend_through_weights(self, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Attention to ``context`` without projecting it. Per head, ``q . (W_k x + b_k) = (W_k^T q) . x + q . b_k``,
+        and the last term is the same for every key so softmax drops it; the attention weights sum to 1, so
+        ``sum_t p_t (W_v x_t + b_v) = W_v (sum_t p_t x_t) + b_v``. Exact (up to rounding), in the key/value
+        weights' dtype with a float32 softmax. ``q``: ``[B, heads, L, head_dim]``, ``context``: ``[B, T, width]``."""
+        dtype = self.key.weight.dtype
+        batch, heads, length, head_dim = q.shape
+        tokens = context.to(dtype)
+        q_in_context = torch.einsum("bhld,hde->bhle", q.to(dtype), self.key.weight.view(heads, head_dim, -1))
+        scores = torch.bmm(q_in_context.reshape(batch, heads * length, -1), tokens.transpose(1, 2))
+        weights = (scores.float() * head_dim ** -0.5).softmax(dim=-1).to(dtype)
+        mixed = torch.bmm(weights, tokens).view(batch, heads, length, -1)
+        out = torch.einsum("bhle,hde->bhld", mixed, self.value.weight.view(heads, head_dim, -1)).to(q.dtype)
+        return out + self.value.bias.view(heads, 1, head_dim).to(q.dtype)
+
     def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None,
                 additive_mask: torch.Tensor | None = None,
                 key_value: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         q = _split_heads(linear(hidden, self.query), self.num_heads)
+        if (key_value is None and context is not None and additive_mask is None and inference_shortcuts_allowed()
+                and self.attention_through_weights_is_cheaper(hidden.shape[1], context.shape[1])):
+            return _merge_heads(self.attend_through_weights(q, context))
         k, v = key_value if key_value is not None else self.key_value(hidden if context is None else context)
         dropout = self.dropout_p if self.training else 0.0
         return _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout))
@@ -321,24 +346,25 @@ class BertLayer(nn.Module):
             hidden = self.attention(hidden[:, :1], hidden, self_mask)
         else:
             hidden = self.attention(hidden, None, self_mask)
-        if cross_key_value is not None and cross_key_value[0].shape[0] != hidden.shape[0]:
-            hidden = self._cross_attend_grouped(hidden, cross_key_value)
-        elif image_embeds is not None or cross_key_value is not None:
-            hidden = self.crossattention(hidden, image_embeds, None, cross_key_value)
+        if image_embeds is not None or cross_key_value is not None:
+            images = (image_embeds if cross_key_value is None else cross_key_value[0]).shape[0]
+            if images == hidden.shape[0]:
+                hidden = self.crossattention(hidden, image_embeds, None, cross_key_value)
+            else:
+                hidden = self._cross_attend_grouped(hidden, images, image_embeds, cross_key_value)
         return self.output(self.intermediate(hidden), hidden)
 
-    def _cross_attend_grouped(self, hidden: torch.Tensor, key_value: tuple[torch.Tensor, torch.Tensor]
-                              ) -> torch.Tensor:
+    def _cross_attend_grouped(self, hidden: torch.Tensor, images: int, image_embeds: torch.Tensor | None,
+                              key_value: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Cross-attention when ``B`` text rows share ``n`` images, rows ``[i*B/n, (i+1)*B/n)`` reading image
         ``i``. Queries attend independently and the rest of the block is row-wise, so the rows of one image are
-        laid side by side as one longer sequence: one attention call per image, no per-row copy of its keys
-        and values."""
+        laid side by side as one longer sequence: each image's keys and values are computed (or skipped) once,
+        and never copied per row."""
         batch, length, width = hidden.shape
-        images = key_value[0].shape[0]
         if batch % images:
             raise ValueError(f"{batch} text rows cannot be split evenly over {images} images")
         folded = hidden.reshape(images, (batch // images) * length, width)
-        return self.crossattention(folded, None, None, key_value).reshape(batch, length, width)
+        return self.crossattention(folded, image_embeds, None, key_value).reshape(batch, length, width)
 
 
 class BertEncoder(nn.Module):
@@ -379,7 +405,8 @@ class BertModel(nn.Module):
                 cls_only: bool = False) -> torch.Tensor:
         """Returns ``last_hidden_state`` ``[B, L, hidden]`` (``[B, 1, hidden]``, the [CLS] row, with ``cls_only``).
         In multimodal mode pass ``image_embeds``, or their precomputed ``cross_key_values`` (one ``(k, v)`` per
-        layer) for ``n`` images, ``n`` dividing the batch: consecutive groups of ``B/n`` rows share one image."""
+        layer), for ``B`` images or for ``n`` images, ``n`` dividing the batch: consecutive groups of ``B/n`` rows
+        then share one image."""
         if mode not in ("multimodal", "text"):
             raise ValueError(f"mode must be 'multimodal' or 'text', got {mode!r}")
         if mode == "multimodal" and image_embeds is None and cross_key_values is None:
@@ -387,9 +414,7 @@ class BertModel(nn.Module):
         hidden = self.embeddings(input_ids)
         # The original's own mask: (1 - mask) * -10000 in the model dtype, broadcast over heads and queries.
         self_mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * -10000.0
-        context = image_embeds if mode == "multimodal" and cross_key_values is None else None
-        if context is not None:
-            context = context.to(hidden.dtype)
+        context = image_embeds if mode == "multimodal" and cross_key_values is None else None  # cast where used
         last = len(self.encoder.layer) - 1
         for index, layer in enumerate(self.encoder.layer):
             cached = cross_key_values[index] if mode == "multimodal" and cross_key_values is not None else None

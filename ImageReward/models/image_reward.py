@@ -118,22 +118,25 @@ class ImageReward(Scorer):
 
     def score_pairs(self, prompts: Sequence[str], image_features: torch.Tensor, image_index: torch.Tensor
                     ) -> torch.Tensor:
-        """Fast path: cross-attention keys/values are computed once per distinct image (not per pair) and pairs
-        of the same image attend to them together; trailing padding shared by the whole batch is dropped (the
-        [CLS] output does not depend on it: pad keys get -10000, whose softmax weight is exactly 0); the last
-        layer computes the [CLS] row only."""
+        """Fast path: pairs of the same image are grouped and attend to it together, so its cross-attention
+        keys/values are computed once (or, for few text tokens per image, skipped: attention through the K/V
+        weights, see ``BertSelfAttention.attend_through_weights``); trailing padding shared by the whole batch is
+        dropped (the [CLS] output does not depend on it: pad keys get -10000, whose softmax weight is exactly 0);
+        the last layer computes the [CLS] row only."""
         device = image_features.device
         order = torch.sort(image_index, stable=True).indices  # group the pairs of each image together
         distinct, pairs_per_image = torch.unique_consecutive(image_index[order], return_counts=True)
-        key_values = self.blip.text_encoder.cross_attention_key_values(image_features[distinct])
-        if not bool((pairs_per_image == pairs_per_image[0]).all()):  # uneven groups: one K/V row per pair
-            row_image = torch.repeat_interleave(torch.arange(len(distinct), device=device), pairs_per_image)
-            key_values = [(k[row_image], v[row_image]) for k, v in key_values]
         input_ids, attention_mask = tokenize(prompts)
         length = max(int(attention_mask.sum(dim=1).max()), 1)
-        input_ids, attention_mask = input_ids[:, :length].to(device), attention_mask[:, :length].to(device)
-        hidden = self.blip.text_encoder(input_ids[order], attention_mask[order], mode="multimodal",
-                                        cross_key_values=key_values, cls_only=True)
+        input_ids, attention_mask = input_ids[:, :length][order].to(device), attention_mask[:, :length][order].to(device)
+        if bool((pairs_per_image == pairs_per_image[0]).all()):  # every image has as many pairs: no copies
+            hidden = self.blip.text_encoder(input_ids, attention_mask, image_features[distinct], mode="multimodal",
+                                            cls_only=True)
+        else:  # uneven: keys/values once per image, then one copy per pair
+            row_image = torch.repeat_interleave(torch.arange(len(distinct), device=device), pairs_per_image)
+            key_values = self.blip.text_encoder.cross_attention_key_values(image_features[distinct])
+            hidden = self.blip.text_encoder(input_ids, attention_mask, mode="multimodal", cls_only=True,
+                                            cross_key_values=[(k[row_image], v[row_image]) for k, v in key_values])
         rewards = torch.empty(len(prompts), dtype=torch.float32, device=device)
         rewards[order] = self.reward_from_features(hidden[:, 0, :].float()).float()
         return rewards

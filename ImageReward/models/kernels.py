@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["linear", "reference_kernels", "fused_kernels_available"]
+__all__ = ["linear", "reference_kernels", "inference_shortcuts_allowed", "fused_kernels_available"]
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 _state = threading.local()
@@ -39,7 +39,8 @@ def fused_kernels_available() -> bool:
 
 @contextlib.contextmanager
 def reference_kernels() -> Iterator[None]:
-    """Within the block (this thread), every linear layer runs plain ``F.linear`` (+ ``F.gelu``)."""
+    """Within the block (this thread), the original's computation: every linear layer runs plain ``F.linear``
+    (+ ``F.gelu``) and cross-attention projects the image tokens to keys and values (no shortcut)."""
     previous = getattr(_state, "reference", False)
     _state.reference = True
     try:
@@ -48,9 +49,14 @@ def reference_kernels() -> Iterator[None]:
         _state.reference = previous
 
 
+def inference_shortcuts_allowed() -> bool:
+    """Autograd is off and no ``reference_kernels()`` block is active: exact inference-only shortcuts may run."""
+    return not torch.is_grad_enabled() and not getattr(_state, "reference", False)
+
+
 def _use_fused(x: torch.Tensor, layer: nn.Linear) -> bool:
-    return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype in _FUSED_DTYPES
-            and layer.weight.dtype == x.dtype and not getattr(_state, "reference", False)
+    return (x.device.type == "cpu" and x.dtype in _FUSED_DTYPES and layer.weight.dtype == x.dtype
+            and inference_shortcuts_allowed()
             and not torch.compiler.is_compiling()  # inductor makes its own fusions from F.linear + F.gelu
             and fused_kernels_available())
 
