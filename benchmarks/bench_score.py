@@ -114,18 +114,25 @@ def original_algorithm(model, prompt_list, images):
 
 def count_flops(once, prompt_list: list[str], images: list[str]) -> float:
     """FLOPs that ``once`` executes (matrix products, convolutions, attention), counted by PyTorch's
-    FlopCounterMode on plain kernels (math attention, F.linear), which it can see. 1 x N shapes are counted on one
-    image and scaled: the work per image does not depend on the batch."""
+    FlopCounterMode, taught the oneDNN fused linear and run with math attention, which it can see. 1 x N shapes
+    are counted on one image and scaled: the work per image does not depend on the batch."""
+    import math
+
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-    from ImageReward.models.kernels import reference_kernels
+    from ImageReward.models.kernels import fused_kernels_available
 
+    if fused_kernels_available():
+        def fused_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+            return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+        register_flop_formula(torch.ops.mkldnn._linear_pointwise)(fused_linear_flops)
     scale = 1
     if len(set(prompt_list)) == 1 and len(images) > 1:
         scale, prompt_list, images = len(images), prompt_list[:1], images[:1]
-    with FlopCounterMode(display=False) as counter, reference_kernels(), sdpa_kernel(SDPBackend.MATH):
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         once(prompt_list, images)
     return float(counter.get_total_flops() * scale)
 
