@@ -170,10 +170,9 @@ class Scorer(nn.Module):
             pairs_of_image[image_id].append(pair)
 
         bar = tqdm(total=len(items), desc=f"scoring ({self.name})", unit="pair", disable=not progress)
-        starts = range(0, len(unique_items), batch_size)
         with _ImagePrefetcher(self, unique_items) as images, torch.inference_mode():
             images.request(unique_items[:batch_size])
-            for start in starts:
+            for start in range(0, len(unique_items), batch_size):
                 chunk = unique_items[start : start + batch_size]
                 pixels = images.collect(chunk)
                 images.request(unique_items[start + batch_size : start + 2 * batch_size])  # decoded meanwhile

@@ -1,4 +1,6 @@
-"""Linear layers for CPU inference through oneDNN, with the GELU fused in.
+"""Inference-only kernels, and the switch back to the original's computation.
+
+``linear``: linear layers for CPU inference through oneDNN, with the GELU fused in.
 
 On CPU, ``torch.ops.mkldnn._linear_pointwise`` (the kernel ``torch.compile`` itself emits for a Linear,
 optionally followed by an activation) is faster than ``F.linear``: measured on 2 Zen 4 cores, 7-10% in fp32
@@ -9,11 +11,13 @@ agree with ``F.linear`` to float rounding (parity-set rewards move by < 1e-6).
 It is used only where it is safe: CPU tensors, float32 or bfloat16, and autograd off (``inference_mode`` or
 ``no_grad``; the kernel has no backward), outside ``torch.compile`` (which makes its own fusions).
 Everything else, training included, runs ``F.linear``.
-``reference_kernels()`` turns it off, e.g. to time the original implementation:
+``inference_shortcuts_allowed()`` is the condition every exact inference-only shortcut checks (this one, and
+the cross-attention in ``blip.BertSelfAttention.attend_through_weights``); ``reference_kernels()`` turns them
+all off, e.g. to time the original implementation:
 
 >>> from ImageReward.models.kernels import reference_kernels
 >>> with reference_kernels():                            # doctest: +SKIP
-...     model.score("a cat", "cat.png")                  # plain F.linear + F.gelu, as the original
+...     model.score("a cat", "cat.png")                  # plain F.linear + F.gelu, projected K/V, as the original
 """
 
 from __future__ import annotations

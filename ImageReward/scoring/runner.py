@@ -2,8 +2,9 @@
 
 Decoding and preprocessing run in DataLoader workers (``num_workers``) while the main process runs the
 scorer's own ``encode_images`` + ``score_pairs`` under ``torch.inference_mode``; within a batch each
-distinct image is encoded once (and, for ImageReward, its cross-attention keys/values computed once). Under ``accelerate launch`` every process scores the rows with
-``index % world_size == rank`` into its own journal and the main process merges them at the end.
+distinct image is encoded once (and ImageReward reuses its cross-attention work across its pairs). Under
+``accelerate launch`` every process scores the rows with ``index % world_size == rank`` into its own journal
+and the main process merges them at the end.
 
 >>> import ImageReward as RM
 >>> from ImageReward.scoring import score_dataset
