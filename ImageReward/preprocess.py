@@ -54,11 +54,12 @@ def preprocess_pil(image: Image.Image, config: PreprocessConfig = PreprocessConf
     top = int(round((height - size) / 2.0))
     left = int(round((width - size) / 2.0))
     image = image.crop((left, top, left + size, top + size)).convert("RGB")
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    pixels = pixels.float().div(255.0)
-    mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
-    return (pixels - mean) / std
+    # ToTensor + Normalize in float32 numpy: the same IEEE operations as torch's (bit-identical), but never
+    # multi-threaded, so that decoding threads (Scorer.score_batch) do not each start an OpenMP team.
+    pixels = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(config.mean, dtype=np.float32)
+    std = np.asarray(config.std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1)))
 
 
 def preprocess_tensor(pixels: torch.Tensor, config: PreprocessConfig = PreprocessConfig()) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,3 +72,21 @@ def test_tensor_path_is_close_to_pil_path_and_differentiable():
 def test_custom_crop_size():
     out = preprocess_pil(Image.new("RGB", (50, 40)), PreprocessConfig(image_size=32))
     assert out.shape == (3, 32, 32)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts threads through /proc")
+def test_preprocessing_in_decode_threads_starts_no_thread_teams():
+    """score_batch decodes in a thread pool; preprocessing must not start an OpenMP team in each of its threads
+    (on a 16-core host that was 16 extra threads per decoding thread, spinning beside the model)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def thread_count() -> int:
+        return int(next(line for line in open("/proc/self/status") if line.startswith("Threads:")).split()[1])
+
+    torch.ones(512, 512) @ torch.ones(512, 512)  # the main thread's own team already exists
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    before = thread_count()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: preprocess_pil(image), range(8)))
+        during = thread_count()
+    assert during - before <= 2
