@@ -168,3 +168,51 @@ def test_log_file_and_progress_bar_by_default(task, tmp_path, capfd):
     assert re.search(stamp + r"step 4/14 epoch 0: train loss", log)
     assert re.search(stamp + r"step 0: validation loss", log)
     assert "stopping at max_steps=4" in log
+
+
+def test_std_log_writes_info_to_the_file_only(task, tmp_path):
+    """Library use with the console at WARNING: the log file still gets the INFO lines, the console does not."""
+    import io
+    import logging
+
+    console = io.StringIO()
+    handler = logging.StreamHandler(console)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    try:
+        cfg = config_from_dict(_data(task, tmp_path, max_steps=2, std_log=True, checkpointing_steps=100))
+        train_reward_model(cfg)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    log = (tmp_path / "log" / f"{cfg.run_name()}.txt").read_text()
+    assert "step 0: validation loss" in log and "step 2/14 epoch 0: train loss" in log
+    assert "validation loss" not in console.getvalue() and "train loss" not in console.getvalue()
+    assert "no blip_path/preload_path" in console.getvalue()             # warnings still reach the console
+    assert logging.getLogger("ImageReward").level == logging.NOTSET       # restored
+    assert not [h for h in logging.getLogger("ImageReward").handlers if isinstance(h, logging.FileHandler)]
+
+
+def test_a_state_holding_the_full_model_still_resumes(task, stopped, tmp_path):
+    """States of the earlier layout (accelerate's model.safetensors, whole model) resume to the same weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from ImageReward.rm_training.model import PairRewardModel
+
+    cfg, result = stopped
+    state = result.run_dir / "states" / "checkpoint-3"
+    old = tmp_path / "old-layout"
+    shutil.copytree(state, old)
+    full = PairRewardModel(_full_model(cfg, state)).state_dict()
+    save_file({k: v.contiguous() for k, v in full.items()}, str(old / "model.safetensors"))
+    (old / TRAINABLE_NAME).unlink()
+    weights = []
+    for source, out in ((state, tmp_path / "a"), (old, tmp_path / "b")):
+        resumed = config_from_dict(_data(task, out, max_steps=4, resume_from_checkpoint=str(source)))
+        run = train_reward_model(resumed).run_dir
+        weights.append(_full_model(resumed, run / "states" / "checkpoint-4").state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
