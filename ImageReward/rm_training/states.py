@@ -47,13 +47,14 @@ def frozen_fingerprint(model: nn.Module) -> str:
             continue
         tensor = param.detach().to("cpu").contiguous()
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer, not a copy
     return digest.hexdigest()
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` (CPU copies) of the parameters that require grad."""
-    return {name: param.detach().to("cpu").contiguous().clone()
+    """``{name: tensor}`` of the parameters that require grad, on the CPU (no copy for a CPU model)."""
+    return {name: param.detach().to("cpu").contiguous()
             for name, param in model.named_parameters() if param.requires_grad}
 
 
