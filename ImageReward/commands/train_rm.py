@@ -15,6 +15,8 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 # original option name -> config key under ``train`` (the shipped train_one_node.sh flags keep working)
 _ORIGINAL_FLAGS: dict[str, tuple[str, type]] = {
@@ -68,22 +70,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _log_info_with_timestamps() -> None:
+@contextmanager
+def _info_with_timestamps() -> Iterator[None]:
     """Training runs for hours: this library's INFO lines, with timestamps, on the console (no ``-v`` needed;
-    other libraries stay at the root's level)."""
+    other libraries stay at the root's level). Restored afterwards."""
     ours = logging.getLogger("ImageReward")
+    level = ours.level
     if ours.getEffectiveLevel() > logging.INFO:
         ours.setLevel(logging.INFO)
-    for handler in logging.getLogger().handlers:
-        fmt = getattr(handler.formatter, "_fmt", None) or ""
-        if type(handler) is logging.StreamHandler and "asctime" not in fmt:
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    changed = [(h, h.formatter) for h in logging.getLogger().handlers
+               if type(h) is logging.StreamHandler and "asctime" not in (getattr(h.formatter, "_fmt", None) or "")]
+    for handler, _ in changed:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    try:
+        yield
+    finally:
+        ours.setLevel(level)
+        for handler, formatter in changed:
+            handler.setFormatter(formatter)
 
 
 def run(args: argparse.Namespace) -> int:
+    with _info_with_timestamps():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..rm_training.trainer import export_from_state, train_reward_model
 
-    _log_info_with_timestamps()
     cfg = config_from_args(args)
     if args.export_from:
         result = export_from_state(cfg, args.export_from, out_dir=args.export_dir)
