@@ -256,8 +256,9 @@ class _Run:
         self.weight_bytes = trainable_bytes(self.model)
         self.state_bytes = 3 * self.weight_bytes  # weights + Adam's exp_avg and exp_avg_sq (fp32)
         full = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        peak = (t.checkpoints_total_limit + 1) * self.state_bytes + self.weight_bytes + full * (
-            2 if t.export_format == "both" else 1)
+        export = full * (2 if t.export_format == "both" else 1)
+        kept = t.checkpoints_total_limit  # one more exists while the newest is written; the export comes last
+        peak = self.weight_bytes + max((kept + 1) * self.state_bytes, kept * self.state_bytes + export)
         logger.info("%d of %d parameters trainable; each state needs %s, best/ %s, the export %s: about %s "
                     "of disk at peak", sum(p.numel() for p in self.params),
                     sum(p.numel() for p in self.model.parameters()), format_bytes(self.state_bytes),
