@@ -183,7 +183,7 @@ class Scorer(nn.Module):
                 rows.sort(key=lambda item: len(prompt_list[item[0]]))
                 for sub in range(0, len(rows), batch_size):
                     part = rows[sub : sub + batch_size]
-                    index = torch.tensor([row for _, row in part], device=features.device)
+                    index = torch.tensor([row for _, row in part], device=self.device)
                     scores = self.score_pairs([prompt_list[pair] for pair, _ in part], features, index)
                     rewards[[pair for pair, _ in part]] = scores.float().cpu()
                     bar.update(len(part))

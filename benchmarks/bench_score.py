@@ -144,11 +144,11 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str
     n_prompts, n_images = (int(x) for x in shape.split("x"))
     dtype_name = "bf16" if mode.endswith("bf16") else "fp32"
     if mode.split("-")[0] in ("CLIP", "BLIP", "Aesthetic"):
-        from ImageReward.factory import _place
+        from ImageReward.factory import place_model
 
         name = mode.split("-")[0]
-        model = _place(build_baseline(name, quick), device, getattr(torch, "bfloat16" if dtype_name == "bf16" else "float32"),
-                       keep_fp32=("mlp",) if name == "Aesthetic" else ())
+        model = place_model(build_baseline(name, quick), device, getattr(torch, "bfloat16" if dtype_name == "bf16" else "float32"),
+                            keep_fp32=("mlp",) if name == "Aesthetic" else ())
     else:
         model = build_model(quick, dtype_name).to(device)
     all_images = sorted(str(p) for p in image_dir.glob("*.png"))
