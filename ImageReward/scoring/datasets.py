@@ -27,13 +27,12 @@ from typing import Any, Iterable
 from PIL import Image
 
 from ..errors import ImageLoadError, InvalidInputError, UnsupportedInputError
-from ..image_io import load_image
+from ..image_io import IMAGE_EXTENSIONS, load_image
 
 __all__ = ["Record", "ParquetBlob", "read_records", "load_record_image", "IMAGE_EXTENSIONS", "parse_hub_uri"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TABLE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 PROMPT_COLUMNS = ("prompt", "caption", "text", "prompt_text")
 IMAGE_COLUMNS = ("image", "image_path", "img_path", "path", "file_name", "filename", "file", "url", "image_url", "img")
