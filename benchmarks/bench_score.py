@@ -195,7 +195,7 @@ def main() -> int:
                         "each in a fresh process, and keep its best (evens out a machine whose speed drifts)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak rate (e.g. 989 for H100 SXM bf16 dense): "
-                        "adds a '% of peak' column")
+                        "adds a '%% of peak' column")
     parser.add_argument("--baselines", action="store_true", help="also run CLIP, BLIP and Aesthetic (1 prompt x 8)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--image-dir", help=argparse.SUPPRESS)

@@ -71,6 +71,13 @@ class WeightedReward(Scorer):
                                         f"({configs}); score them one by one")
         return self.scorers[0].preprocess_config
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The components' common input dtype, else float32 (each component then casts the pixels itself, so
+        a bf16 component never rounds the pixels of a float32 one)."""
+        dtypes = {s.input_dtype for s in self.scorers}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
     def encode_images(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
         """Normalised ``[B, 3, S, S]`` pixels -> one feature tensor ``[B, ...]`` per component."""
         return [s.encode_images(pixel_values.to(s.device, s.input_dtype)) for s in self.scorers]
