@@ -135,9 +135,8 @@ def score_pixels(scorer: "Scorer", prompts: Sequence[str], pixels: Pixels, image
                  sub_batch: int | None = None) -> torch.Tensor:
     """Rewards of pairs ``(prompts[p], pixels[image_index[p]])``: each of the ``U`` images of ``pixels``
     (normalised ``[U, 3, S, S]``, any device; a tuple of those for a mix, see :func:`preprocess_configs`) is
-    encoded once, then the pairs are scored in sub-batches of at
-    most ``sub_batch`` (default: all at once), shortest prompts first. Returns float32 ``[P]`` on the CPU in
-    input order."""
+    encoded once, then the pairs are scored in sub-batches of at most ``sub_batch`` (default: all at once),
+    shortest prompts first. Returns float32 ``[P]`` on the CPU in input order."""
     with torch.inference_mode():
         features = scorer.encode_images(_to(pixels, scorer.device, scorer.input_dtype, non_blocking=True))
         return _score_features(scorer, prompts, features, image_index, sub_batch)
