@@ -36,8 +36,8 @@ from ..errors import CheckpointError, InvalidInputError
 from ..models.blip import BLIPConfig
 from ..preprocess import PreprocessConfig
 from .config import RMTrainConfig, TrainOptions
-from .data import (PairDataset, ShardedEpochSampler, collate_pairs, drop_missing_images, expand_pairs,
-                   read_groups)
+from .data import PairDataset, ShardedEpochSampler, collate_pairs, drop_missing_images, expand_pairs, read_groups
+from .export import export_model, reference_stats, test_accuracy
 from .model import PairRewardModel, blip_config_for, build_model
 from .states import (PROGRESS_NAME, TRAINABLE_NAME, ensure_free_space, find_latest_state, format_bytes,
                      free_bytes, frozen_fingerprint, load_trainable, replace_dir, save_trainable, trainable_bytes)
@@ -516,8 +516,6 @@ def _test_and_export(model: Any, cfg: RMTrainConfig, run_dir: Path, result: Trai
                      folder_name: str = "ImageReward") -> None:
     """Test accuracy (``train.test_at_end`` and a ``test.json``), mean/std of the raw rewards over
     ``train.reference_split``, and the export as ``train.export_format``; fills ``result``."""
-    from .export import export_model, reference_stats, test_accuracy
-
     opts = cfg.train
     model.mean, model.std = 0.0, 1.0
     workers, batch_size = opts.num_workers, opts.batch_size * 2
