@@ -23,6 +23,7 @@ all off, e.g. to time the original implementation:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Iterator
 
@@ -39,6 +40,15 @@ _state = threading.local()
 def fused_kernels_available() -> bool:
     """Whether this PyTorch build has oneDNN's fused linear (CPU builds with mkldnn do)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_dtype_supported(dtype: torch.dtype) -> bool:
+    """oneDNN builds a bf16 inner product only on CPUs with native bf16 (avx512_bf16 / AMX / Arm bf16); on an
+    AVX2-only CPU it refuses to create the primitive, so bf16 falls back to ``F.linear`` there."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
 
 
 @contextlib.contextmanager
@@ -62,7 +72,7 @@ def _use_fused(x: torch.Tensor, layer: nn.Linear) -> bool:
     return (x.device.type == "cpu" and x.dtype in _FUSED_DTYPES and layer.weight.dtype == x.dtype
             and inference_shortcuts_allowed()
             and not torch.compiler.is_compiling()  # inductor makes its own fusions from F.linear + F.gelu
-            and fused_kernels_available())
+            and fused_kernels_available() and _fused_dtype_supported(x.dtype))
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, *, gelu: bool = False) -> torch.Tensor:
