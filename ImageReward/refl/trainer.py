@@ -1,4 +1,5 @@
-"""``ReFLTrainer``: reward feedback learning for SD1.x and SDXL, full fine-tune or LoRA, on accelerate.
+"""``ReFLTrainer``: reward feedback learning for SD1.x, SDXL, SD3 / SD3.5 and FLUX.1, full fine-tune or LoRA,
+on accelerate.
 
 >>> from ImageReward.refl import ReFLConfig, ReFLTrainer
 >>> cfg = ReFLConfig(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4",
@@ -14,8 +15,9 @@ import math
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -25,7 +27,8 @@ from .data import BatchOrder, load_image_text, load_prompts
 from .families import Conditioning, get_family
 from .losses import refl_loss
 from .rewards import WeightedReward, as_reward
-from .rollout import decode, draw_stop_index, initial_latents, rollout, training_scheduler
+from .rollout import (decode, draw_backprop_steps, draw_stop_index, initial_latents, rollout,
+                      training_scheduler)
 
 __all__ = ["ReFLTrainer", "find_checkpoint"]
 
@@ -60,7 +63,7 @@ class ReFLTrainer:
     def __init__(self, config: ReFLConfig, *, reward: Scorer | str | None = None,
                  monitor: Scorer | str | None = None) -> None:
         self.config = config.validate()
-        self.family = get_family(config.model_family)
+        self.family = get_family(config.model_family, config)
         self.prompts = load_prompts(config.train_data, caption_column=config.caption_column,
                                     dataset_name=config.dataset_name, dataset_config_name=config.dataset_config_name,
                                     cache_dir=config.cache_dir, max_samples=config.max_train_samples, seed=config.seed)
@@ -111,8 +114,9 @@ class ReFLTrainer:
         self.scheduler = training_scheduler(comps.scheduler_config)
         # the SDXL VAE overflows in fp16 (config force_upcast): it decodes in fp32 unless an fp16-fix VAE is given
         keep_fp32 = self.family.name == "sdxl" and getattr(comps.vae.config, "force_upcast", False)
+        offloaded = [e for e in comps.text_encoders if e is not None] if cfg.offload_text_encoders else []
         for module in comps.frozen_modules():
-            module.requires_grad_(False).eval().to(acc.device)
+            module.requires_grad_(False).eval().to("cpu" if any(module is e for e in offloaded) else acc.device)
             if self.weight_dtype != torch.float32 and not (keep_fp32 and module is comps.vae):
                 module.to(self.weight_dtype)
         reward_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
@@ -132,7 +136,7 @@ class ReFLTrainer:
             if self.weight_dtype != torch.float32:
                 unet.to(dtype=self.weight_dtype)
             from .lora import add_lora
-            params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
+            params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, targets=self.family.lora_targets)
         else:
             unet.requires_grad_(True)
             params = list(unet.parameters())
@@ -200,34 +204,60 @@ class ReFLTrainer:
         factor = 2 ** (len(self.components.vae.config.block_out_channels) - 1)
         return self.config.resolution // factor, self.config.resolution // factor
 
-    def encode(self, prompts: Sequence[str]) -> Conditioning:
-        return self.family.encode_prompts(self.components, prompts).to(self.weight_dtype)
+    @contextmanager
+    def text_encoders_ready(self) -> Iterator[None]:
+        """With ``--offload_text_encoders``: the text encoders on the accelerator inside, back on the CPU after."""
+        encoders = [e for e in self.components.text_encoders if e is not None]
+        if not self.config.offload_text_encoders:
+            yield
+            return
+        for encoder in encoders:
+            encoder.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
 
-    def generate_x0(self, prompts: Sequence[str], stop_index: int | None, generator: torch.Generator
-                    ) -> torch.Tensor:
-        """Rollout for ``prompts`` from fresh noise; x0 at ``stop_index`` (with grad) or the final sample."""
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """Prompt conditioning, computed once per micro-batch under ``no_grad`` (the family's encoders)."""
+        with self.text_encoders_ready():
+            return self.family.encode_prompts(self.components, prompts).to(self.accelerator.device, self.weight_dtype)
+
+    def encode_unconditional(self, batch: int) -> Conditioning:
+        with self.text_encoders_ready():
+            return self.family.unconditional(self.components, batch).to(self.accelerator.device, self.weight_dtype)
+
+    def generate_x0(self, prompts: Sequence[str], stop_index: int | None, generator: torch.Generator,
+                    backprop_steps: int = 1) -> torch.Tensor:
+        """Rollout for ``prompts`` from fresh noise; x0 at ``stop_index`` (with grad through the last
+        ``backprop_steps`` denoiser calls) or the final sample."""
         cfg = self.config
         cond = self.encode(prompts)
-        uncond = self.family.unconditional(self.components, len(prompts)).to(self.weight_dtype) \
-            if cfg.guidance_scale > 1.0 else None
+        uncond = self.encode_unconditional(len(prompts)) if cfg.guidance_scale > 1.0 else None
         h, w = self.latent_size()
         latents = initial_latents(len(prompts), self.components.vae.config.latent_channels, h, w, generator,
                                   self.accelerator.device)
         time_ids = self.family.time_ids(cfg.resolution, cfg.resolution)
         return rollout(self.unet, self.scheduler, self.family, cond, latents,
                        num_inference_steps=cfg.num_inference_steps, stop_index=stop_index, uncond=uncond,
-                       guidance_scale=cfg.guidance_scale, generator=generator, time_ids=time_ids)
+                       guidance_scale=cfg.guidance_scale, generator=generator, time_ids=time_ids,
+                       backprop_steps=backprop_steps,
+                       checkpoint_steps=cfg.gradient_checkpointing and backprop_steps > 1)
 
     def compute_loss(self, prompts: Sequence[str], micro_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The ReFL loss of one micro-batch (plus the weighted pre-training loss when enabled)."""
         cfg = self.config
         stop = draw_stop_index(cfg.stop_step_min, cfg.stop_step_max, self.generator)
-        x0 = self.generate_x0(prompts, stop, self.generator)
+        k = draw_backprop_steps(cfg.backprop_steps, cfg.random_backprop_steps, self.generator)
+        x0 = self.generate_x0(prompts, stop, self.generator, backprop_steps=k)
         images = decode(self.components.vae, x0)
         rewards, parts = self.reward.score_grad_parts(images, list(prompts))
         loss = refl_loss(rewards, cfg.grad_scale, cfg.reward_margin)
         stats = {"reward_loss": loss.detach(), "reward_mean": rewards.detach().mean(),
                  "reward_std": rewards.detach().std(unbiased=False), "stop_index": torch.tensor(float(stop))}
+        if cfg.backprop_steps > 1:
+            stats["backprop_steps"] = torch.tensor(float(k))
         if len(parts) > 1:
             stats.update({f"reward/{name}": value.detach().mean() for name, value in parts.items()})
         if self.pretrain is not None:
@@ -285,7 +315,7 @@ class ReFLTrainer:
         self.setup()
         cfg, acc = self.config, self.accelerator
         logger.info("ReFL: %d prompts, %d updates, %d trainable parameters (%s)", len(self.prompts),
-                    self.max_train_steps, self.n_trainable, "LoRA" if cfg.lora_rank else "full UNet")
+                    self.max_train_steps, self.n_trainable, "LoRA" if cfg.lora_rank else f"full {self.family.denoiser_name}")
         bar = tqdm(total=self.max_train_steps, initial=self.global_step, disable=not acc.is_local_main_process,
                    desc="ReFL")
         while self.global_step < self.max_train_steps:
@@ -401,7 +431,8 @@ class ReFLTrainer:
                 prompts, None, torch.Generator().manual_seed(seed))).cpu()}
             pipe = self.family.build_pipeline(self.components, acc.unwrap_model(self.unet))
             pipe.set_progress_bar_config(disable=True)
-            with torch.autocast(acc.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
+            with torch.autocast(acc.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32), \
+                    self.text_encoders_ready():
                 out = pipe(prompts, height=cfg.resolution, width=cfg.resolution, output_type="pt",
                            generator=torch.Generator().manual_seed(seed))
             images["default_setting"] = out.images.float().cpu()
@@ -470,7 +501,7 @@ class ReFLTrainer:
 
     def _save_pipeline(self, unet: Any, out: Path) -> None:
         cfg = self.config
-        kwargs: dict[str, Any] = {"unet": unet, "revision": cfg.revision, "variant": cfg.variant,
+        kwargs: dict[str, Any] = {self.family.denoiser_name: unet, "revision": cfg.revision, "variant": cfg.variant,
                                   "cache_dir": cfg.cache_dir}
         if cfg.pretrained_vae_model_name_or_path:
             from diffusers import AutoencoderKL
@@ -486,7 +517,7 @@ class ReFLTrainer:
             "---", "library_name: diffusers", f"base_model: {cfg.pretrained_model_name_or_path}",
             "tags: [image-reward, refl, text-to-image]", "---", "",
             f"# ReFL fine-tune of {cfg.pretrained_model_name_or_path}", "",
-            f"Trained with ImageReward ReFL ({'LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else 'full UNet'}, "
+            f"Trained with ImageReward ReFL ({'LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else 'full ' + self.family.denoiser_name}, "
             f"family {cfg.model_family}) for {self.global_step} updates on reward `{cfg.reward}`.", "",
             "## Final training values", "", "```json", json.dumps(last, indent=1), "```", "",
         ]
