@@ -284,7 +284,7 @@ class FlowMatchFamily(ModelFamily):
         return super().load_components(base, revision=revision, variant=variant, vae=vae, cache_dir=cache_dir)
 
     def _encoder_pipeline(self, components: Components) -> Any:
-        """The family's pipeline around the text encoders only, for its own ``encode_prompt``."""
+        """The family's pipeline around the loaded components, for its own ``encode_prompt``."""
         raise NotImplementedError
 
     def _device(self, components: Components) -> torch.device:
@@ -348,7 +348,7 @@ class SD3Family(FlowMatchFamily):
     def _encoder_pipeline(self, components: Components) -> Any:
         (te1, te2, te3), (tok1, tok2, tok3) = components.text_encoders, components.tokenizers
         return self.pipeline_class()(
-            transformer=None, scheduler=None, vae=components.vae, text_encoder=te1, tokenizer=tok1,
+            transformer=components.unet, scheduler=None, vae=components.vae, text_encoder=te1, tokenizer=tok1,
             text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3)
 
     @torch.no_grad()
@@ -391,7 +391,7 @@ class FluxFamily(FlowMatchFamily):
     def _encoder_pipeline(self, components: Components) -> Any:
         (te1, te2), (tok1, tok2) = components.text_encoders, components.tokenizers
         return self.pipeline_class()(scheduler=None, vae=components.vae, text_encoder=te1, tokenizer=tok1,
-                                     text_encoder_2=te2, tokenizer_2=tok2, transformer=None)
+                                     text_encoder_2=te2, tokenizer_2=tok2, transformer=components.unet)
 
     @torch.no_grad()
     def encode_prompts(self, components: Components, prompts: Sequence[str]) -> Conditioning:

@@ -178,6 +178,10 @@ class ReFLTrainer:
         lr_scheduler = diffusers.optimization.get_scheduler(
             cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
             num_training_steps=self.max_train_steps * acc.num_processes)
+        self.fsdp = acc.distributed_type.name == "FSDP"
+        if self.fsdp and (cfg.lora_rank or cfg.use_ema):
+            raise ReFLConfigError("the FSDP launch config is for full fine-tuning without --use_ema (a LoRA fits "
+                                  "one GPU: launch it without FSDP)")
         self.unet, self.optimizer, self.lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
 
         self.pretrain = None
@@ -429,13 +433,14 @@ class ReFLTrainer:
         try:
             images = {"train_setting": decode(self.components.vae, self.generate_x0(
                 prompts, None, torch.Generator().manual_seed(seed))).cpu()}
-            pipe = self.family.build_pipeline(self.components, acc.unwrap_model(self.unet))
-            pipe.set_progress_bar_config(disable=True)
-            with torch.autocast(acc.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32), \
-                    self.text_encoders_ready():
-                out = pipe(prompts, height=cfg.resolution, width=cfg.resolution, output_type="pt",
-                           generator=torch.Generator().manual_seed(seed))
-            images["default_setting"] = out.images.float().cpu()
+            if not self.fsdp:  # under FSDP the pipeline would call the bare, sharded module
+                pipe = self.family.build_pipeline(self.components, acc.unwrap_model(self.unet))
+                pipe.set_progress_bar_config(disable=True)
+                with torch.autocast(acc.device.type, dtype=self.weight_dtype,
+                                    enabled=self.weight_dtype != torch.float32), self.text_encoders_ready():
+                    out = pipe(prompts, height=cfg.resolution, width=cfg.resolution, output_type="pt",
+                               generator=torch.Generator().manual_seed(seed))
+                images["default_setting"] = out.images.float().cpu()
         finally:
             self.unet.train()
             if ema_swapped:
@@ -482,8 +487,14 @@ class ReFLTrainer:
         acc, cfg = self.accelerator, self.config
         acc.wait_for_everyone()
         out = Path(cfg.output_dir)
+        # under FSDP every process takes part in gathering the full state; the main process gets it (on the CPU)
+        full_state = acc.get_state_dict(self.unet) if self.fsdp else None
         if acc.is_main_process:
             unet = acc.unwrap_model(self.unet)
+            if full_state is not None:
+                with torch.device("meta"):
+                    unet = type(self.components.unet).from_config(self.components.unet.config)
+                unet.load_state_dict(full_state, assign=True)
             if cfg.lora_rank:
                 from .lora import save_lora
                 save_lora(self.family, unet, out)
