@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import typing
@@ -118,7 +119,7 @@ class ReFLConfig:
     report_to: str = _opt("tensorboard", "tensorboard, wandb, all or none")
     tracker_project_name: str = _opt("text2image-refl", "tracker project")
     checkpointing_steps: int = _opt(100, "save state every N optimizer updates")
-    checkpoints_total_limit: int | None = _opt(None, "keep at most N checkpoints")
+    checkpoints_total_limit: int | None = _opt(3, "keep at most N checkpoints (0 = keep all)")
     resume_from_checkpoint: str | None = _opt(None, "checkpoint folder, its name in output_dir, or 'latest'")
     validation_prompts: list[str] | None = _opt(None, "prompts rendered at every validation", nargs="+")
     validation_steps: int = _opt(100, "validate every N optimizer updates (and at the end)")
@@ -179,8 +180,11 @@ class ReFLConfig:
             raise ReFLConfigError("--lora_alpha needs --lora_rank > 0")
         if self.use_ema and self.lora_rank:
             raise ReFLConfigError("--use_ema is for full fine-tuning; it cannot be combined with --lora_rank")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            bad("checkpoints_total_limit", "an integer >= 1")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 0:
+            bad("checkpoints_total_limit", "an integer >= 0 (0 = keep all)")
+        if self.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+            raise ReFLConfigError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
+                                  "without it the trainer uses torch's scaled_dot_product_attention")
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             bad("report_to", "one of tensorboard, wandb, all, none")
         if self.train_data is None and self.dataset_name is None:

@@ -93,33 +93,57 @@ class ModelFamily:
 
     # ---------------------------------------------------------------- loading
     def load_components(self, base: str, *, revision: str | None = None, variant: str | None = None,
-                        vae: str | None = None, cache_dir: str | None = None) -> Components:
-        """Load UNet, VAE, tokenizers and text encoders of ``base`` (a Hub id or a diffusers folder)."""
+                        vae: str | None = None, cache_dir: str | None = None,
+                        weight_dtype: torch.dtype = torch.float32,
+                        trainable_dtype: torch.dtype = torch.float32) -> Components:
+        """Load UNet, VAE, tokenizers and text encoders of ``base`` (a Hub id or a diffusers folder).
+
+        Every module is loaded in an explicit dtype, never the one its files happen to be stored in (an
+        ``--variant fp16`` or fp16-only base would otherwise leave some modules in fp16 next to an fp32 UNet):
+        the frozen text encoders in ``weight_dtype`` (the training precision: fp32, fp16 or bf16), the VAE in
+        :meth:`vae_dtype`, the UNet in ``trainable_dtype`` (fp32 for a full fine-tune, ``weight_dtype`` as the
+        frozen base of a LoRA)."""
         import transformers
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         import diffusers
 
+        from .compat import dtype_kwargs, quiet_torchvision_fallback
+
+        quiet_torchvision_fallback()
         common = {"revision": revision, "cache_dir": cache_dir}
-        used = [self.uses_text_encoder(i) for i in range(len(self.text_encoder_classes))]
+        count = len(self.text_encoder_classes)
+        assert len(self.tokenizer_classes) == len(self.tokenizer_subfolders) == len(self.text_encoder_subfolders) \
+            == count, f"{type(self).__name__}: one tokenizer class and subfolder per text encoder"
+        used = [self.uses_text_encoder(i) for i in range(count)]
         tokenizers = [getattr(transformers, cls).from_pretrained(base, subfolder=sub, **common) if use else None
                       for cls, sub, use in zip(self.tokenizer_classes, self.tokenizer_subfolders, used)]
-        encoders = [getattr(transformers, cls).from_pretrained(base, subfolder=sub, variant=variant, **common)
+        encoders = [getattr(transformers, cls).from_pretrained(base, subfolder=sub, variant=variant, **common,
+                                                               **dtype_kwargs("transformers", weight_dtype))
                     if use else None
                     for cls, sub, use in zip(self.text_encoder_classes, self.text_encoder_subfolders, used)]
-        if vae:
-            vae_model = AutoencoderKL.from_pretrained(vae, **common)
-        else:
-            vae_model = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=variant, **common)
+        vae_source = {"pretrained_model_name_or_path": vae} if vae else \
+            {"pretrained_model_name_or_path": base, "subfolder": "vae", "variant": variant}
+        vae_config = AutoencoderKL.load_config(**vae_source, **common)
+        vae_model = AutoencoderKL.from_pretrained(**vae_source, **common,
+                                                  **dtype_kwargs("diffusers", self.vae_dtype(vae_config, weight_dtype)))
         denoiser_cls = UNet2DConditionModel if self.denoiser_name == "unet" else getattr(
             diffusers, self.denoiser_class_name)
-        unet = denoiser_cls.from_pretrained(base, subfolder=self.denoiser_name, variant=variant, **common)
+        unet = denoiser_cls.from_pretrained(base, subfolder=self.denoiser_name, variant=variant, **common,
+                                            **dtype_kwargs("diffusers", trainable_dtype))
         scheduler_config = dict(DDPMScheduler.load_config(base, subfolder="scheduler", **common))
         return Components(unet, vae_model, encoders, tokenizers, scheduler_config, source=base, revision=revision)
+
+    def vae_dtype(self, vae_config: Any, weight_dtype: torch.dtype) -> torch.dtype:
+        """The VAE's dtype at training precision ``weight_dtype``: the same for SD1.x (its VAE is fine in fp16)."""
+        return weight_dtype
 
     def pipeline_class(self) -> Any:
         import diffusers
 
+        from .compat import quiet_torchvision_fallback
+
+        quiet_torchvision_fallback()
         return getattr(diffusers, self.pipeline_class_name)
 
     def check_unet(self, unet: Any) -> None:
@@ -193,8 +217,18 @@ class SDXLFamily(ModelFamily):
     name = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
     text_encoder_classes = ("CLIPTextModel", "CLIPTextModelWithProjection")
+    tokenizer_classes = ("CLIPTokenizer", "CLIPTokenizer")
     tokenizer_subfolders = ("tokenizer", "tokenizer_2")
     text_encoder_subfolders = ("text_encoder", "text_encoder_2")
+
+    def vae_dtype(self, vae_config: Any, weight_dtype: torch.dtype) -> torch.dtype:
+        """fp32 when training in fp16 and the VAE's config says ``force_upcast`` (the SDXL VAE overflows in fp16,
+        as the SDXL pipeline knows; an fp16-fix VAE says ``force_upcast: false``); else ``weight_dtype``. bf16
+        has fp32's exponent range, so the VAE runs in bf16 under bf16 (half the decode memory)."""
+        config = vae_config if isinstance(vae_config, dict) else dict(vae_config)
+        if weight_dtype == torch.float16 and config.get("force_upcast", True):
+            return torch.float32
+        return weight_dtype
 
     def check_unet(self, unet: Any) -> None:
         if getattr(unet.config, "addition_embed_type", None) != "text_time":
@@ -265,10 +299,11 @@ class FlowMatchFamily(ModelFamily):
             raise ReFLConfigError(f"--model_family {self.name} expects a {self.denoiser_class_name}, this base "
                                   f"model has a {type(unet).__name__}")
 
-    def load_components(self, base: str, *, revision: str | None = None, variant: str | None = None,
-                        vae: str | None = None, cache_dir: str | None = None) -> Components:
-        """As :meth:`ModelFamily.load_components`, after checking ``model_index.json`` names this family's pipeline
-        (a FLUX folder run as sd3 fails here with the right ``--model_family``, before any weight loads)."""
+    def load_components(self, base: str, *, revision: str | None = None, cache_dir: str | None = None,
+                        **options: Any) -> Components:
+        """As :meth:`ModelFamily.load_components` (same options), after checking ``model_index.json`` names this
+        family's pipeline (a FLUX folder run as sd3 fails here with the right ``--model_family``, before any
+        weight loads)."""
         from diffusers import DiffusionPipeline
 
         try:
@@ -281,7 +316,7 @@ class FlowMatchFamily(ModelFamily):
                          if f.pipeline_class_name == found), "")
             raise ReFLConfigError(f"--model_family {self.name} expects a {self.pipeline_class_name}, "
                                   f"{base!r} is a {found}{hint}")
-        return super().load_components(base, revision=revision, variant=variant, vae=vae, cache_dir=cache_dir)
+        return super().load_components(base, revision=revision, cache_dir=cache_dir, **options)
 
     def _encoder_pipeline(self, components: Components) -> Any:
         """The family's pipeline around the loaded components, for its own ``encode_prompt``."""

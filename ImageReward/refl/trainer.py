@@ -30,11 +30,12 @@ from .rewards import WeightedReward, as_reward
 from .rollout import (decode, draw_backprop_steps, draw_stop_index, initial_latents, rollout,
                       training_scheduler)
 
-__all__ = ["ReFLTrainer", "find_checkpoint"]
+__all__ = ["ReFLTrainer", "find_checkpoint", "hub_model_id"]
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "refl_state.json"
+TRAINABLE_NAME = "trainable.safetensors"  # a LoRA run's checkpoint: the trainable weights only
 _TINY_UPDATE_PATIENCE = 10
 
 
@@ -46,6 +47,24 @@ def find_checkpoint(output_dir: str | os.PathLike, name: str) -> Path | None:
         return path if path.is_dir() else None
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def hub_model_id(name_or_path: str) -> str | None:
+    """The Hub repo id of a base model: ``name_or_path`` itself when it is one (``org/name``, not a folder here),
+    the id a Hugging Face cache folder stands for (``.../models--org--name/snapshots/<sha>``), else None."""
+    path = Path(name_or_path)
+    for part in reversed(path.parts):
+        if part.startswith("models--") and len(part.split("--")) >= 3:
+            return "/".join(part.split("--")[1:])
+    if not path.exists() and len(path.parts) in (1, 2) and not path.is_absolute() and "\\" not in name_or_path:
+        return name_or_path
+    return None
+
+
+def _portable_arguments(args: dict[str, Any]) -> dict[str, Any]:
+    """The run's options for the model card, with absolute local paths shortened to their last component."""
+    return {key: Path(value).name if isinstance(value, str) and os.path.isabs(value) else value
+            for key, value in args.items()}
 
 
 def _flat(value: Any) -> Any:
@@ -84,6 +103,9 @@ class ReFLTrainer:
         """Build accelerator, models, optimizer, EMA and trackers; resume if asked. Called by :meth:`train`."""
         if self._set_up:
             return
+        from .compat import quiet_torchvision_fallback
+
+        quiet_torchvision_fallback()  # before diffusers imports its pipeline modules
         import diffusers
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
@@ -106,19 +128,19 @@ class ReFLTrainer:
                                 num_processes=acc.num_processes)
 
         # models ---------------------------------------------------------------------------------
-        comps = self.family.load_components(cfg.pretrained_model_name_or_path, revision=cfg.revision,
-                                            variant=cfg.variant, vae=cfg.pretrained_vae_model_name_or_path,
-                                            cache_dir=cfg.cache_dir)
+        # every module in an explicit dtype (an fp16 base trains in fp32 without --mixed_precision): frozen ones
+        # in the training precision (the family keeps a force_upcast VAE in fp32 under fp16), the trained UNet
+        # in fp32 (full fine-tune) or in the training precision under a float32 LoRA
+        comps = self.family.load_components(
+            cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
+            vae=cfg.pretrained_vae_model_name_or_path, cache_dir=cfg.cache_dir, weight_dtype=self.weight_dtype,
+            trainable_dtype=self.weight_dtype if cfg.lora_rank else torch.float32)
         self.family.check_unet(comps.unet)
         self.components = comps
         self.scheduler = training_scheduler(comps.scheduler_config)
-        # the SDXL VAE overflows in fp16 (config force_upcast): it decodes in fp32 unless an fp16-fix VAE is given
-        keep_fp32 = self.family.name == "sdxl" and getattr(comps.vae.config, "force_upcast", False)
         offloaded = [e for e in comps.text_encoders if e is not None] if cfg.offload_text_encoders else []
         for module in comps.frozen_modules():
             module.requires_grad_(False).eval().to("cpu" if any(module is e for e in offloaded) else acc.device)
-            if self.weight_dtype != torch.float32 and not (keep_fp32 and module is comps.vae):
-                module.to(self.weight_dtype)
         reward_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
         self.reward = as_reward(self._reward_arg, device=acc.device, download_root=cfg.reward_download_root,
                                 dtype=reward_dtype).to(acc.device)
@@ -133,8 +155,6 @@ class ReFLTrainer:
 
         unet = comps.unet
         if cfg.lora_rank:
-            if self.weight_dtype != torch.float32:
-                unet.to(dtype=self.weight_dtype)
             from .lora import add_lora
             params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, targets=self.family.lora_targets)
         else:
@@ -142,12 +162,11 @@ class ReFLTrainer:
             params = list(unet.parameters())
         unet.to(acc.device).train()
         if cfg.gradient_checkpointing:
+            # the decode with gradients costs as much memory as the UNet step (SD1.5 at 512 px: 6.3 GB in fp32)
             unet.enable_gradient_checkpointing()
-        if cfg.enable_xformers_memory_efficient_attention:
-            try:
-                unet.enable_xformers_memory_efficient_attention()
-            except Exception as err:  # diffusers raises ValueError/ModuleNotFoundError without xformers
-                raise ReFLConfigError(f"--enable_xformers_memory_efficient_attention: {err}") from err
+            comps.vae.enable_gradient_checkpointing()
+        if cfg.enable_xformers_memory_efficient_attention:  # installed: checked in config.validate()
+            unet.enable_xformers_memory_efficient_attention()
         self.trainable = params
         self.n_trainable = sum(p.numel() for p in params)
 
@@ -183,6 +202,9 @@ class ReFLTrainer:
             raise ReFLConfigError("the FSDP launch config is for full fine-tuning without --use_ema (a LoRA fits "
                                   "one GPU: launch it without FSDP)")
         self.unet, self.optimizer, self.lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
+        if cfg.lora_rank:  # checkpoints hold the LoRA (trainable) weights, not the frozen UNet
+            acc.register_save_state_pre_hook(self._checkpoint_trainable_only)
+            acc.register_load_state_pre_hook(self._resume_trainable_only)
 
         self.pretrain = None
         if self.pretrain_examples is not None:
@@ -331,13 +353,25 @@ class ReFLTrainer:
             if self.global_step % cfg.checkpointing_steps == 0:
                 self.save_checkpoint()
             if cfg.validation_prompts and self.global_step % cfg.validation_steps == 0:
-                self.validate()
+                self._validate_safely()
         bar.close()
+        out = self.save_final()  # the trained weights first: a failing validation cannot cost them
         if cfg.validation_prompts and (not self.validations or self.validations[-1]["step"] != self.global_step):
-            self.validate()
-        self.save_final()
+            if self._validate_safely() is not None and acc.is_main_process:
+                self._write_model_card(out)  # now with the final validation rewards
         acc.end_training()
         return {"global_step": self.global_step, "history": self.history, "validation": self.validations}
+
+    def _validate_safely(self) -> dict[str, Any] | None:
+        """:meth:`validate`, but a failure is logged (with its traceback) and recorded instead of ending the run:
+        validation only reports, it must never lose training."""
+        try:
+            return self.validate()
+        except Exception as err:  # noqa: BLE001 - any failure of the report; training goes on
+            logger.exception("validation at step %d failed; training continues and weights are saved",
+                             self.global_step)
+            self.validations.append({"step": self.global_step, "error": f"{type(err).__name__}: {err}"})
+            return None
 
     # ================================================================== checkpoints
     def save_checkpoint(self) -> Path:
@@ -360,8 +394,10 @@ class ReFLTrainer:
                           str(tmp / "ema.safetensors"))
                 state["ema_optimization_step"] = self.ema.optimization_step
             if self.config.lora_rank:
-                from .lora import save_lora
-                save_lora(self.family, acc.unwrap_model(self.unet), tmp / "lora", kohya=False)
+                from .lora import save_lora, save_trainable_state
+                unet = acc.unwrap_model(self.unet)
+                save_trainable_state(unet, tmp / TRAINABLE_NAME)  # what resume reads (exact, by parameter name)
+                save_lora(self.family, unet, tmp / "lora", kohya=False)  # the diffusers file, for users
             (tmp / STATE_NAME).write_text(json.dumps(state))
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -373,9 +409,32 @@ class ReFLTrainer:
         acc.wait_for_everyone()
         return final
 
+    def _checkpoint_trainable_only(self, models: list[Any], weights: list[dict], output_dir: str) -> None:
+        """accelerate save-state hook of LoRA runs: drop the UNet's full state dict from what accelerate writes
+        (``save_checkpoint`` writes the trainable weights itself), as diffusers' LoRA training scripts do."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        for i in reversed(range(len(weights))):
+            if self.accelerator.unwrap_model(models[i]) is unet:
+                weights.pop(i)
+
+    def _resume_trainable_only(self, models: list[Any], input_dir: str) -> None:
+        """accelerate load-state hook of LoRA runs: take the UNet out of what accelerate loads and copy the
+        trainable weights back from ``trainable.safetensors``. A checkpoint without it (written before
+        checkpoints held the LoRA only) still loads through accelerate's full ``model.safetensors``."""
+        path = Path(input_dir) / TRAINABLE_NAME
+        if not path.is_file():
+            return
+        from .lora import load_trainable_state
+
+        unet = self.accelerator.unwrap_model(self.unet)
+        for i in reversed(range(len(models))):
+            if self.accelerator.unwrap_model(models[i]) is unet:
+                models.pop(i)
+        load_trainable_state(unet, path)
+
     def _prune_checkpoints(self) -> None:
         limit = self.config.checkpoints_total_limit
-        if limit is None:
+        if not limit:  # 0 (or None): keep every checkpoint
             return
         found = sorted((p for p in Path(self.config.output_dir).glob("checkpoint-*")
                         if p.is_dir() and p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
@@ -511,29 +570,40 @@ class ReFLTrainer:
         return out
 
     def _save_pipeline(self, unet: Any, out: Path) -> None:
+        """The base pipeline with the trained UNet, every component in float32 (the UNet's master precision; a
+        base stored in fp16 would otherwise give a pipeline of mixed dtypes), with standard class names."""
+        from .compat import dtype_kwargs, make_pipeline_portable
+
         cfg = self.config
-        kwargs: dict[str, Any] = {self.family.denoiser_name: unet, "revision": cfg.revision, "variant": cfg.variant,
-                                  "cache_dir": cfg.cache_dir}
+        fp32 = dtype_kwargs("diffusers", torch.float32)
+        kwargs: dict[str, Any] = {self.family.denoiser_name: unet.to(torch.float32), "revision": cfg.revision,
+                                  "variant": cfg.variant, "cache_dir": cfg.cache_dir, **fp32}
         if cfg.pretrained_vae_model_name_or_path:
             from diffusers import AutoencoderKL
-            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, cache_dir=cfg.cache_dir)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, cache_dir=cfg.cache_dir,
+                                                          **fp32)
         pipe = self.family.pipeline_class().from_pretrained(cfg.pretrained_model_name_or_path, **kwargs)
         pipe.save_pretrained(out)
+        make_pipeline_portable(out)
 
     def _write_model_card(self, out: Path) -> None:
         cfg = self.config
         last = self.history[-1] if self.history else {}
         final_val = self.validations[-1] if self.validations else None
-        lines = [
-            "---", "library_name: diffusers", f"base_model: {cfg.pretrained_model_name_or_path}",
+        base_id = hub_model_id(cfg.pretrained_model_name_or_path)
+        base_name = base_id or Path(cfg.pretrained_model_name_or_path).name
+        lines = ["---", "library_name: diffusers"]
+        if base_id:  # the Hub's base_model must be a repo id; a local folder's path would not be portable
+            lines.append(f"base_model: {base_id}")
+        lines += [
             "tags: [image-reward, refl, text-to-image]", "---", "",
-            f"# ReFL fine-tune of {cfg.pretrained_model_name_or_path}", "",
+            f"# ReFL fine-tune of {base_name}", "",
             f"Trained with ImageReward ReFL ({'LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else 'full ' + self.family.denoiser_name}, "
             f"family {cfg.model_family}) for {self.global_step} updates on reward `{cfg.reward}`.", "",
             "## Final training values", "", "```json", json.dumps(last, indent=1), "```", "",
         ]
         if final_val is not None:
             lines += ["## Final validation rewards", "", "```json", json.dumps(final_val, indent=1), "```", ""]
-        lines += ["## Arguments", "", "```json", json.dumps(cfg.to_dict(), indent=1), "```", ""]
+        lines += ["## Arguments", "", "```json", json.dumps(_portable_arguments(cfg.to_dict()), indent=1), "```", ""]
         (out / "README.md").write_text("\n".join(lines))
         cfg.save(out / "refl_args.json")
