@@ -6,7 +6,7 @@ FLUX transformers); ``real`` pipelines have the SD1.x / SDXL / FLUX.1-dev archit
 weights, no download) with a full-size ImageReward. The real FLUX pipeline's T5 is a 2-layer stand-in of T5-XXL's
 width (it runs once per update under no_grad; the real T5-XXL adds 9.5 GB of bf16 weights unless offloaded).
 
-    python benchmarks/bench_refl.py                                  # tiny, CPU: sd1/sdxl/sd3/flux x full/LoRA (+ K = 4)
+    python benchmarks/bench_refl.py                                  # tiny, CPU: sd1/sdxl/sd3/flux, full/LoRA/K=4
     python benchmarks/bench_refl.py --size real --device cuda        # one real-size update per config (GPU)
     python benchmarks/bench_refl.py --configs sdxl:lora4:bf16:ckpt --size real --device cuda
     python benchmarks/bench_refl.py --size real --device cuda \

@@ -154,9 +154,9 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True):
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 4, 8))
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=guidance_embeds, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-        max_image_seq_len=4096)
+    scheduler = FlowMatchEulerDiscreteScheduler(  # dev: dynamic shifting; schnell: shift 1, no dynamic shifting
+        shift=3.0 if guidance_embeds else 1.0, use_dynamic_shifting=guidance_embeds, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     return FluxPipeline(scheduler=scheduler, vae=_vae(0.3611, 0.1159), text_encoder=_text_encoder(tokenizer, False),
                         tokenizer=tokenizer, text_encoder_2=_t5_encoder(tokenizer_2), tokenizer_2=tokenizer_2,

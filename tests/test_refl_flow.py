@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from refl_tiny import HELD_OUT, PROMPTS, _one_thread, save_tiny, tiny_reward  # noqa: E402,F401 (autouse fixture)
+from refl_tiny import (HELD_OUT, PROMPTS, _one_thread, build_tiny_flux, save_tiny,  # noqa: E402,F401 (autouse)
+                       tiny_reward)
 
 from ImageReward.refl import ReFLConfig, ReFLConfigError, ReFLTrainer, get_family, parse_args  # noqa: E402
 from ImageReward.refl.rollout import decode, rollout, training_scheduler  # noqa: E402
@@ -26,7 +27,9 @@ FLOW = ["sd3", "flux"]
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_flow")
-    return {family: save_tiny(family, root / family) for family in FLOW}
+    bases = {family: save_tiny(family, root / family) for family in FLOW}
+    build_tiny_flux(guidance_embeds=False).save_pretrained(root / "schnell")  # FLUX.1-schnell: no guidance embedding
+    return {**bases, "schnell": root / "schnell"}
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +64,14 @@ def record_calls(model) -> list[tuple[bool, float]]:
 
 
 # ---------------------------------------------------------------------------------------------- the rollout
-@pytest.mark.parametrize("family_name, guidance", [("sd3", 1.0), ("sd3", 3.0), ("flux", 1.0)])
-def test_inference_rollout_equals_the_diffusers_pipeline(bases, family_name, guidance):
+@pytest.mark.parametrize("base_name, guidance", [("sd3", 1.0), ("sd3", 3.0), ("flux", 1.0), ("schnell", 1.0)])
+def test_inference_rollout_equals_the_diffusers_pipeline(bases, base_name, guidance):
     """stop_index=None runs the whole chain: the same latents as StableDiffusion3Pipeline / FluxPipeline given the
     same start noise (schedule with shift / dynamic-shift mu, timestep scaling, FLUX packing and guidance
     embedding, SD3 classifier-free guidance on the empty prompt)."""
+    family_name = "flux" if base_name == "schnell" else base_name
     family = get_family(family_name)
-    comps = family.load_components(str(bases[family_name]))
+    comps = family.load_components(str(bases[base_name]))
     pipe = family.build_pipeline(comps, comps.unet)
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -95,12 +99,14 @@ def test_inference_rollout_equals_the_diffusers_pipeline(bases, family_name, gui
         final = rollout(comps.unet, scheduler, family, cond, noise, num_inference_steps=8, uncond=uncond,
                         guidance_scale=guidance)
     assert seen == pytest.approx(scheduler.timesteps.tolist())
-    if family_name == "flux":  # the dynamic shift: mu from the 8x8 = 64 image tokens, as FluxPipeline
+    if base_name == "flux":  # the dynamic shift: mu from the 8x8 = 64 image tokens, as FluxPipeline
         mu = 64 * (1.15 - 0.5) / (4096 - 256) + 0.5 - (1.15 - 0.5) / (4096 - 256) * 256
         s = np.linspace(1.0, 1 / 8, 8)
         assert scheduler.sigmas[:-1].tolist() == pytest.approx((math.exp(mu) / (math.exp(mu) + 1 / s - 1)).tolist(),
                                                                rel=1e-5)
         assert [t for _, t in calls] == pytest.approx([t / 1000 for t in seen], rel=1e-5)  # FLUX takes t / 1000
+    elif base_name == "schnell":  # shift 1, sigmas linspace(1, 1/N, N); no guidance embedding
+        assert scheduler.sigmas[:-1].tolist() == pytest.approx(np.linspace(1.0, 1 / 8, 8).tolist(), rel=1e-5)
     else:  # shift 3
         sigma = scheduler.sigmas[3].item()
         assert seen[3] / 1000 == pytest.approx(sigma, rel=1e-5)

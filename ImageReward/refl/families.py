@@ -80,7 +80,6 @@ class ModelFamily:
     tokenizer_subfolders: tuple[str, ...] = ("tokenizer",)
     text_encoder_subfolders: tuple[str, ...] = ("text_encoder",)
     lora_targets: tuple[str, ...] = LORA_TARGETS
-    supports_pretrain_loss = True
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelFamily":
@@ -287,9 +286,9 @@ class FlowMatchFamily(ModelFamily):
     tokenizer_classes = ("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast")
     # the MMDiT attention projections, image and text streams (SD3.5's second attention ``attn2`` included)
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-    supports_pretrain_loss = False
     default_max_sequence_length = 256
     default_sigmas = False  # FluxPipeline passes sigmas linspace(1, 1/N, N); StableDiffusion3Pipeline does not
+    default_max_shift = 1.16  # the pipelines' fallback when a dynamic-shifting config lacks max_shift
 
     def __init__(self, *, max_sequence_length: int | None = None) -> None:
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
@@ -329,18 +328,17 @@ class FlowMatchFamily(ModelFamily):
         import numpy as np
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        kwargs: dict[str, Any] = {}
-        if self.default_sigmas:
-            kwargs["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        if scheduler.config.get("use_dynamic_shifting", False):
+        config = scheduler.config
+        kwargs: dict[str, Any] = {"device": latents.device}
+        if config.get("use_dynamic_shifting", False):
             kwargs["mu"] = calculate_shift(
-                self.image_seq_len(latents), scheduler.config.get("base_image_seq_len", 256),
-                scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift", 0.5),
-                scheduler.config.get("max_shift", 1.15))
-        if "sigmas" in kwargs:
-            scheduler.set_timesteps(sigmas=kwargs.pop("sigmas"), device=latents.device, **kwargs)
+                self.image_seq_len(latents), config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                config.get("max_shift", self.default_max_shift))
+        if self.default_sigmas and not config.get("use_flow_sigmas", False):
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), **kwargs)
         else:
-            scheduler.set_timesteps(num_inference_steps, device=latents.device, **kwargs)
+            scheduler.set_timesteps(num_inference_steps, **kwargs)
         return scheduler.timesteps
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
@@ -388,7 +386,8 @@ class SD3Family(FlowMatchFamily):
 
     @torch.no_grad()
     def encode_prompts(self, components: Components, prompts: Sequence[str]) -> Conditioning:
-        """``StableDiffusion3Pipeline.encode_prompt``: hidden ``[B, 77 + T5 tokens, D_t5]``, pooled ``[B, P_l + P_g]``."""
+        """``StableDiffusion3Pipeline.encode_prompt``: hidden ``[B, 77 + T5 tokens, D_t5]``, pooled
+        ``[B, P_l + P_g]``."""
         hidden, _, pooled, _ = self._encoder_pipeline(components).encode_prompt(
             list(prompts), None, None, device=self._device(components), do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length)
@@ -414,6 +413,7 @@ class FluxFamily(FlowMatchFamily):
     text_encoder_subfolders = ("text_encoder", "text_encoder_2")
     default_max_sequence_length = 512
     default_sigmas = True
+    default_max_shift = 1.15
 
     def __init__(self, *, max_sequence_length: int | None = None, guidance: float = 3.5) -> None:
         super().__init__(max_sequence_length=max_sequence_length)

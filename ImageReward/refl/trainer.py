@@ -341,7 +341,8 @@ class ReFLTrainer:
         self.setup()
         cfg, acc = self.config, self.accelerator
         logger.info("ReFL: %d prompts, %d updates, %d trainable parameters (%s)", len(self.prompts),
-                    self.max_train_steps, self.n_trainable, "LoRA" if cfg.lora_rank else f"full {self.family.denoiser_name}")
+                    self.max_train_steps, self.n_trainable,
+                    "LoRA" if cfg.lora_rank else f"full {self.family.denoiser_name}")
         bar = tqdm(total=self.max_train_steps, initial=self.global_step, disable=not acc.is_local_main_process,
                    desc="ReFL")
         while self.global_step < self.max_train_steps:
@@ -598,7 +599,8 @@ class ReFLTrainer:
         lines += [
             "tags: [image-reward, refl, text-to-image]", "---", "",
             f"# ReFL fine-tune of {base_name}", "",
-            f"Trained with ImageReward ReFL ({'LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else 'full ' + self.family.denoiser_name}, "
+            f"Trained with ImageReward ReFL ("
+            f"{'LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else 'full ' + self.family.denoiser_name}, "
             f"family {cfg.model_family}) for {self.global_step} updates on reward `{cfg.reward}`.", "",
             "## Final training values", "", "```json", json.dumps(last, indent=1), "```", "",
         ]
