@@ -19,7 +19,7 @@ from refl_tiny import (HELD_OUT, PROMPTS, _one_thread, build_tiny_flux, save_tin
                        tiny_reward)
 
 from ImageReward.refl import ReFLConfig, ReFLConfigError, ReFLTrainer, get_family, parse_args  # noqa: E402
-from ImageReward.refl.rollout import decode, rollout, training_scheduler  # noqa: E402
+from ImageReward.refl.rollout import rollout, training_scheduler  # noqa: E402
 
 FLOW = ["sd3", "flux"]
 
