@@ -83,7 +83,7 @@ class ReFLConfig:
     max_train_steps: int | None = _opt(100, "optimizer updates (overrides --num_train_epochs)")
     num_train_epochs: int = _opt(100, "epochs over the prompts when --max_train_steps is not given")
     gradient_accumulation_steps: int = _opt(4, "micro-steps per optimizer update")
-    gradient_checkpointing: bool = _opt(False, "UNet gradient checkpointing")
+    gradient_checkpointing: bool = _opt(False, "gradient checkpointing of the UNet and the VAE decoder")
     learning_rate: float = _opt(1e-5, "AdamW learning rate")
     scale_lr: bool = _opt(False, "lr *= accumulation * batch * processes")
     lr_scheduler: str = _opt("constant", "diffusers get_scheduler name")
