@@ -197,18 +197,36 @@ def test_gradient_checkpointing_covers_the_vae_decode(prompt_file, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- portable outputs
-def test_saved_pipeline_names_the_standard_image_processor_and_a_portable_card(prompt_file, tmp_path):
-    """transformers 5 without torchvision saves ``CLIPImageProcessorPil`` (absent from transformers 4); the
-    saved pipeline names ``CLIPImageProcessor`` and still loads here. The card names no local path."""
+def test_saved_pipeline_is_in_the_layout_transformers_4_and_5_load(prompt_file, tmp_path):
+    """Saved by transformers 5 without torchvision, a pipeline named ``CLIPImageProcessorPil`` (absent from
+    transformers 4), had a tokenizer without ``vocab.json``/``merges.txt`` (transformers 4's CLIPTokenizer needs
+    them) and text-encoder weights without ``text_model.`` (transformers 4 then loads a random text encoder).
+    The saved pipeline has the standard layout, and loads here with the base's text encoder and tokenizer.
+    (Checked by hand to load and generate on transformers 4.57 + diffusers 0.35 too.) The card names no path."""
     import diffusers
+    from safetensors import safe_open
+    from transformers import CLIPTokenizer
 
     base = fp16_base("sd1", tmp_path / "base", variant=None)
     out = tmp_path / "out"
     ReFLTrainer(config(base, prompt_file, out), reward=tiny_reward()).train()
     index = json.loads((out / "model_index.json").read_text())
     assert index["feature_extractor"] == ["transformers", "CLIPImageProcessor"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    vocab = json.loads((out / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+    assert len(vocab) == 514 and vocab["<|endoftext|>"] == 513
+    assert (out / "tokenizer" / "merges.txt").read_text().startswith("#version: 0.2")
+    for path in (out / "text_encoder").glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            assert all(key.startswith("text_model.") for key in handle.keys())
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(out)
     assert pipe.feature_extractor.crop_size == {"height": 224, "width": 224}
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(base, **dtype_kwargs("diffusers", torch.float32))
+    ids = torch.tensor([[512, 70, 80, 513]])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.text_encoder(ids)[0], reference.text_encoder(ids)[0], rtol=0, atol=0)
+    assert CLIPTokenizer.from_pretrained(out / "tokenizer")("a cat").input_ids == \
+        reference.tokenizer("a cat").input_ids
     card = (out / "README.md").read_text()
     assert str(tmp_path) not in card and "base_model:" not in card and "# ReFL fine-tune of base" in card
 

@@ -5,6 +5,12 @@ torchvision.
   to ``CLIPImageProcessorPil``, logging a warning each time diffusers imports a pipeline module). A pipeline
   saved in such an environment names ``CLIPImageProcessorPil`` in ``model_index.json``, a class transformers 4
   does not have: :func:`make_pipeline_portable` writes the standard name back.
+* transformers 5 saves a tokenizer as ``tokenizer.json`` only; transformers 4's ``CLIPTokenizer`` (the class
+  ``model_index.json`` names) reads ``vocab.json`` + ``merges.txt``: :func:`make_pipeline_portable` writes them
+  from the ``tokenizer.json`` BPE model when they are missing.
+* transformers 5 flattened ``CLIPTextModel`` and saves its weights without the ``text_model.`` prefix, which
+  transformers 4 then silently skips (a random text encoder, with only a "newly initialized" warning):
+  :func:`make_pipeline_portable` writes the prefixed names, which both versions load.
 * transformers 4.56 and recent diffusers renamed ``torch_dtype=`` to ``dtype=`` (the old name warns):
   :func:`dtype_kwargs`.
 
@@ -65,19 +71,69 @@ def dtype_kwargs(library: str, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def make_pipeline_portable(folder: str | os.PathLike) -> list[str]:
-    """Rewrite transformers-5-only class names in a saved pipeline's ``model_index.json`` to the standard ones
-    both transformers 4 and 5 load (``CLIPImageProcessorPil`` -> ``CLIPImageProcessor``; transformers 5 maps the
-    standard name back to the PIL class when torchvision is absent). Returns the components rewritten."""
-    index_path = Path(folder) / "model_index.json"
+    """Make a saved diffusers pipeline load on transformers 4 and 5 alike. Returns the components changed.
+
+    * ``model_index.json``: transformers-5-only class names -> the standard ones (``CLIPImageProcessorPil`` ->
+      ``CLIPImageProcessor``; transformers 5 maps the standard name back to the PIL class without torchvision).
+    * BPE tokenizers saved as ``tokenizer.json`` only get the ``vocab.json`` and ``merges.txt`` that
+      transformers 4's slow tokenizer classes read (same vocabulary and merges, in the original CLIP format).
+    * ``CLIPTextModel`` weights get their ``text_model.`` prefix back (the layout of every released SD model)."""
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
     changed = []
     for name, value in index.items():
-        if (isinstance(value, list) and len(value) == 2 and value[0] == "transformers" and isinstance(value[1], str)
-                and value[1].endswith("ImageProcessor" + _PIL_SUFFIX)):
+        if not (isinstance(value, list) and len(value) == 2 and value[0] == "transformers" and isinstance(value[1], str)):
+            continue
+        if value[1].endswith("ImageProcessor" + _PIL_SUFFIX):
             value[1] = value[1][: -len(_PIL_SUFFIX)]
+            changed.append(name)
+        elif value[1].endswith("Tokenizer") and _write_slow_bpe_files(folder / name):
+            changed.append(name)
+        elif value[1] == "CLIPTextModel" and _prefix_clip_text_keys(folder / name):
             changed.append(name)
     if changed:
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        logger.info("model_index.json: standard image processor class names for %s (loads on transformers 4 and 5)",
-                    ", ".join(changed))
+        logger.info("saved pipeline made loadable on transformers 4 and 5: %s", ", ".join(changed))
+    return changed
+
+
+def _write_slow_bpe_files(tokenizer_dir: Path) -> bool:
+    """Write ``vocab.json`` / ``merges.txt`` from ``tokenizer.json`` (a BPE model) if they are missing."""
+    fast = tokenizer_dir / "tokenizer.json"
+    vocab_path, merges_path = tokenizer_dir / "vocab.json", tokenizer_dir / "merges.txt"
+    if not fast.is_file() or (vocab_path.is_file() and merges_path.is_file()):
+        return False
+    model = json.loads(fast.read_text(encoding="utf-8")).get("model", {})
+    if model.get("type") != "BPE":
+        return False
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    vocab_path.write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    merges_path.write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
+    return True
+
+
+_CLIP_TEXT_PREFIX = "text_model."
+
+
+def _prefix_clip_text_keys(model_dir: Path) -> bool:
+    """Rename ``CLIPTextModel`` weights saved without ``text_model.`` (transformers 5) to the prefixed names."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    changed = False
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            keys, metadata = list(handle.keys()), handle.metadata()
+            if all(key.startswith(_CLIP_TEXT_PREFIX) for key in keys):
+                continue
+            tensors = {key if key.startswith(_CLIP_TEXT_PREFIX) else _CLIP_TEXT_PREFIX + key: handle.get_tensor(key)
+                       for key in keys}
+        save_file(tensors, str(path), metadata=metadata)
+        changed = True
+    for index_path in model_dir.glob("*.safetensors.index.json"):
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index["weight_map"] = {k if k.startswith(_CLIP_TEXT_PREFIX) else _CLIP_TEXT_PREFIX + k: v
+                               for k, v in index.get("weight_map", {}).items()}
+        index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return changed

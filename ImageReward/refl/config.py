@@ -96,8 +96,8 @@ class ReFLConfig:
     max_train_steps: int | None = _opt(100, "optimizer updates (overrides --num_train_epochs)")
     num_train_epochs: int = _opt(100, "epochs over the prompts when --max_train_steps is not given")
     gradient_accumulation_steps: int = _opt(4, "micro-steps per optimizer update")
-    gradient_checkpointing: bool = _opt(False, "denoiser gradient checkpointing (with --backprop_steps > 1 also "
-                                        "each differentiable step is recomputed in the backward pass)")
+    gradient_checkpointing: bool = _opt(False, "gradient checkpointing of the denoiser and the VAE decoder (with "
+                                        "--backprop_steps > 1 each differentiable step is also recomputed whole)")
     learning_rate: float = _opt(1e-5, "AdamW learning rate")
     scale_lr: bool = _opt(False, "lr *= accumulation * batch * processes")
     lr_scheduler: str = _opt("constant", "diffusers get_scheduler name")

@@ -577,8 +577,8 @@ class ReFLTrainer:
 
         cfg = self.config
         fp32 = dtype_kwargs("diffusers", torch.float32)
-        kwargs: dict[str, Any] = {self.family.denoiser_name: unet.to(torch.float32), "revision": cfg.revision,
-                                  "variant": cfg.variant, "cache_dir": cfg.cache_dir, **fp32}
+        kwargs: dict[str, Any] = {self.family.denoiser_name: unet if unet.dtype == torch.float32 else unet.float(),
+                                  "revision": cfg.revision, "variant": cfg.variant, "cache_dir": cfg.cache_dir, **fp32}
         if cfg.pretrained_vae_model_name_or_path:
             from diffusers import AutoencoderKL
             kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, cache_dir=cfg.cache_dir,
