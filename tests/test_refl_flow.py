@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from refl_tiny import (HELD_OUT, PROMPTS, _one_thread, build_tiny_flux, save_tiny,  # noqa: E402,F401 (autouse)
-                       tiny_reward)
+                       tiny_reward, train_and_check_held_out_gain)
 
 from ImageReward.refl import ReFLConfig, ReFLConfigError, ReFLTrainer, get_family, parse_args  # noqa: E402
 from ImageReward.refl.rollout import rollout, training_scheduler  # noqa: E402
@@ -251,15 +251,7 @@ def test_thirty_lora_updates_raise_held_out_reward(bases, prompt_file, tmp_path,
                       learning_rate=1e-1 if family_name == "flux" else 5e-2, max_train_steps=30,
                       validation_prompts=HELD_OUT,
                       backprop_steps=backprop_steps, gradient_checkpointing=backprop_steps > 1)
-    trainer = ReFLTrainer(cfg, reward=tiny_reward())
-    trainer.setup()
-    before = torch.tensor(trainer.validate()["train_setting"]["reward"])
-    result = trainer.train()
-    after = torch.tensor(result["validation"][-1]["train_setting"]["reward"])
-    gain = after - before
-    assert bool((gain > 0).all()), (before, after)
-    assert gain.mean().item() > 2 * gain.std().item() and gain.mean().item() > 0.01
-    assert all(np.isfinite(h["train_loss"]) for h in result["history"])
+    result = train_and_check_held_out_gain(ReFLTrainer(cfg, reward=tiny_reward()))
     if backprop_steps > 1:
         assert {h["backprop_steps"] for h in result["history"]} == {3.0}
 
