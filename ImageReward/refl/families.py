@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .compat import dtype_kwargs, quiet_torchvision_fallback
 from .config import ReFLConfigError
 
 __all__ = ["Components", "Conditioning", "ModelFamily", "SD1Family", "SDXLFamily", "get_family", "FAMILIES"]
@@ -84,8 +85,6 @@ class ModelFamily:
         import transformers
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        from .compat import dtype_kwargs, quiet_torchvision_fallback
-
         quiet_torchvision_fallback()
         common = {"revision": revision, "cache_dir": cache_dir}
         tokenizers = [transformers.CLIPTokenizer.from_pretrained(base, subfolder=sub, **common)
@@ -109,8 +108,6 @@ class ModelFamily:
 
     def pipeline_class(self) -> Any:
         import diffusers
-
-        from .compat import quiet_torchvision_fallback
 
         quiet_torchvision_fallback()
         return getattr(diffusers, self.pipeline_class_name)
