@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .compat import dtype_kwargs, quiet_torchvision_fallback
 from .config import ReFLConfigError
 from .lora import LORA_TARGETS
 
@@ -107,8 +108,6 @@ class ModelFamily:
 
         import diffusers
 
-        from .compat import dtype_kwargs, quiet_torchvision_fallback
-
         quiet_torchvision_fallback()
         common = {"revision": revision, "cache_dir": cache_dir}
         count = len(self.text_encoder_classes)
@@ -139,8 +138,6 @@ class ModelFamily:
 
     def pipeline_class(self) -> Any:
         import diffusers
-
-        from .compat import quiet_torchvision_fallback
 
         quiet_torchvision_fallback()
         return getattr(diffusers, self.pipeline_class_name)

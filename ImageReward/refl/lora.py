@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import CheckpointError
+
 __all__ = ["LORA_TARGETS", "add_lora", "lora_state_dict", "save_lora", "save_kohya_lora", "save_comfyui_lora",
            "KOHYA_NAME", "COMFYUI_NAME", "trainable_state_dict", "save_trainable_state", "load_trainable_state"]
 
@@ -128,8 +130,6 @@ def load_trainable_state(model: torch.nn.Module, path: str | os.PathLike) -> Non
     Raises ``CheckpointError`` naming the file and the missing, unexpected or mis-shaped keys (e.g. a
     checkpoint of another LoRA rank)."""
     from safetensors.torch import load_file
-
-    from ..errors import CheckpointError
 
     state = load_file(str(path))
     params = {name: param for name, param in model.named_parameters() if param.requires_grad}

@@ -22,9 +22,11 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..scorer import Scorer
+from .compat import dtype_kwargs, make_pipeline_portable, quiet_torchvision_fallback
 from .config import ReFLConfig, ReFLConfigError
 from .data import BatchOrder, load_image_text, load_prompts
 from .families import Conditioning, get_family
+from .lora import add_lora, load_trainable_state, save_lora, save_trainable_state
 from .losses import refl_loss
 from .rewards import WeightedReward, as_reward
 from .rollout import (decode, draw_backprop_steps, draw_stop_index, initial_latents, rollout,
@@ -103,8 +105,6 @@ class ReFLTrainer:
         """Build accelerator, models, optimizer, EMA and trackers; resume if asked. Called by :meth:`train`."""
         if self._set_up:
             return
-        from .compat import quiet_torchvision_fallback
-
         quiet_torchvision_fallback()  # before diffusers imports its pipeline modules
         import diffusers
         from accelerate import Accelerator
@@ -155,7 +155,6 @@ class ReFLTrainer:
 
         unet = comps.unet
         if cfg.lora_rank:
-            from .lora import add_lora
             params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, targets=self.family.lora_targets)
         else:
             unet.requires_grad_(True)
@@ -395,7 +394,6 @@ class ReFLTrainer:
                           str(tmp / "ema.safetensors"))
                 state["ema_optimization_step"] = self.ema.optimization_step
             if self.config.lora_rank:
-                from .lora import save_lora, save_trainable_state
                 unet = acc.unwrap_model(self.unet)
                 save_trainable_state(unet, tmp / TRAINABLE_NAME)  # what resume reads (exact, by parameter name)
                 save_lora(self.family, unet, tmp / "lora", kohya=False)  # the diffusers file, for users
@@ -425,8 +423,6 @@ class ReFLTrainer:
         path = Path(input_dir) / TRAINABLE_NAME
         if not path.is_file():
             return
-        from .lora import load_trainable_state
-
         unet = self.accelerator.unwrap_model(self.unet)
         for i in reversed(range(len(models))):
             if self.accelerator.unwrap_model(models[i]) is unet:
@@ -556,7 +552,6 @@ class ReFLTrainer:
                     unet = type(self.components.unet).from_config(self.components.unet.config)
                 unet.load_state_dict(full_state, assign=True)
             if cfg.lora_rank:
-                from .lora import save_lora
                 save_lora(self.family, unet, out)
             else:
                 if self.ema is not None:
@@ -573,8 +568,6 @@ class ReFLTrainer:
     def _save_pipeline(self, unet: Any, out: Path) -> None:
         """The base pipeline with the trained UNet, every component in float32 (the UNet's master precision; a
         base stored in fp16 would otherwise give a pipeline of mixed dtypes), with standard class names."""
-        from .compat import dtype_kwargs, make_pipeline_portable
-
         cfg = self.config
         fp32 = dtype_kwargs("diffusers", torch.float32)
         kwargs: dict[str, Any] = {self.family.denoiser_name: unet if unet.dtype == torch.float32 else unet.float(),
