@@ -1,4 +1,4 @@
-"""ReFL (reward feedback learning) for Stable Diffusion 1.x and SDXL, full fine-tune or LoRA.
+"""ReFL (reward feedback learning) for Stable Diffusion 1.x, SDXL, SD3 / SD3.5 and FLUX.1, full fine-tune or LoRA.
 
 Importing this package is cheap; diffusers, accelerate and peft are imported when a trainer runs.
 

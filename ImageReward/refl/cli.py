@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``imagereward refl``."""
-    parser = subparsers.add_parser("refl", help="fine-tune a diffusion model with ReFL (SD1.x / SDXL, LoRA)")
+    parser = subparsers.add_parser(
+        "refl", help="fine-tune a diffusion model with ReFL (SD1.x / SDXL / SD3 / FLUX.1, LoRA)")
     add_arguments(parser)
     parser.set_defaults(func=run)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import typing
@@ -43,7 +44,8 @@ class ReFLConfig:
 
     # model
     pretrained_model_name_or_path: str = _opt("CompVis/stable-diffusion-v1-4", "base diffusers model (Hub id or folder)")
-    model_family: str = _opt("sd1", "model family of the base model", choices=("sd1", "sdxl"))
+    model_family: str = _opt("sd1", "model family of the base model: sd1 (SD 1.x/2.x), sdxl, sd3 (SD3 / SD3.5), "
+                             "flux (FLUX.1-dev / schnell)", choices=("sd1", "sdxl", "sd3", "flux"))
     pretrained_vae_model_name_or_path: str | None = _opt(None, "other VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
     revision: str | None = _opt(None, "Hub revision of the base model")
     variant: str | None = _opt(None, "weight variant of the base model files, e.g. fp16")
@@ -55,10 +57,22 @@ class ReFLConfig:
     grad_scale: float = _opt(1e-3, "lambda: loss = grad_scale * mean(relu(reward_margin - reward))")
     reward_margin: float = _opt(2.0, "hinge of the ReFL loss (the original's unexplained 2)")
     # rollout
-    num_inference_steps: int = _opt(40, "DDPM steps of the training rollout")
+    num_inference_steps: int = _opt(40, "steps of the training rollout (DDPM for sd1/sdxl, flow-matching Euler for "
+                                    "sd3/flux)")
     stop_step_min: int = _opt(30, "smallest index of the differentiable step (inclusive)")
     stop_step_max: int = _opt(39, "largest index of the differentiable step (inclusive)")
-    guidance_scale: float = _opt(1.0, "classifier-free guidance in rollouts (1 = none, as the original)")
+    guidance_scale: float = _opt(1.0, "classifier-free guidance in rollouts (1 = none, as the original); not for flux")
+    backprop_steps: int = _opt(1, "K: reward gradients flow through the last K denoiser calls up to the stop step "
+                               "(1 = ReFL; K > 1 = DRaFT-K; needs --stop_step_min >= K - 1)")
+    random_backprop_steps: bool = _opt(False, "draw K uniformly from 1..--backprop_steps each update (AlignProp)")
+    flux_guidance: float = _opt(3.5, "flux: FLUX.1-dev's distilled guidance embedding (FluxPipeline's default 3.5; "
+                                "schnell has none and ignores it)")
+    max_sequence_length: int | None = _opt(None, "sd3/flux: T5 tokens per prompt (default: sd3 256, flux 512; "
+                                           "FLUX.1-schnell was trained with 256)")
+    drop_t5: bool = _opt(False, "sd3: do not load the T5 encoder (its embedding becomes zeros, as "
+                         "StableDiffusion3Pipeline with text_encoder_3=None); saves ~9.5 GB in bf16")
+    offload_text_encoders: bool = _opt(False, "keep text encoders on the CPU and move them to the accelerator "
+                                       "only while a batch of prompts is encoded")
     resolution: int = _opt(512, "image size of rollouts and of pre-training images (multiple of 8)")
     center_crop: bool = _opt(False, "pre-training images: centre crop (default random crop)")
     random_flip: bool = _opt(False, "pre-training images: random horizontal flip")
@@ -76,14 +90,15 @@ class ReFLConfig:
     image_base_dir: str = _opt("", "folder that relative image paths of --pretrain_data are joined to")
     snr_gamma: float | None = _opt(None, "Min-SNR weighting gamma for the pre-training loss")
     # LoRA
-    lora_rank: int = _opt(0, "LoRA rank on the UNet attention projections (0 = full fine-tune)")
+    lora_rank: int = _opt(0, "LoRA rank on the denoiser's attention projections (0 = full fine-tune)")
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank)")
     # optimisation
     train_batch_size: int = _opt(2, "prompts per device per micro-step")
     max_train_steps: int | None = _opt(100, "optimizer updates (overrides --num_train_epochs)")
     num_train_epochs: int = _opt(100, "epochs over the prompts when --max_train_steps is not given")
     gradient_accumulation_steps: int = _opt(4, "micro-steps per optimizer update")
-    gradient_checkpointing: bool = _opt(False, "UNet gradient checkpointing")
+    gradient_checkpointing: bool = _opt(False, "gradient checkpointing of the denoiser and the VAE decoder (with "
+                                        "--backprop_steps > 1 each differentiable step is also recomputed whole)")
     learning_rate: float = _opt(1e-5, "AdamW learning rate")
     scale_lr: bool = _opt(False, "lr *= accumulation * batch * processes")
     lr_scheduler: str = _opt("constant", "diffusers get_scheduler name")
@@ -105,7 +120,7 @@ class ReFLConfig:
     report_to: str = _opt("tensorboard", "tensorboard, wandb, all or none")
     tracker_project_name: str = _opt("text2image-refl", "tracker project")
     checkpointing_steps: int = _opt(100, "save state every N optimizer updates")
-    checkpoints_total_limit: int | None = _opt(None, "keep at most N checkpoints")
+    checkpoints_total_limit: int | None = _opt(3, "keep at most N checkpoints (0 = keep all)")
     resume_from_checkpoint: str | None = _opt(None, "checkpoint folder, its name in output_dir, or 'latest'")
     validation_prompts: list[str] | None = _opt(None, "prompts rendered at every validation", nargs="+")
     validation_steps: int = _opt(100, "validate every N optimizer updates (and at the end)")
@@ -136,6 +151,24 @@ class ReFLConfig:
                 bad(name, "a number > 0")
         if self.guidance_scale < 1.0:
             bad("guidance_scale", "a number >= 1 (1 = no guidance)")
+        flow = self.model_family in ("sd3", "flux")
+        if self.model_family == "flux" and self.guidance_scale != 1.0:
+            raise ReFLConfigError(f"--guidance_scale={self.guidance_scale!r}: FLUX.1 is guidance-distilled; leave it "
+                                  "at 1 and set --flux_guidance (the guidance embedding)")
+        if flow and self.resolution % 16:
+            bad("resolution", f"a multiple of 16 for --model_family {self.model_family} (VAE factor 8, 2x2 patches)")
+        if self.backprop_steps < 1:
+            bad("backprop_steps", "an integer >= 1 (1 = ReFL)")
+        if self.backprop_steps > self.stop_step_min + 1:
+            raise ReFLConfigError(f"--backprop_steps={self.backprop_steps}: the last K steps must fit before the "
+                                  f"earliest stop step; expected K <= --stop_step_min + 1 = {self.stop_step_min + 1}")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
+            bad("max_sequence_length", "an integer in [1, 512] (or leave it out)")
+        if self.drop_t5 and self.model_family != "sd3":
+            raise ReFLConfigError("--drop_t5 is for --model_family sd3 (FLUX needs its T5)")
+        if flow and self.pretrain_loss_weight > 0:
+            raise ReFLConfigError(f"--pretrain_loss_weight: the pre-training loss is noise prediction for sd1/sdxl; "
+                                  f"it is not implemented for --model_family {self.model_family}")
         if self.pretrain_loss_weight < 0:
             bad("pretrain_loss_weight", "a number >= 0")
         if self.pretrain_loss_weight > 0 and not self.pretrain_data:
@@ -148,8 +181,11 @@ class ReFLConfig:
             raise ReFLConfigError("--lora_alpha needs --lora_rank > 0")
         if self.use_ema and self.lora_rank:
             raise ReFLConfigError("--use_ema is for full fine-tuning; it cannot be combined with --lora_rank")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            bad("checkpoints_total_limit", "an integer >= 1")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 0:
+            bad("checkpoints_total_limit", "an integer >= 0 (0 = keep all)")
+        if self.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+            raise ReFLConfigError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
+                                  "without it the trainer uses torch's scaled_dot_product_attention")
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             bad("report_to", "one of tensorboard, wandb, all, none")
         if self.train_data is None and self.dataset_name is None:

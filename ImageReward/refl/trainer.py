@@ -1,4 +1,5 @@
-"""``ReFLTrainer``: reward feedback learning for SD1.x and SDXL, full fine-tune or LoRA, on accelerate.
+"""``ReFLTrainer``: reward feedback learning for SD1.x, SDXL, SD3 / SD3.5 and FLUX.1, full fine-tune or LoRA,
+on accelerate.
 
 >>> from ImageReward.refl import ReFLConfig, ReFLTrainer
 >>> cfg = ReFLConfig(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4",
@@ -14,24 +15,29 @@ import math
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from ..scorer import Scorer
+from .compat import dtype_kwargs, make_pipeline_portable, quiet_torchvision_fallback
 from .config import ReFLConfig, ReFLConfigError
 from .data import BatchOrder, load_image_text, load_prompts
 from .families import Conditioning, get_family
+from .lora import add_lora, load_trainable_state, save_lora, save_trainable_state
 from .losses import refl_loss
 from .rewards import WeightedReward, as_reward
-from .rollout import decode, draw_stop_index, initial_latents, rollout, training_scheduler
+from .rollout import (decode, draw_backprop_steps, draw_stop_index, initial_latents, rollout,
+                      training_scheduler)
 
-__all__ = ["ReFLTrainer", "find_checkpoint"]
+__all__ = ["ReFLTrainer", "find_checkpoint", "hub_model_id"]
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "refl_state.json"
+TRAINABLE_NAME = "trainable.safetensors"  # a LoRA run's checkpoint: the trainable weights only
 _TINY_UPDATE_PATIENCE = 10
 
 
@@ -43,6 +49,24 @@ def find_checkpoint(output_dir: str | os.PathLike, name: str) -> Path | None:
         return path if path.is_dir() else None
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def hub_model_id(name_or_path: str) -> str | None:
+    """The Hub repo id of a base model: ``name_or_path`` itself when it is one (``org/name``, not a folder here),
+    the id a Hugging Face cache folder stands for (``.../models--org--name/snapshots/<sha>``), else None."""
+    path = Path(name_or_path)
+    for part in reversed(path.parts):
+        if part.startswith("models--") and len(part.split("--")) >= 3:
+            return "/".join(part.split("--")[1:])
+    if not path.exists() and len(path.parts) in (1, 2) and not path.is_absolute() and "\\" not in name_or_path:
+        return name_or_path
+    return None
+
+
+def _portable_arguments(args: dict[str, Any]) -> dict[str, Any]:
+    """The run's options for the model card, with absolute local paths shortened to their last component."""
+    return {key: Path(value).name if isinstance(value, str) and os.path.isabs(value) else value
+            for key, value in args.items()}
 
 
 def _flat(value: Any) -> Any:
@@ -60,7 +84,7 @@ class ReFLTrainer:
     def __init__(self, config: ReFLConfig, *, reward: Scorer | str | None = None,
                  monitor: Scorer | str | None = None) -> None:
         self.config = config.validate()
-        self.family = get_family(config.model_family)
+        self.family = get_family(config.model_family, config)
         self.prompts = load_prompts(config.train_data, caption_column=config.caption_column,
                                     dataset_name=config.dataset_name, dataset_config_name=config.dataset_config_name,
                                     cache_dir=config.cache_dir, max_samples=config.max_train_samples, seed=config.seed)
@@ -81,6 +105,7 @@ class ReFLTrainer:
         """Build accelerator, models, optimizer, EMA and trackers; resume if asked. Called by :meth:`train`."""
         if self._set_up:
             return
+        quiet_torchvision_fallback()  # before diffusers imports its pipeline modules
         import diffusers
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
@@ -103,18 +128,19 @@ class ReFLTrainer:
                                 num_processes=acc.num_processes)
 
         # models ---------------------------------------------------------------------------------
-        comps = self.family.load_components(cfg.pretrained_model_name_or_path, revision=cfg.revision,
-                                            variant=cfg.variant, vae=cfg.pretrained_vae_model_name_or_path,
-                                            cache_dir=cfg.cache_dir)
+        # every module in an explicit dtype (an fp16 base trains in fp32 without --mixed_precision): frozen ones
+        # in the training precision (the family keeps a force_upcast VAE in fp32 under fp16), the trained UNet
+        # in fp32 (full fine-tune) or in the training precision under a float32 LoRA
+        comps = self.family.load_components(
+            cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
+            vae=cfg.pretrained_vae_model_name_or_path, cache_dir=cfg.cache_dir, weight_dtype=self.weight_dtype,
+            trainable_dtype=self.weight_dtype if cfg.lora_rank else torch.float32)
         self.family.check_unet(comps.unet)
         self.components = comps
         self.scheduler = training_scheduler(comps.scheduler_config)
-        # the SDXL VAE overflows in fp16 (config force_upcast): it decodes in fp32 unless an fp16-fix VAE is given
-        keep_fp32 = self.family.name == "sdxl" and getattr(comps.vae.config, "force_upcast", False)
+        offloaded = [e for e in comps.text_encoders if e is not None] if cfg.offload_text_encoders else []
         for module in comps.frozen_modules():
-            module.requires_grad_(False).eval().to(acc.device)
-            if self.weight_dtype != torch.float32 and not (keep_fp32 and module is comps.vae):
-                module.to(self.weight_dtype)
+            module.requires_grad_(False).eval().to("cpu" if any(module is e for e in offloaded) else acc.device)
         reward_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
         self.reward = as_reward(self._reward_arg, device=acc.device, download_root=cfg.reward_download_root,
                                 dtype=reward_dtype).to(acc.device)
@@ -129,21 +155,17 @@ class ReFLTrainer:
 
         unet = comps.unet
         if cfg.lora_rank:
-            if self.weight_dtype != torch.float32:
-                unet.to(dtype=self.weight_dtype)
-            from .lora import add_lora
-            params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
+            params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, targets=self.family.lora_targets)
         else:
             unet.requires_grad_(True)
             params = list(unet.parameters())
         unet.to(acc.device).train()
         if cfg.gradient_checkpointing:
+            # the decode with gradients costs as much memory as the UNet step (SD1.5 at 512 px: 6.3 GB in fp32)
             unet.enable_gradient_checkpointing()
-        if cfg.enable_xformers_memory_efficient_attention:
-            try:
-                unet.enable_xformers_memory_efficient_attention()
-            except Exception as err:  # diffusers raises ValueError/ModuleNotFoundError without xformers
-                raise ReFLConfigError(f"--enable_xformers_memory_efficient_attention: {err}") from err
+            comps.vae.enable_gradient_checkpointing()
+        if cfg.enable_xformers_memory_efficient_attention:  # installed: checked in config.validate()
+            unet.enable_xformers_memory_efficient_attention()
         self.trainable = params
         self.n_trainable = sum(p.numel() for p in params)
 
@@ -174,7 +196,14 @@ class ReFLTrainer:
         lr_scheduler = diffusers.optimization.get_scheduler(
             cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
             num_training_steps=self.max_train_steps * acc.num_processes)
+        self.fsdp = acc.distributed_type.name == "FSDP"
+        if self.fsdp and (cfg.lora_rank or cfg.use_ema):
+            raise ReFLConfigError("the FSDP launch config is for full fine-tuning without --use_ema (a LoRA fits "
+                                  "one GPU: launch it without FSDP)")
         self.unet, self.optimizer, self.lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
+        if cfg.lora_rank:  # checkpoints hold the LoRA (trainable) weights, not the frozen UNet
+            acc.register_save_state_pre_hook(self._checkpoint_trainable_only)
+            acc.register_load_state_pre_hook(self._resume_trainable_only)
 
         self.pretrain = None
         if self.pretrain_examples is not None:
@@ -200,34 +229,60 @@ class ReFLTrainer:
         factor = 2 ** (len(self.components.vae.config.block_out_channels) - 1)
         return self.config.resolution // factor, self.config.resolution // factor
 
-    def encode(self, prompts: Sequence[str]) -> Conditioning:
-        return self.family.encode_prompts(self.components, prompts).to(self.weight_dtype)
+    @contextmanager
+    def text_encoders_ready(self) -> Iterator[None]:
+        """With ``--offload_text_encoders``: the text encoders on the accelerator inside, back on the CPU after."""
+        encoders = [e for e in self.components.text_encoders if e is not None]
+        if not self.config.offload_text_encoders:
+            yield
+            return
+        for encoder in encoders:
+            encoder.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
 
-    def generate_x0(self, prompts: Sequence[str], stop_index: int | None, generator: torch.Generator
-                    ) -> torch.Tensor:
-        """Rollout for ``prompts`` from fresh noise; x0 at ``stop_index`` (with grad) or the final sample."""
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """Prompt conditioning, computed once per micro-batch under ``no_grad`` (the family's encoders)."""
+        with self.text_encoders_ready():
+            return self.family.encode_prompts(self.components, prompts).to(self.accelerator.device, self.weight_dtype)
+
+    def encode_unconditional(self, batch: int) -> Conditioning:
+        with self.text_encoders_ready():
+            return self.family.unconditional(self.components, batch).to(self.accelerator.device, self.weight_dtype)
+
+    def generate_x0(self, prompts: Sequence[str], stop_index: int | None, generator: torch.Generator,
+                    backprop_steps: int = 1) -> torch.Tensor:
+        """Rollout for ``prompts`` from fresh noise; x0 at ``stop_index`` (with grad through the last
+        ``backprop_steps`` denoiser calls) or the final sample."""
         cfg = self.config
         cond = self.encode(prompts)
-        uncond = self.family.unconditional(self.components, len(prompts)).to(self.weight_dtype) \
-            if cfg.guidance_scale > 1.0 else None
+        uncond = self.encode_unconditional(len(prompts)) if cfg.guidance_scale > 1.0 else None
         h, w = self.latent_size()
         latents = initial_latents(len(prompts), self.components.vae.config.latent_channels, h, w, generator,
                                   self.accelerator.device)
         time_ids = self.family.time_ids(cfg.resolution, cfg.resolution)
         return rollout(self.unet, self.scheduler, self.family, cond, latents,
                        num_inference_steps=cfg.num_inference_steps, stop_index=stop_index, uncond=uncond,
-                       guidance_scale=cfg.guidance_scale, generator=generator, time_ids=time_ids)
+                       guidance_scale=cfg.guidance_scale, generator=generator, time_ids=time_ids,
+                       backprop_steps=backprop_steps,
+                       checkpoint_steps=cfg.gradient_checkpointing and backprop_steps > 1)
 
     def compute_loss(self, prompts: Sequence[str], micro_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The ReFL loss of one micro-batch (plus the weighted pre-training loss when enabled)."""
         cfg = self.config
         stop = draw_stop_index(cfg.stop_step_min, cfg.stop_step_max, self.generator)
-        x0 = self.generate_x0(prompts, stop, self.generator)
+        k = draw_backprop_steps(cfg.backprop_steps, cfg.random_backprop_steps, self.generator)
+        x0 = self.generate_x0(prompts, stop, self.generator, backprop_steps=k)
         images = decode(self.components.vae, x0)
         rewards, parts = self.reward.score_grad_parts(images, list(prompts))
         loss = refl_loss(rewards, cfg.grad_scale, cfg.reward_margin)
         stats = {"reward_loss": loss.detach(), "reward_mean": rewards.detach().mean(),
                  "reward_std": rewards.detach().std(unbiased=False), "stop_index": torch.tensor(float(stop))}
+        if cfg.backprop_steps > 1:
+            stats["backprop_steps"] = torch.tensor(float(k))
         if len(parts) > 1:
             stats.update({f"reward/{name}": value.detach().mean() for name, value in parts.items()})
         if self.pretrain is not None:
@@ -285,7 +340,8 @@ class ReFLTrainer:
         self.setup()
         cfg, acc = self.config, self.accelerator
         logger.info("ReFL: %d prompts, %d updates, %d trainable parameters (%s)", len(self.prompts),
-                    self.max_train_steps, self.n_trainable, "LoRA" if cfg.lora_rank else "full UNet")
+                    self.max_train_steps, self.n_trainable,
+                    "LoRA" if cfg.lora_rank else f"full {self.family.denoiser_name}")
         bar = tqdm(total=self.max_train_steps, initial=self.global_step, disable=not acc.is_local_main_process,
                    desc="ReFL")
         while self.global_step < self.max_train_steps:
@@ -297,13 +353,25 @@ class ReFLTrainer:
             if self.global_step % cfg.checkpointing_steps == 0:
                 self.save_checkpoint()
             if cfg.validation_prompts and self.global_step % cfg.validation_steps == 0:
-                self.validate()
+                self._validate_safely()
         bar.close()
+        out = self.save_final()  # the trained weights first: a failing validation cannot cost them
         if cfg.validation_prompts and (not self.validations or self.validations[-1]["step"] != self.global_step):
-            self.validate()
-        self.save_final()
+            if self._validate_safely() is not None and acc.is_main_process:
+                self._write_model_card(out)  # now with the final validation rewards
         acc.end_training()
         return {"global_step": self.global_step, "history": self.history, "validation": self.validations}
+
+    def _validate_safely(self) -> dict[str, Any] | None:
+        """:meth:`validate`, but a failure is logged (with its traceback) and recorded instead of ending the run:
+        validation only reports, it must never lose training."""
+        try:
+            return self.validate()
+        except Exception as err:  # noqa: BLE001 - any failure of the report; training goes on
+            logger.exception("validation at step %d failed; training continues and weights are saved",
+                             self.global_step)
+            self.validations.append({"step": self.global_step, "error": f"{type(err).__name__}: {err}"})
+            return None
 
     # ================================================================== checkpoints
     def save_checkpoint(self) -> Path:
@@ -326,8 +394,9 @@ class ReFLTrainer:
                           str(tmp / "ema.safetensors"))
                 state["ema_optimization_step"] = self.ema.optimization_step
             if self.config.lora_rank:
-                from .lora import save_lora
-                save_lora(self.family, acc.unwrap_model(self.unet), tmp / "lora", kohya=False)
+                unet = acc.unwrap_model(self.unet)
+                save_trainable_state(unet, tmp / TRAINABLE_NAME)  # what resume reads (exact, by parameter name)
+                save_lora(self.family, unet, tmp / "lora", kohya=False)  # the diffusers file, for users
             (tmp / STATE_NAME).write_text(json.dumps(state))
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -339,9 +408,30 @@ class ReFLTrainer:
         acc.wait_for_everyone()
         return final
 
+    def _checkpoint_trainable_only(self, models: list[Any], weights: list[dict], output_dir: str) -> None:
+        """accelerate save-state hook of LoRA runs: drop the UNet's full state dict from what accelerate writes
+        (``save_checkpoint`` writes the trainable weights itself), as diffusers' LoRA training scripts do."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        for i in reversed(range(len(weights))):
+            if self.accelerator.unwrap_model(models[i]) is unet:
+                weights.pop(i)
+
+    def _resume_trainable_only(self, models: list[Any], input_dir: str) -> None:
+        """accelerate load-state hook of LoRA runs: take the UNet out of what accelerate loads and copy the
+        trainable weights back from ``trainable.safetensors``. A checkpoint without it (written before
+        checkpoints held the LoRA only) still loads through accelerate's full ``model.safetensors``."""
+        path = Path(input_dir) / TRAINABLE_NAME
+        if not path.is_file():
+            return
+        unet = self.accelerator.unwrap_model(self.unet)
+        for i in reversed(range(len(models))):
+            if self.accelerator.unwrap_model(models[i]) is unet:
+                models.pop(i)
+        load_trainable_state(unet, path)
+
     def _prune_checkpoints(self) -> None:
         limit = self.config.checkpoints_total_limit
-        if limit is None:
+        if not limit:  # 0 (or None): keep every checkpoint
             return
         found = sorted((p for p in Path(self.config.output_dir).glob("checkpoint-*")
                         if p.is_dir() and p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
@@ -399,12 +489,14 @@ class ReFLTrainer:
         try:
             images = {"train_setting": decode(self.components.vae, self.generate_x0(
                 prompts, None, torch.Generator().manual_seed(seed))).cpu()}
-            pipe = self.family.build_pipeline(self.components, acc.unwrap_model(self.unet))
-            pipe.set_progress_bar_config(disable=True)
-            with torch.autocast(acc.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
-                out = pipe(prompts, height=cfg.resolution, width=cfg.resolution, output_type="pt",
-                           generator=torch.Generator().manual_seed(seed))
-            images["default_setting"] = out.images.float().cpu()
+            if not self.fsdp:  # under FSDP the pipeline would call the bare, sharded module
+                pipe = self.family.build_pipeline(self.components, acc.unwrap_model(self.unet))
+                pipe.set_progress_bar_config(disable=True)
+                with torch.autocast(acc.device.type, dtype=self.weight_dtype,
+                                    enabled=self.weight_dtype != torch.float32), self.text_encoders_ready():
+                    out = pipe(prompts, height=cfg.resolution, width=cfg.resolution, output_type="pt",
+                               generator=torch.Generator().manual_seed(seed))
+                images["default_setting"] = out.images.float().cpu()
         finally:
             self.unet.train()
             if ema_swapped:
@@ -451,10 +543,15 @@ class ReFLTrainer:
         acc, cfg = self.accelerator, self.config
         acc.wait_for_everyone()
         out = Path(cfg.output_dir)
+        # under FSDP every process takes part in gathering the full state; the main process gets it (on the CPU)
+        full_state = acc.get_state_dict(self.unet) if self.fsdp else None
         if acc.is_main_process:
             unet = acc.unwrap_model(self.unet)
+            if full_state is not None:
+                with torch.device("meta"):
+                    unet = type(self.components.unet).from_config(self.components.unet.config)
+                unet.load_state_dict(full_state, assign=True)
             if cfg.lora_rank:
-                from .lora import save_lora
                 save_lora(self.family, unet, out)
             else:
                 if self.ema is not None:
@@ -469,29 +566,39 @@ class ReFLTrainer:
         return out
 
     def _save_pipeline(self, unet: Any, out: Path) -> None:
+        """The base pipeline with the trained UNet, every component in float32 (the UNet's master precision; a
+        base stored in fp16 would otherwise give a pipeline of mixed dtypes), with standard class names."""
         cfg = self.config
-        kwargs: dict[str, Any] = {"unet": unet, "revision": cfg.revision, "variant": cfg.variant,
-                                  "cache_dir": cfg.cache_dir}
+        fp32 = dtype_kwargs("diffusers", torch.float32)
+        kwargs: dict[str, Any] = {self.family.denoiser_name: unet if unet.dtype == torch.float32 else unet.float(),
+                                  "revision": cfg.revision, "variant": cfg.variant, "cache_dir": cfg.cache_dir, **fp32}
         if cfg.pretrained_vae_model_name_or_path:
             from diffusers import AutoencoderKL
-            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, cache_dir=cfg.cache_dir)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, cache_dir=cfg.cache_dir,
+                                                          **fp32)
         pipe = self.family.pipeline_class().from_pretrained(cfg.pretrained_model_name_or_path, **kwargs)
         pipe.save_pretrained(out)
+        make_pipeline_portable(out)
 
     def _write_model_card(self, out: Path) -> None:
         cfg = self.config
         last = self.history[-1] if self.history else {}
         final_val = self.validations[-1] if self.validations else None
-        lines = [
-            "---", "library_name: diffusers", f"base_model: {cfg.pretrained_model_name_or_path}",
+        base_id = hub_model_id(cfg.pretrained_model_name_or_path)
+        base_name = base_id or Path(cfg.pretrained_model_name_or_path).name
+        lines = ["---", "library_name: diffusers"]
+        if base_id:  # the Hub's base_model must be a repo id; a local folder's path would not be portable
+            lines.append(f"base_model: {base_id}")
+        lines += [
             "tags: [image-reward, refl, text-to-image]", "---", "",
-            f"# ReFL fine-tune of {cfg.pretrained_model_name_or_path}", "",
-            f"Trained with ImageReward ReFL ({'LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else 'full UNet'}, "
+            f"# ReFL fine-tune of {base_name}", "",
+            f"Trained with ImageReward ReFL ("
+            f"{'LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else 'full ' + self.family.denoiser_name}, "
             f"family {cfg.model_family}) for {self.global_step} updates on reward `{cfg.reward}`.", "",
             "## Final training values", "", "```json", json.dumps(last, indent=1), "```", "",
         ]
         if final_val is not None:
             lines += ["## Final validation rewards", "", "```json", json.dumps(final_val, indent=1), "```", ""]
-        lines += ["## Arguments", "", "```json", json.dumps(cfg.to_dict(), indent=1), "```", ""]
+        lines += ["## Arguments", "", "```json", json.dumps(_portable_arguments(cfg.to_dict()), indent=1), "```", ""]
         (out / "README.md").write_text("\n".join(lines))
         cfg.save(out / "refl_args.json")
