@@ -10,7 +10,8 @@ import sys
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a scorer."""
     parser.add_argument("--model", default="ImageReward-v1.0",
-                        help="ImageReward-v1.0, CLIP, BLIP, Aesthetic, or a local checkpoint file/folder")
+                        help="ImageReward-v1.0, CLIP, BLIP, Aesthetic, HPSv2, HPSv2.1, PickScore, or a local "
+                             "checkpoint file/folder")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--download-root", default=None, help="where checkpoints are cached (default ~/.cache/ImageReward)")
