@@ -319,3 +319,17 @@ def test_names_are_listed_and_reach_every_entry_point(pick_root, capsys):
     expected = RM.load_score("PickScore", device="cpu", download_root=pick_root).score(PROMPTS[0], [IMAGES[0], IMAGES[5]])
     assert [row["image"] for row in printed["results"]] == [IMAGES[0], IMAGES[5]]
     assert np.allclose([row["score"] for row in printed["results"]], expected, atol=1e-6)
+
+
+def test_reward_mixes_name_and_differentiate_through_both(hps, pick):
+    from ImageReward.refl.config import parse_reward_spec
+    from ImageReward.refl.rewards import WeightedReward
+
+    spec = parse_reward_spec("ImageReward-v1.0:1,HPSv2.1:1,PickScore:0.5")
+    assert spec == [("ImageReward-v1.0", 1.0), ("HPSv2.1", 1.0), ("PickScore", 0.5)]
+    mix = WeightedReward([hps, pick], [1.0, 0.5], ["HPSv2.1", "PickScore"])
+    pixels = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(8)).requires_grad_(True)
+    total, parts = mix.score_grad_parts(pixels, PROMPTS[:2])
+    assert torch.allclose(total, parts["HPSv2.1"] + 0.5 * parts["PickScore"])
+    total.sum().backward()
+    assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().max() > 0

@@ -17,7 +17,7 @@ from typing import Sequence
 
 logger = logging.getLogger(__name__)
 
-ALL_SCORERS = ("ImageReward-v1.0", "CLIP", "BLIP", "Aesthetic")
+ALL_SCORERS = ("ImageReward-v1.0", "CLIP", "BLIP", "Aesthetic", "HPSv2", "HPSv2.1", "PickScore")
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pref.add_argument("--target-dir", "--target_dir", dest="target_dir", default="data/",
                       help="where test_<model>.json, eval_summary.json and report.html go")
     pref.add_argument("--model-type", "--model_type", dest="model_type", default="all",
-                      help="all (= ImageReward-v1.0, CLIP, BLIP, Aesthetic), a name, a local checkpoint, "
+                      help="all (= ImageReward-v1.0, CLIP, BLIP, Aesthetic, HPSv2, HPSv2.1, PickScore), a name, a local checkpoint, "
                            "or a comma list")
     pref.add_argument("--imagerewarddb-split", default=None, metavar="SPLIT",
                       help="evaluate on the ImageRewardDB split (e.g. test) instead of test.json")
@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="default (openjourney, sd2-1, dalle2, sd1-4, vd, cogview2), all (every subfolder), "
                             "or a comma list")
     bench.add_argument("--benchmark", default="ImageReward-v1.0, CLIP",
-                       help="scorers, comma separated: ImageReward-v1.0, CLIP, BLIP, Aesthetic or checkpoint paths")
+                       help="scorers, comma separated: ImageReward-v1.0, CLIP, BLIP, Aesthetic, HPSv2, HPSv2.1, PickScore "
+                            "or checkpoint paths")
     bench.add_argument("--human-ranking", default=None,
                        help="JSON file {model: rank} or 'model=rank,...' (1 = best); default: the paper's "
                             "human ranking of the six published models")
