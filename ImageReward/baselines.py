@@ -1,5 +1,7 @@
-"""Baseline scorers ``"CLIP"``, ``"BLIP"``, ``"Aesthetic"``, ``"HPSv2"``, ``"HPSv2.1"`` and ``"PickScore"``,
-registered with :func:`ImageReward.load_score`.
+"""Baseline scorers ``"CLIP"``, ``"BLIP"``, ``"Aesthetic"``, ``"HPSv2"``, ``"HPSv2.1"`` and ``"PickScore"``:
+their files, their builders, and their registration (:func:`ImageReward.factory.register_scorer`, at the
+bottom of this file), which makes each name valid everywhere a model name is (``RM.load_scorer``,
+``RM.load_score``, the CLI, eval, ReFL, the plugins).
 
 Where the weights come from (the first that exists wins; nothing touches the network when a file is
 already in ``download_root``, default ``~/.cache/ImageReward``):
@@ -16,7 +18,8 @@ already in ``download_root``, default ``~/.cache/ImageReward``):
   ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``: ``preprocessor_config.json``, tokenizer files).
 
 All three are float32 unless ``dtype=torch.float16/bfloat16`` is asked for (the Aesthetic head stays
-float32). Importing this module is cheap: models and transformers are imported by the builders.
+float32). Importing this module is cheap (``ImageReward/resolve.py`` imports it, so the names are registered
+whenever the package is imported): the models and transformers are imported by the builders.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from typing import Any
 import torch
 
 from .errors import DownloadError
-from .factory import _place, register_scorer
-from .pretrained import PretrainedCfg, _offline, default_cache_dir, fetch, fetch_folder
+from .factory import place_model, register_scorer
+from .pretrained import PretrainedCfg, default_cache_dir, fetch, fetch_folder, offline
 
 __all__ = ["BASELINE_FILES", "CLIP_HUB", "CLIP_OPENAI", "BLIP_LARGE", "AESTHETIC_HEAD", "HPS_V2", "HPS_V2_1",
            "PICKSCORE_V1", "PICKSCORE_PROCESSOR", "clip_weights_path", "build_clip", "build_blip", "build_aesthetic",
@@ -129,7 +132,7 @@ def clip_weights_path(download_root: str | os.PathLike | None = None, *, revisio
     try:
         return fetch(CLIP_HUB, root, revision=revision)
     except DownloadError as hub_error:
-        if _offline():
+        if offline():
             raise DownloadError(f"{hub_error} (or put OpenAI's {CLIP_OPENAI.filename} there)") from hub_error
         logger.warning("Hub download of CLIP failed (%s); trying OpenAI's URL", hub_error)
         return fetch(CLIP_OPENAI, root)
@@ -149,7 +152,7 @@ def build_clip(device: str | torch.device | None = None, download_root: str | os
 
     path = _checkpoint_arg(kwargs, "checkpoint") or clip_weights_path(download_root)
     logger.info("loading CLIP from %s", path)
-    return _place(CLIPScorer.from_checkpoint(path), device, dtype)
+    return place_model(CLIPScorer.from_checkpoint(path), device, dtype)
 
 
 def build_blip(device: str | torch.device | None = None, download_root: str | os.PathLike | None = None,
@@ -163,7 +166,7 @@ def build_blip(device: str | torch.device | None = None, download_root: str | os
     logger.info("loading BLIP from %s", path)
     config = BLIPConfig(text=TextConfig.from_med_config(None, encoder_width=1024))
     scorer = BLIPITCScorer.from_state_dict(read_state_dict(path, nested_key="model"), config, source=os.fspath(path))
-    return _place(scorer, device, dtype)
+    return place_model(scorer, device, dtype)
 
 
 def build_aesthetic(device: str | torch.device | None = None, download_root: str | os.PathLike | None = None,
@@ -188,7 +191,7 @@ def build_aesthetic(device: str | torch.device | None = None, download_root: str
     if clip is not None:  # the shared tower already has its device and dtype
         scorer.mlp.to(scorer.device)
         return scorer.eval()
-    return _place(scorer, device, dtype, keep_fp32=("mlp",))
+    return place_model(scorer, device, dtype, keep_fp32=("mlp",))
 
 
 def build_hps(version: str = "HPSv2.1", device: str | torch.device | None = None,
@@ -208,7 +211,7 @@ def build_hps(version: str = "HPSv2.1", device: str | torch.device | None = None
     state = read_state_dict(path, nested_key="state_dict")
     scorer = HPSv2Scorer.from_open_clip_state_dict(state, hparams=hparams, name=version, source=os.fspath(path))
     del state
-    return _place(scorer, device, dtype)
+    return place_model(scorer, device, dtype)
 
 
 def build_pickscore(device: str | torch.device | None = None, download_root: str | os.PathLike | None = None,
@@ -228,12 +231,18 @@ def build_pickscore(device: str | torch.device | None = None, download_root: str
     if processor is None:
         processor = fetch_folder(PICKSCORE_PROCESSOR, PICKSCORE_PROCESSOR_FILES, download_root)
     logger.info("loading PickScore from %s (processor %s)", model_dir, processor)
-    return _place(PickScoreScorer.from_folders(model_dir, processor), device, dtype)
+    return place_model(PickScoreScorer.from_folders(model_dir, processor), device, dtype)
 
 
-register_scorer("CLIP", build_clip)
-register_scorer("BLIP", build_blip)
-register_scorer("Aesthetic", build_aesthetic)
-register_scorer("HPSv2", functools.partial(build_hps, "HPSv2"))
-register_scorer("HPSv2.1", functools.partial(build_hps, "HPSv2.1"))
-register_scorer("PickScore", build_pickscore)
+register_scorer("CLIP", build_clip, files=BASELINE_FILES["CLIP"],
+                description="CLIP ViT-L/14 cosine similarity of prompt and image (OpenAI)")
+register_scorer("BLIP", build_blip, files=BASELINE_FILES["BLIP"],
+                description="BLIP ViT-L image-text contrastive (ITC) similarity (Salesforce)")
+register_scorer("Aesthetic", build_aesthetic, files=BASELINE_FILES["Aesthetic"],
+                description="LAION improved aesthetic predictor on CLIP ViT-L/14 (ignores the prompt)")
+register_scorer("HPSv2", functools.partial(build_hps, "HPSv2"), files=BASELINE_FILES["HPSv2"],
+                description="HPSv2: cosine of open_clip ViT-H-14 embeddings tuned on human preferences (HPDv2)")
+register_scorer("HPSv2.1", functools.partial(build_hps, "HPSv2.1"), files=BASELINE_FILES["HPSv2.1"],
+                description="HPSv2.1: HPSv2 retrained on higher-quality HPDv2 data")
+register_scorer("PickScore", build_pickscore, files=BASELINE_FILES["PickScore"],
+                description="PickScore v1: logit_scale.exp() * CLIP ViT-H-14 cosine, tuned on Pick-a-Pic")

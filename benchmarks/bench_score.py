@@ -203,11 +203,11 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str
     dtype_name = "bf16" if mode.endswith("bf16") else "fp32"
     checkpoint = None
     if mode.split("-")[0] in SCORER_NAMES:
-        from ImageReward.factory import _place
+        from ImageReward.factory import place_model
 
         name = mode.split("-")[0]
-        model = _place(build_baseline(name, quick), device, getattr(torch, "bfloat16" if dtype_name == "bf16" else "float32"),
-                       keep_fp32=("mlp",) if name == "Aesthetic" else ())
+        model = place_model(build_baseline(name, quick), device, getattr(torch, "bfloat16" if dtype_name == "bf16" else "float32"),
+                            keep_fp32=("mlp",) if name == "Aesthetic" else ())
         if mode == "HPSv2-original":  # the file hpsv2 re-reads on every call
             checkpoint = image_dir / "HPS_v2.1_compressed.pt"
             torch.save({"state_dict": model.model.state_dict()}, checkpoint)

@@ -153,7 +153,7 @@ class TestHPSv2:
         seen = {}
         monkeypatch.setattr(HPSv2Scorer, "from_open_clip_state_dict",
                             classmethod(lambda cls, state, hparams, name, source: seen.update(name=name, source=source) or hps))
-        monkeypatch.setattr("ImageReward.baselines._place", lambda model, device, dtype: model)
+        monkeypatch.setattr("ImageReward.baselines.place_model", lambda model, device, dtype: model)
         assert RM.load_score("HPSv2", download_root=hps_root) is hps
         assert seen == {"name": "HPSv2", "source": str(hps_root / "HPS_v2_compressed.pt")}
 

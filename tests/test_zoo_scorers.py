@@ -321,15 +321,21 @@ def test_names_are_listed_and_reach_every_entry_point(pick_root, capsys):
     assert np.allclose([row["score"] for row in printed["results"]], expected, atol=1e-6)
 
 
-def test_reward_mixes_name_and_differentiate_through_both(hps, pick):
-    from ImageReward.refl.config import parse_reward_spec
-    from ImageReward.refl.rewards import WeightedReward
+def test_reward_mixes_name_and_differentiate_through_both(hps, pick, pick_root):
+    from ImageReward.models.mix import WeightedReward
+    from ImageReward.resolve import resolve
 
-    spec = parse_reward_spec("ImageReward-v1.0:1,HPSv2.1:1,PickScore:0.5")
-    assert spec == [("ImageReward-v1.0", 1.0), ("HPSv2.1", 1.0), ("PickScore", 0.5)]
-    mix = WeightedReward([hps, pick], [1.0, 0.5], ["HPSv2.1", "PickScore"])
+    mix = resolve("ImageReward-v1.0:1,HPSv2.1:1,PickScore:0.5")
+    assert [(part.kind, part.target, weight) for part, weight in mix.parts] == [
+        ("checkpoint", "ImageReward-v1.0", 1.0), ("scorer", "HPSv2.1", 1.0), ("scorer", "PickScore", 0.5)]
+    assert resolve("HPSv2.1").kind == "scorer"
+    half = RM.load_scorer("PickScore:0.5", device="cpu", download_root=pick_root)
+    assert torch.allclose(half.score_batch(PROMPTS[0], IMAGES[:3]), 0.5 * pick.score_batch(PROMPTS[0], IMAGES[:3]))
+    both = WeightedReward([hps, pick], [1.0, 0.5], ["HPSv2.1", "PickScore"])
+    table = both.score_batch(PROMPTS[0], IMAGES[:3])  # the two preprocess differently: scored one after the other
+    assert torch.allclose(table, hps.score_batch(PROMPTS[0], IMAGES[:3]) + 0.5 * pick.score_batch(PROMPTS[0], IMAGES[:3]))
     pixels = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(8)).requires_grad_(True)
-    total, parts = mix.score_grad_parts(pixels, PROMPTS[:2])
+    total, parts = both.score_grad_parts(pixels, PROMPTS[:2])
     assert torch.allclose(total, parts["HPSv2.1"] + 0.5 * parts["PickScore"])
     total.sum().backward()
     assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().max() > 0

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from ..errors import DownloadError, InvalidInputError
-from ..pretrained import _offline, download_url
+from ..pretrained import download_url, offline
 
 __all__ = ["safe_extract_zip", "extract_archive_to", "ensure_test_json", "ensure_test_images",
            "ensure_benchmark_prompts", "ensure_benchmark_generations", "TEST_JSON_URL", "BENCHMARK_PROMPTS_URL",
@@ -112,7 +112,7 @@ def extract_archive_to(archive: str | os.PathLike, target: str | os.PathLike) ->
 
 
 def _need_download(path: Path, what: str, url: str) -> None:
-    if _offline():
+    if offline():
         raise DownloadError(f"{what} not found at {path} and HF_HUB_OFFLINE is set: download {url} "
                             f"to {path}, or pass its local path")
 

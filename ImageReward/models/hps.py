@@ -59,7 +59,7 @@ class HPSv2Scorer(CLIPScorer):
                                   name: str = "HPSv2", source: str = "checkpoint") -> "HPSv2Scorer":
         """Strictly from an open_clip ``CLIP`` state dict (the ``'state_dict'`` of HPSv2's files); every key
         is used and every shape must match ``hparams`` (default open_clip's ViT-H-14), else
-        :class:`CheckpointError`. Tensors keep their dtype; cast with ``factory._place``."""
+        :class:`CheckpointError`. Tensors keep their dtype; cast with ``factory.place_model``."""
         from ..checkpoint import strip_prefix
         from .clip_convert import openai_hparams, openai_to_hf
 

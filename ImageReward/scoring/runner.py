@@ -1,8 +1,9 @@
 """``score_dataset``: score every (prompt, image) of a dataset into a resumable JSONL/Parquet file.
 
-Decoding and preprocessing run in DataLoader workers (``num_workers``) while the main process runs the
-scorer's own ``encode_images`` + ``score_pairs`` under ``torch.inference_mode``; within a batch each
-distinct image is encoded once (and ImageReward reuses its cross-attention work across its pairs). Under
+Decoding and preprocessing run in DataLoader workers (``num_workers``) while the main process hands each batch
+to the one batch engine (:func:`ImageReward.engine.score_pixels`): within a batch each distinct image is
+encoded once (and ImageReward reuses its cross-attention work across its pairs). Any scorer works, a weighted
+mix included. Under
 ``accelerate launch`` every process scores the rows with ``index % world_size == rank`` into its own journal
 and the main process merges them at the end.
 
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..engine import dedupe, score_pixels
 from ..errors import ImageRewardError
 from ..preprocess import PreprocessConfig, preprocess_pil
 from .datasets import Record, load_record_image, read_records
@@ -111,7 +113,8 @@ def _image_key(record: Record) -> Any:
 
 
 def _score_batch(scorer: Any, batch: list, records: Sequence[Record], model: str) -> list[dict[str, Any]]:
-    """Rows for one DataLoader batch, in batch order; distinct images are encoded once."""
+    """Rows for one DataLoader batch, in batch order, through the one batch engine (distinct images are
+    encoded once). A typed error of the scorer is pinned on the row(s) at fault, never raised."""
     rows: dict[int, dict[str, Any]] = {}
     good = []
     for position, pixels, error in batch:
@@ -120,21 +123,11 @@ def _score_batch(scorer: Any, batch: list, records: Sequence[Record], model: str
         else:
             good.append((position, pixels))
     if good:
-        unique: dict[Any, int] = {}
-        stack, which = [], []
-        for position, pixels in good:
-            key = _image_key(records[position])
-            if key not in unique:
-                unique[key] = len(stack)
-                stack.append(pixels)
-            which.append(unique[key])
+        first, image_index = dedupe([_image_key(records[position]) for position, _ in good])
         prompts = [records[position].prompt for position, _ in good]
         try:
-            with torch.inference_mode():
-                pixels_in = torch.stack(stack).to(scorer.device, scorer.input_dtype, non_blocking=True)
-                features = scorer.encode_images(pixels_in)
-                index = torch.tensor(which, device=features.device)
-                scores = scorer.score_pairs(prompts, features, index).float().cpu().tolist()
+            pixels_in = torch.stack([good[k][1] for k in first])
+            scores = score_pixels(scorer, prompts, pixels_in, image_index).tolist()
             for (position, _), score in zip(good, scores):
                 rows[position] = _row(records[position], float(score), None, model)
         except ImageRewardError as err:  # bad input for the scorer (not a crash): find the row(s) at fault
