@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ImageReward as RM
-from ImageReward.clip_tokenizer import EOT_TOKEN_ID, _vocab_and_merges, clip_tokenize
+from ImageReward.clip_tokenizer import EOT_TOKEN_ID, clip_tokenize
 from ImageReward.errors import CheckpointError, DownloadError, InvalidInputError
 from ImageReward.models.hps import tiny_hps_hparams
 from ImageReward.models.pickscore import processor_preprocess_config
 from ImageReward.preprocess import PreprocessConfig, preprocess_pil, preprocess_tensor
 from openai_clip_layout import OpenAICLIP
-from parity_weights import FIXTURES
+from parity_weights import FIXTURES, write_pickscore_processor
 
 ZOO = FIXTURES / "zoo"
 REFERENCE = json.loads((ZOO / "zoo_outputs.json").read_text())
@@ -196,19 +196,6 @@ def _tiny_pickscore_config():
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
 
 
-def _write_processor(folder, size):
-    folder.mkdir(parents=True)
-    for item in (ZOO / "processor").iterdir():
-        shutil.copy(item, folder / item.name)
-    spec = json.loads((folder / "preprocessor_config.json").read_text())
-    spec["size"], spec["crop_size"] = {"shortest_edge": size}, {"height": size, "width": size}
-    (folder / "preprocessor_config.json").write_text(json.dumps(spec))
-    vocab, merges = _vocab_and_merges()
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("\n".join(["#version: 0.2"] + [" ".join(m) for m in merges]) + "\n",
-                                       encoding="utf-8")
-
-
 @pytest.fixture(scope="module")
 def hf_clip():
     from transformers import CLIPModel
@@ -233,7 +220,7 @@ def pick_root(hf_clip, tmp_path_factory):
     state = {k: v.contiguous() for k, v in hf_clip.state_dict().items()}
     state["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # as older PickScore files carry it
     save_file(state, str(root / "PickScore_v1" / "model.safetensors"))
-    _write_processor(root / "CLIP-ViT-H-14-laion2B-s32B-b79K", size=32)
+    write_pickscore_processor(root / "CLIP-ViT-H-14-laion2B-s32B-b79K", size=32)
     return root
 
 
