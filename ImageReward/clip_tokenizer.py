@@ -27,6 +27,8 @@ from typing import Sequence
 
 import torch
 
+from .tokenizer import check_prompts
+
 __all__ = ["CONTEXT_LENGTH", "SOT_TOKEN_ID", "EOT_TOKEN_ID", "clean_text", "load_clip_tokenizer", "clip_tokenize"]
 
 logger = logging.getLogger(__name__)
@@ -142,8 +144,6 @@ def clip_tokenize(prompts: Sequence[str] | str, context_length: int = CONTEXT_LE
     >>> clip_tokenize("Tom &amp; Jerry", clean=False)[0, :8].tolist()
     [49406, 2435, 261, 6259, 282, 9164, 49407, 0]
     """
-    from .tokenizer import check_prompts
-
     items = check_prompts(prompts)
     rows = [_encode_one(prompt, context_length, clean) for prompt in items]
     return torch.tensor(rows, dtype=torch.long).reshape(len(items), context_length)

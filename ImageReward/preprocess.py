@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .errors import InvalidInputError
+
 __all__ = ["CLIP_MEAN", "CLIP_STD", "PreprocessConfig", "preprocess_pil", "preprocess_tensor", "resized_size",
            "resize_longest_edge_and_pad"]
 
@@ -106,8 +108,6 @@ def preprocess_tensor(pixels: torch.Tensor, config: PreprocessConfig = Preproces
     torch.Size([2, 3, 224, 224])
     """
     if pixels.ndim != 4 or pixels.shape[1] != 3:
-        from .errors import InvalidInputError
-
         raise InvalidInputError(f"expected pixels of shape [B, 3, H, W], got {tuple(pixels.shape)}")
     size = config.image_size
     if config.geometry == "longest_edge_pad":

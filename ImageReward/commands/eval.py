@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from .score import load_scorer
+
 logger = logging.getLogger(__name__)
 
 ALL_SCORERS = ("ImageReward-v1.0", "CLIP", "BLIP", "Aesthetic", "HPSv2", "HPSv2.1", "PickScore")
@@ -100,8 +102,6 @@ def _device(args: argparse.Namespace) -> str | None:
 
 
 def _load(spec: str, args: argparse.Namespace):
-    from .score import load_scorer
-
     if args.rm_path is not None:
         Path(args.rm_path).expanduser().mkdir(parents=True, exist_ok=True)
     namespace = argparse.Namespace(model=spec, device=_device(args), dtype=args.dtype,

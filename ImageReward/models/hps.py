@@ -20,9 +20,11 @@ from typing import Any, Mapping
 
 import torch
 
+from ..checkpoint import strip_prefix
 from ..errors import CheckpointError
 from ..preprocess import PreprocessConfig
 from .clip import VIT_H_14, CLIPScorer, build_clip_model, clip_config
+from .clip_convert import openai_hparams, openai_to_hf
 
 __all__ = ["HPSv2Scorer", "tiny_hps_hparams"]
 
@@ -60,9 +62,6 @@ class HPSv2Scorer(CLIPScorer):
         """Strictly from an open_clip ``CLIP`` state dict (the ``'state_dict'`` of HPSv2's files); every key
         is used and every shape must match ``hparams`` (default open_clip's ViT-H-14), else
         :class:`CheckpointError`. Tensors keep their dtype; cast with ``factory.place_model``."""
-        from ..checkpoint import strip_prefix
-        from .clip_convert import openai_hparams, openai_to_hf
-
         state = strip_prefix(state, "module.")
         if "visual.conv1.weight" not in state or "token_embedding.weight" not in state:
             raise CheckpointError(f"{source} is not an open_clip CLIP state dict (no visual.conv1.weight / "

@@ -23,10 +23,12 @@ from typing import Any, Sequence
 
 import torch
 
+from ..checkpoint import read_state_dict
+from ..clip_tokenizer import _vocab_and_merges
 from ..errors import CheckpointError
 from ..image_io import ImageLike
 from ..preprocess import PreprocessConfig
-from .clip import CLIPScorer
+from .clip import CLIPScorer, build_clip_model
 
 __all__ = ["PickScoreScorer", "processor_preprocess_config", "check_processor_vocabulary"]
 
@@ -65,8 +67,6 @@ def processor_preprocess_config(path: str | os.PathLike) -> PreprocessConfig:
 def check_processor_vocabulary(folder: str | os.PathLike) -> None:
     """Check that ``vocab.json`` / ``merges.txt`` in a processor folder are CLIP's BPE, the vocabulary the
     packaged tokenizer (:mod:`ImageReward.clip_tokenizer`) uses; absent files are accepted."""
-    from ..clip_tokenizer import _vocab_and_merges
-
     vocab, merges = _vocab_and_merges()
     folder = Path(folder)
     if (folder / "vocab.json").is_file():
@@ -119,9 +119,6 @@ class PickScoreScorer(CLIPScorer):
         read with ``weights_only``) and, optionally, the processor folder (its image settings and a check
         that its vocabulary is CLIP's BPE). Keys load strictly; ``position_ids`` are ignored by name."""
         from transformers import CLIPConfig
-
-        from ..checkpoint import read_state_dict
-        from .clip import build_clip_model
 
         model_dir = Path(model_dir)
         weights = [model_dir / name for name in ("model.safetensors", "pytorch_model.bin") if (model_dir / name).is_file()]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..engine import score_pixels
 from ..errors import ImageLoadError
-from ..eval.metrics import accuracies, pair_counts
+from ..eval.metrics import pooled_pair_accuracy
 from ..image_io import load_image
 from ..models.image_reward import ImageReward
 from ..preprocess import PreprocessConfig, preprocess_pil
@@ -77,15 +77,12 @@ def group_rewards(model: ImageReward, groups: Sequence[Mapping[str, Any]], image
 def test_accuracy(model: ImageReward, groups: Sequence[Mapping[str, Any]], image_root: str | os.PathLike, *,
                   batch_size: int = 16, num_workers: int = 0) -> tuple[float, int]:
     """The original ``test.py`` accuracy (non-tie pairs pooled over prompts, predicted ties wrong), computed
-    with the evaluation package's ``pair_counts``/``accuracies`` ("original" metric). Returns ``(acc, pairs)``.
+    with the evaluation package's :func:`~ImageReward.eval.metrics.pooled_pair_accuracy`. Returns ``(acc, pairs)``.
     Unreadable images are left out of their prompt's pairs."""
     rewards = group_rewards(model, groups, image_root, batch_size=batch_size, num_workers=num_workers)
-    counts = []
-    for group, scores in zip(groups, rewards):
-        keep = [k for k, s in enumerate(scores) if not math.isnan(s)]
-        counts.append(pair_counts([group["ranking"][k] for k in keep], [scores[k] for k in keep]))
-    pairs = int(sum(c.original[1] for c in counts))
-    return accuracies(counts)["original"], pairs
+    keep = [[k for k, score in enumerate(scores) if not math.isnan(score)] for scores in rewards]
+    return pooled_pair_accuracy([[group["ranking"][k] for k in kk] for group, kk in zip(groups, keep)],
+                                [[scores[k] for k in kk] for scores, kk in zip(rewards, keep)])
 
 
 def reference_stats(model: ImageReward, groups: Sequence[Mapping[str, Any]], image_root: str | os.PathLike, *,
