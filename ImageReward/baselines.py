@@ -217,7 +217,8 @@ def build_hps(version: str = "HPSv2.1", device: str | torch.device | None = None
 def build_pickscore(device: str | torch.device | None = None, download_root: str | os.PathLike | None = None,
                     dtype: torch.dtype | None = None, **kwargs: Any):
     """``load_score("PickScore", ...)``; ``checkpoint=`` names a ``CLIPModel`` folder, ``processor=`` the
-    processor folder, ``revision=`` a Hub revision of ``yuvalkirstain/PickScore_v1``."""
+    processor folder (default: ``download_root``'s, else downloaded, else the packaged equivalents of its
+    settings and vocabulary), ``revision=`` a Hub revision of ``yuvalkirstain/PickScore_v1``."""
     from .models.pickscore import PickScoreScorer
 
     revision = kwargs.pop("revision", None)
@@ -229,7 +230,12 @@ def build_pickscore(device: str | torch.device | None = None, download_root: str
         model_dir = local if has_weights and (local / "config.json").is_file() else \
             fetch_folder(PICKSCORE_V1, PICKSCORE_MODEL_FILES, download_root, revision=revision)
     if processor is None:
-        processor = fetch_folder(PICKSCORE_PROCESSOR, PICKSCORE_PROCESSOR_FILES, download_root)
+        local = Path(download_root or default_cache_dir()) / PICKSCORE_PROCESSOR.filename
+        try:
+            processor = local if local.is_dir() else fetch_folder(PICKSCORE_PROCESSOR, PICKSCORE_PROCESSOR_FILES,
+                                                                   download_root)
+        except DownloadError as err:  # its settings and vocabulary ship with the package: no need to fail
+            logger.warning("%s; using the packaged equivalents (laion's CLIPImageProcessor settings, CLIP's BPE)", err)
     logger.info("loading PickScore from %s (processor %s)", model_dir, processor)
     return place_model(PickScoreScorer.from_folders(model_dir, processor), device, dtype)
 

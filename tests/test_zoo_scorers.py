@@ -273,6 +273,17 @@ def test_pickscore_bfloat16_keeps_the_scale_exact(pick_root, pick):
     assert torch.allclose(low.score_batch(PROMPTS[0], IMAGES[:2]), pick.score_batch(PROMPTS[0], IMAGES[:2]), atol=0.5)
 
 
+def test_pickscore_without_its_processor_folder_uses_the_packaged_equivalents(pick_root, pick, tmp_path, caplog):
+    shutil.copytree(pick_root / "PickScore_v1", tmp_path / "PickScore_v1")
+    bare = RM.load_score("PickScore", device="cpu", download_root=tmp_path)  # offline, no processor folder
+    assert "packaged equivalents" in caplog.text
+    tiny = processor_preprocess_config(pick_root / "CLIP-ViT-H-14-laion2B-s32B-b79K" / "preprocessor_config.json")
+    assert bare.preprocess_config == processor_preprocess_config(ZOO / "processor" / "preprocessor_config.json")
+    assert bare.preprocess_config.image_size == 224 and tiny.image_size == 32
+    bare._preprocess_config = tiny  # the tiny model's 32 px; everything else equal
+    assert torch.equal(bare.score_batch(PROMPTS[5], IMAGES[:2]), pick.score_batch(PROMPTS[5], IMAGES[:2]))
+
+
 def test_pickscore_folder_problems_are_named(pick_root, tmp_path):
     from safetensors.torch import load_file, save_file
 
