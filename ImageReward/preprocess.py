@@ -57,9 +57,9 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.geometry not in ("shortest_edge_crop", "longest_edge_pad"):
-            raise ValueError(f"geometry must be 'shortest_edge_crop' or 'longest_edge_pad', got {self.geometry!r}")
+            raise InvalidInputError(f"geometry must be 'shortest_edge_crop' or 'longest_edge_pad', got {self.geometry!r}")
         if self.crop_offset not in ("round", "floor"):
-            raise ValueError(f"crop_offset must be 'round' or 'floor', got {self.crop_offset!r}")
+            raise InvalidInputError(f"crop_offset must be 'round' or 'floor', got {self.crop_offset!r}")
 
     def crop_start(self, length: int) -> int:
         """Offset of a centred ``image_size`` window in ``length`` pixels, by this config's rounding rule."""
@@ -76,7 +76,8 @@ def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
 
 
 def preprocess_pil(image: Image.Image, config: PreprocessConfig = PreprocessConfig()) -> torch.Tensor:
-    """PIL image -> float32 ``[3, S, S]`` tensor, exactly as the original ``_transform(224)``.
+    """PIL image -> float32 ``[3, S, S]`` tensor, exactly as the original ``_transform(224)`` (or, per
+    ``config``, transformers' ``CLIPImageProcessor`` / open_clip's ``ResizeMaxSize``).
 
     >>> preprocess_pil(Image.new("RGB", (300, 200))).shape
     torch.Size([3, 224, 224])
