@@ -23,15 +23,50 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Sequence, Union
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
+
+from .preprocess import PreprocessConfig, preprocess_pil
 
 if TYPE_CHECKING:  # the engine is called by Scorer; only type hints need the class
     from .scorer import Scorer
 
-__all__ = ["image_key", "dedupe", "ReadAhead", "score_pixels", "score_images"]
+__all__ = ["image_key", "dedupe", "ReadAhead", "preprocess_configs", "preprocess_image", "stack_pixels",
+           "score_pixels", "score_images"]
+
+# The pixels of a batch: one normalised [B, 3, S, S] tensor, or, for a mix whose scorers preprocess
+# differently, a tuple with one such tensor per distinct PreprocessConfig (see preprocess_configs).
+Pixels = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+
+
+def preprocess_configs(scorer: "Scorer") -> tuple[PreprocessConfig, ...]:
+    """The distinct preprocessings ``scorer`` wants: its ``preprocess_config``, or for a mix
+    (``scorer.preprocess_configs``) one per distinct config of its components."""
+    configs = getattr(scorer, "preprocess_configs", None)
+    return tuple(configs) if configs else (scorer.preprocess_config,)
+
+
+def preprocess_image(image: Image.Image, configs: Sequence[PreprocessConfig]) -> Pixels:
+    """One decoded image -> ``[3, S, S]`` float32 (one config) or a tuple of them (one per config)."""
+    if len(configs) == 1:
+        return preprocess_pil(image, configs[0])
+    return tuple(preprocess_pil(image, config) for config in configs)
+
+
+def stack_pixels(items: Sequence[Pixels]) -> Pixels:
+    """Stack per-image pixels (tensors, or tuples of tensors) into a batch."""
+    if isinstance(items[0], tuple):
+        return tuple(torch.stack(group) for group in zip(*items))
+    return torch.stack(list(items))
+
+
+def _to(pixels: Pixels, device: torch.device, dtype: torch.dtype, non_blocking: bool = False) -> Pixels:
+    if isinstance(pixels, tuple):
+        return tuple(p.to(device, dtype, non_blocking=non_blocking) for p in pixels)
+    return pixels.to(device, dtype, non_blocking=non_blocking)
 
 
 def image_key(item: Any) -> tuple:
@@ -89,21 +124,21 @@ class ReadAhead:
             for position, item in chunk:
                 self.pending[position] = self.pool.submit(self.scorer.preprocess, item, index=position)
 
-    def collect(self, chunk: Sequence[tuple[int, Any]]) -> torch.Tensor:
+    def collect(self, chunk: Sequence[tuple[int, Any]]) -> Pixels:
         """The preprocessed pixels ``[len(chunk), 3, S, S]`` float32 of requested items, in chunk order."""
         if self.pool is None:
-            return torch.stack([self.scorer.preprocess(item, index=position) for position, item in chunk])
-        return torch.stack([self.pending.pop(position).result() for position, _ in chunk])
+            return stack_pixels([self.scorer.preprocess(item, index=position) for position, item in chunk])
+        return stack_pixels([self.pending.pop(position).result() for position, _ in chunk])
 
 
-def score_pixels(scorer: "Scorer", prompts: Sequence[str], pixels: torch.Tensor, image_index: Sequence[int], *,
+def score_pixels(scorer: "Scorer", prompts: Sequence[str], pixels: Pixels, image_index: Sequence[int], *,
                  sub_batch: int | None = None) -> torch.Tensor:
     """Rewards of pairs ``(prompts[p], pixels[image_index[p]])``: each of the ``U`` images of ``pixels``
-    (normalised ``[U, 3, S, S]``, any device) is encoded once, then the pairs are scored in sub-batches of at
-    most ``sub_batch`` (default: all at once), shortest prompts first. Returns float32 ``[P]`` on the CPU in
-    input order."""
+    (normalised ``[U, 3, S, S]``, any device; a tuple of those for a mix, see :func:`preprocess_configs`) is
+    encoded once, then the pairs are scored in sub-batches of at most ``sub_batch`` (default: all at once),
+    shortest prompts first. Returns float32 ``[P]`` on the CPU in input order."""
     with torch.inference_mode():
-        features = scorer.encode_images(pixels.to(scorer.device, scorer.input_dtype, non_blocking=True))
+        features = scorer.encode_images(_to(pixels, scorer.device, scorer.input_dtype, non_blocking=True))
         return _score_features(scorer, prompts, features, image_index, sub_batch)
 
 
@@ -139,7 +174,7 @@ def score_images(scorer: "Scorer", prompts: Sequence[str], images: Sequence[Any]
             chunk = unique_items[start : start + batch_size]
             pixels = reader.collect(chunk)
             reader.request(unique_items[start + batch_size : start + 2 * batch_size])  # decoded meanwhile
-            features = scorer.encode_images(pixels.to(scorer.device, scorer.input_dtype))
+            features = scorer.encode_images(_to(pixels, scorer.device, scorer.input_dtype))
             # every pair whose image is in this chunk, with its row in `features`
             rows = [(pair, row) for row in range(len(chunk)) for pair in pairs_of_image[start + row]]
             rewards[[pair for pair, _ in rows]] = _score_features(

@@ -263,7 +263,7 @@ def main() -> int:
                         "each in a fresh process, and keep its best (evens out a machine whose speed drifts)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak rate (e.g. 989 for H100 SXM bf16 dense): "
-                        "adds a '% of peak' column")
+                        "adds a '%% of peak' column")
     parser.add_argument("--baselines", action="store_true", help="also run CLIP, BLIP and Aesthetic (1 prompt x 8)")
     parser.add_argument("--zoo", action="store_true", help="also run HPSv2 and PickScore against their original "
                         "algorithms (ViT-H-14: ~4 GB each in fp32, ~9 GB for HPSv2-original)")

@@ -201,11 +201,16 @@ def test_mix_is_the_weighted_sum_in_both_plugins(tmp_path, monkeypatch, names, i
 
 
 def test_mix_of_scorers_that_preprocess_differently(tmp_path, names, images):
-    """score_batch scores each component on its own pixels; score-dataset (one pixel tensor per image) refuses
-    with a typed error naming the components, before reading any row."""
+    """Components with different preprocessing (Brightness: 32 px, no normalisation) get their own pixels from
+    the same decoded image, in score_batch and in score-dataset (pixels made in DataLoader workers)."""
     mix = RM.load_scorer("ImageReward-v1.0:1,CLIP:2", device="cpu")
-    expected = names[0].score_batch(PROMPT, images) + 2 * Brightness().score_batch(PROMPT, images)
-    torch.testing.assert_close(mix.score_batch(PROMPT, images), expected)
+    assert len(mix.preprocess_configs) == 2
     with pytest.raises(UnsupportedInputError, match="preprocess images differently"):
-        score_dataset(mix, images[0].rsplit("/", 1)[0], tmp_path / "s.jsonl", prompt=PROMPT, progress=False,
-                      context=DistributedContext())
+        mix.preprocess_config
+    expected = names[0].score_batch(PROMPT, images) + 2 * Brightness().score_batch(PROMPT, images)
+    torch.testing.assert_close(mix.score_batch(PROMPT, images, batch_size=3), expected)
+    out = tmp_path / "s.jsonl"
+    score_dataset(mix, images[0].rsplit("/", 1)[0], out, prompt=PROMPT, progress=False, batch_size=3,
+                  num_workers=1, context=DistributedContext())
+    by_name = {row["image"].rsplit("/", 1)[-1]: row["score"] for row in map(json.loads, out.read_text().splitlines())}
+    assert [by_name[p.rsplit("/", 1)[-1]] for p in images] == pytest.approx(expected.tolist(), abs=1e-5)

@@ -7,10 +7,10 @@ missing weight is 1), resolved by :func:`ImageReward.load_scorer`; ReFL trains o
 >>> mix = WeightedReward([image_reward, aesthetic], [1.0, 0.1], ["ImageReward-v1.0", "Aesthetic"])  # doctest: +SKIP
 >>> mix.score("a cat", "cat.png")   # 1.0 * image_reward + 0.1 * aesthetic                         # doctest: +SKIP
 
-A component whose lower is better enters with ``-w_i``, so the mix is always higher-is-better. Each image is
-decoded once; when every component preprocesses the same way (true of all built-in scorers: 224 px, CLIP
-mean/std) the pixels are also shared, and each component encodes them once (``encode_images`` returns one
-feature tensor per component).
+A component whose lower is better enters with ``-w_i``, so the mix is always higher-is-better. The mix goes
+through the one batch engine like any scorer: each image is prepared once per distinct preprocessing of the
+components (``preprocess_configs``; once in all when they preprocess alike) and encoded once per component
+(``encode_images`` returns one feature tensor per component).
 """
 
 from __future__ import annotations
@@ -59,21 +59,47 @@ class WeightedReward(Scorer):
 
     # ------------------------------------------------------------------ the batch-engine interface
     @property
-    def shares_preprocessing(self) -> bool:
-        """Whether every component wants the same pixels (then images are preprocessed once for all)."""
-        return len({s.preprocess_config for s in self.scorers}) == 1
+    def preprocess_configs(self) -> tuple[PreprocessConfig, ...]:
+        """The distinct preprocessings of the components, in order of first use: the batch engine prepares
+        each image once per entry (once in all for the built-in scorers, which all preprocess alike)."""
+        return tuple(dict.fromkeys(s.preprocess_config for s in self.scorers))
 
     @property
     def preprocess_config(self) -> PreprocessConfig:  # type: ignore[override]
-        if not self.shares_preprocessing:
-            configs = {name: s.preprocess_config for name, s in zip(self.names, self.scorers)}
-            raise UnsupportedInputError(f"the scorers of the mix {self.name!r} preprocess images differently "
-                                        f"({configs}); score them one by one")
-        return self.scorers[0].preprocess_config
+        """The components' common preprocessing; :class:`UnsupportedInputError` when they differ (use
+        :attr:`preprocess_configs`)."""
+        configs = self.preprocess_configs
+        if len(configs) > 1:
+            raise UnsupportedInputError(f"the scorers of the mix {self.name!r} preprocess images differently; "
+                                        "read preprocess_configs")
+        return configs[0]
 
-    def encode_images(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
-        """Normalised ``[B, 3, S, S]`` pixels -> one feature tensor ``[B, ...]`` per component."""
-        return [s.encode_images(pixel_values.to(s.device, s.input_dtype)) for s in self.scorers]
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The components' common input dtype, else float32 (each component then casts the pixels itself, so
+        a bf16 component never rounds the pixels of a float32 one)."""
+        dtypes = {s.input_dtype for s in self.scorers}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    def preprocess(self, image: ImageLike, *, index: int | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """``[3, S, S]`` pixels when the components preprocess alike, else one tensor per entry of
+        :attr:`preprocess_configs` (each made by a component that uses it)."""
+        configs = self.preprocess_configs
+        makers = [next(s for s in self.scorers if s.preprocess_config == c) for c in configs]
+        if len(makers) == 1:
+            return makers[0].preprocess(image, index=index)
+        return tuple(maker.preprocess(image, index=index) for maker in makers)
+
+    def _pixels_of(self, pixel_values: torch.Tensor | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        if not isinstance(pixel_values, tuple):
+            return [pixel_values] * len(self.scorers)
+        configs = self.preprocess_configs
+        return [pixel_values[configs.index(s.preprocess_config)] for s in self.scorers]
+
+    def encode_images(self, pixel_values: torch.Tensor | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:  # type: ignore[override]
+        """Normalised ``[B, 3, S, S]`` pixels (or one such tensor per entry of :attr:`preprocess_configs`)
+        -> one feature tensor ``[B, ...]`` per component."""
+        return [s.encode_images(p.to(s.device, s.input_dtype)) for s, p in zip(self.scorers, self._pixels_of(pixel_values))]
 
     def score_encoded(self, prompts: Sequence[str], image_features: list[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         return self._weighted(s.score_encoded(prompts, f) for s, f in zip(self.scorers, image_features))
@@ -85,15 +111,6 @@ class WeightedReward(Scorer):
 
     def _weighted(self, scores) -> torch.Tensor:
         return sum(w * s.float().cpu() for w, s in zip(self.weights, scores))
-
-    def score_batch(self, prompts: str | Sequence[str], images: Sequence[ImageLike], *, batch_size: int | None = None,
-                    progress: bool = False) -> torch.Tensor:
-        """As :meth:`Scorer.score_batch`. Components that preprocess differently are scored one after the
-        other (each image then decoded once per component)."""
-        if self.shares_preprocessing:
-            return super().score_batch(prompts, images, batch_size=batch_size, progress=progress)
-        return self._weighted(s.score_batch(prompts, images, batch_size=batch_size, progress=progress)
-                              for s in self.scorers)
 
     # ------------------------------------------------------------------ differentiable (ReFL)
     def score_grad_parts(self, pixels: torch.Tensor, prompts: str | Sequence[str]

@@ -26,9 +26,9 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..engine import dedupe, score_pixels
+from ..engine import dedupe, preprocess_configs, preprocess_image, score_pixels, stack_pixels
 from ..errors import ImageRewardError
-from ..preprocess import PreprocessConfig, preprocess_pil
+from ..preprocess import PreprocessConfig
 from .datasets import Record, load_record_image, read_records
 from .writers import (Journal, done_ids, journal_path, merge_outputs, output_format, parts_dir, read_output,
                       remove_outputs)
@@ -79,9 +79,9 @@ def distributed_context() -> DistributedContext:
 class _RecordImages(torch.utils.data.Dataset):
     """Runs in DataLoader workers: record -> ``(position, pixels or None, error or None)``."""
 
-    def __init__(self, records: Sequence[Record], config: PreprocessConfig, timeout: float) -> None:
+    def __init__(self, records: Sequence[Record], configs: Sequence[PreprocessConfig], timeout: float) -> None:
         self.records = records
-        self.config = config
+        self.configs = tuple(configs)
         self.timeout = timeout
 
     def __len__(self) -> int:
@@ -92,7 +92,7 @@ class _RecordImages(torch.utils.data.Dataset):
         if record.error:
             return position, None, record.error
         try:
-            return position, preprocess_pil(load_record_image(record, timeout=self.timeout), self.config), None
+            return position, preprocess_image(load_record_image(record, timeout=self.timeout), self.configs), None
         except ImageRewardError as err:
             return position, None, str(err)
         except Exception as err:  # noqa: BLE001 - one bad image must not stop the run
@@ -126,7 +126,7 @@ def _score_batch(scorer: Any, batch: list, records: Sequence[Record], model: str
         first, image_index = dedupe([_image_key(records[position]) for position, _ in good])
         prompts = [records[position].prompt for position, _ in good]
         try:
-            pixels_in = torch.stack([good[k][1] for k in first])
+            pixels_in = stack_pixels([good[k][1] for k in first])
             scores = score_pixels(scorer, prompts, pixels_in, image_index).tolist()
             for (position, _), score in zip(good, scores):
                 rows[position] = _row(records[position], float(score), None, model)
@@ -194,7 +194,7 @@ def score_dataset(
 
     batch_size = batch_size or getattr(scorer, "default_batch_size", 8)
     loader = torch.utils.data.DataLoader(
-        _RecordImages(pending, scorer.preprocess_config, timeout), batch_size=batch_size, shuffle=False,
+        _RecordImages(pending, preprocess_configs(scorer), timeout), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, collate_fn=_collate, pin_memory=scorer.device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
     )
