@@ -1,6 +1,7 @@
-"""Baseline scorers ``"CLIP"``, ``"BLIP"`` and ``"Aesthetic"``: their files, their builders, and their
-registration (:func:`ImageReward.factory.register_scorer`, at the bottom of this file), which makes each name
-valid everywhere a model name is (``RM.load_scorer``, ``RM.load_score``, the CLI, eval, ReFL, the plugins).
+"""Baseline scorers ``"CLIP"``, ``"BLIP"``, ``"Aesthetic"``, ``"HPSv2"``, ``"HPSv2.1"`` and ``"PickScore"``:
+their files, their builders, and their registration (:func:`ImageReward.factory.register_scorer`, at the
+bottom of this file), which makes each name valid everywhere a model name is (``RM.load_scorer``,
+``RM.load_score``, the CLI, eval, ReFL, the plugins).
 
 Where the weights come from (the first that exists wins; nothing touches the network when a file is
 already in ``download_root``, default ``~/.cache/ImageReward``):
@@ -10,6 +11,11 @@ already in ``download_root``, default ``~/.cache/ImageReward``):
   revision), then OpenAI's URL (SHA-256 checked).
 * BLIP: ``model_large.pth`` (Salesforce's URL). Aesthetic: ``sac+logos+ava1-l14-linearMSE.pth`` or the
   original's literal ``sac%2Blogos%2Bava1-l14-linearMSE.pth`` (LAION's URL), plus CLIP's image tower.
+* HPSv2 / HPSv2.1: ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt`` (Hub ``xswu/HPSv2``; open_clip
+  ViT-H-14 state dict under ``'state_dict'``, read with ``weights_only``).
+* PickScore: the folder ``PickScore_v1/`` (Hub ``yuvalkirstain/PickScore_v1``: ``config.json`` +
+  ``model.safetensors``) and the processor folder ``CLIP-ViT-H-14-laion2B-s32B-b79K/`` (Hub
+  ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``: ``preprocessor_config.json``, tokenizer files).
 
 All three are float32 unless ``dtype=torch.float16/bfloat16`` is asked for (the Aesthetic head stays
 float32). Importing this module is cheap (``ImageReward/resolve.py`` imports it, so the names are registered
@@ -18,6 +24,7 @@ whenever the package is imported): the models and transformers are imported by t
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -27,10 +34,11 @@ import torch
 
 from .errors import DownloadError
 from .factory import place_model, register_scorer
-from .pretrained import PretrainedCfg, default_cache_dir, fetch, offline
+from .pretrained import PretrainedCfg, default_cache_dir, fetch, fetch_folder, offline
 
-__all__ = ["BASELINE_FILES", "CLIP_HUB", "CLIP_OPENAI", "BLIP_LARGE", "AESTHETIC_HEAD", "clip_weights_path",
-           "build_clip", "build_blip", "build_aesthetic"]
+__all__ = ["BASELINE_FILES", "CLIP_HUB", "CLIP_OPENAI", "BLIP_LARGE", "AESTHETIC_HEAD", "HPS_V2", "HPS_V2_1",
+           "PICKSCORE_V1", "PICKSCORE_PROCESSOR", "clip_weights_path", "build_clip", "build_blip", "build_aesthetic",
+           "build_hps", "build_pickscore"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +77,48 @@ AESTHETIC_HEAD = PretrainedCfg(
     license="see github.com/christophschuhmann/improved-aesthetic-predictor",
     description="LAION improved aesthetic predictor head (linear MLP on normalised CLIP ViT-L/14 image embeddings)",
 )
+# No revision below could be checked against the Hub from the machine this was written on: they follow
+# the repos' main branch until pinned (pass revision= to load_score to pin one yourself).
+HPS_V2 = PretrainedCfg(
+    name="HPSv2",
+    filename="HPS_v2_compressed.pt",
+    hf_repo="xswu/HPSv2",
+    hf_filename="HPS_v2_compressed.pt",
+    license="Apache-2.0 (github.com/tgxs002/HPSv2)",
+    description="HPSv2: open_clip ViT-H-14 fine-tuned on HPDv2 ({'state_dict': open_clip state dict})",
+)
+HPS_V2_1 = PretrainedCfg(
+    name="HPSv2.1",
+    filename="HPS_v2.1_compressed.pt",
+    hf_repo="xswu/HPSv2",
+    hf_filename="HPS_v2.1_compressed.pt",
+    license="Apache-2.0 (github.com/tgxs002/HPSv2)",
+    description="HPSv2.1: HPSv2 retrained on higher-quality HPDv2 data (same architecture and file format)",
+)
+PICKSCORE_V1 = PretrainedCfg(
+    name="PickScore",
+    filename="PickScore_v1",  # a folder
+    hf_repo="yuvalkirstain/PickScore_v1",
+    license="see huggingface.co/yuvalkirstain/PickScore_v1",
+    description="PickScore v1: CLIP ViT-H-14 fine-tuned on Pick-a-Pic (transformers CLIPModel folder)",
+)
+PICKSCORE_PROCESSOR = PretrainedCfg(
+    name="PickScore processor",
+    filename="CLIP-ViT-H-14-laion2B-s32B-b79K",  # a folder
+    hf_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    license="MIT",
+    description="the CLIPProcessor PickScore's model card loads (image settings and tokenizer files)",
+)
+PICKSCORE_MODEL_FILES = ("config.json", "model.safetensors")
+PICKSCORE_PROCESSOR_FILES = ("preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                             "vocab.json", "merges.txt")
 BASELINE_FILES: dict[str, tuple[PretrainedCfg, ...]] = {
     "CLIP": (CLIP_OPENAI, CLIP_HUB),
     "BLIP": (BLIP_LARGE,),
     "Aesthetic": (AESTHETIC_HEAD, CLIP_OPENAI, CLIP_HUB),
+    "HPSv2": (HPS_V2,),
+    "HPSv2.1": (HPS_V2_1,),
+    "PickScore": (PICKSCORE_V1, PICKSCORE_PROCESSOR),
 }
 
 
@@ -148,9 +194,61 @@ def build_aesthetic(device: str | torch.device | None = None, download_root: str
     return place_model(scorer, device, dtype, keep_fp32=("mlp",))
 
 
+def build_hps(version: str = "HPSv2.1", device: str | torch.device | None = None,
+              download_root: str | os.PathLike | None = None, dtype: torch.dtype | None = None, **kwargs: Any):
+    """``load_score("HPSv2" | "HPSv2.1", ...)``; ``checkpoint=`` names a ``{'state_dict': open_clip state
+    dict}`` file, ``revision=`` a Hub revision of ``xswu/HPSv2``, ``hparams=`` another open_clip ViT
+    architecture than ViT-H-14 (see ``models.clip.VIT_H_14``; tests use a tiny one)."""
+    from .checkpoint import read_state_dict
+    from .models.clip import VIT_H_14
+    from .models.hps import HPSv2Scorer
+
+    cfg = {"HPSv2": HPS_V2, "HPSv2.1": HPS_V2_1}[version]
+    revision = kwargs.pop("revision", None)
+    hparams = kwargs.pop("hparams", VIT_H_14)
+    path = _checkpoint_arg(kwargs, "checkpoint") or fetch(cfg, download_root, revision=revision)
+    logger.info("loading %s from %s", version, path)
+    state = read_state_dict(path, nested_key="state_dict")
+    scorer = HPSv2Scorer.from_open_clip_state_dict(state, hparams=hparams, name=version, source=os.fspath(path))
+    del state
+    return place_model(scorer, device, dtype)
+
+
+def build_pickscore(device: str | torch.device | None = None, download_root: str | os.PathLike | None = None,
+                    dtype: torch.dtype | None = None, **kwargs: Any):
+    """``load_score("PickScore", ...)``; ``checkpoint=`` names a ``CLIPModel`` folder, ``processor=`` the
+    processor folder (default: ``download_root``'s, else downloaded, else the packaged equivalents of its
+    settings and vocabulary), ``revision=`` a Hub revision of ``yuvalkirstain/PickScore_v1``."""
+    from .models.pickscore import PickScoreScorer
+
+    revision = kwargs.pop("revision", None)
+    processor = kwargs.pop("processor", None)
+    model_dir = _checkpoint_arg(kwargs, "checkpoint")
+    if model_dir is None:
+        local = Path(download_root or default_cache_dir()) / PICKSCORE_V1.filename
+        has_weights = any((local / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))
+        model_dir = local if has_weights and (local / "config.json").is_file() else \
+            fetch_folder(PICKSCORE_V1, PICKSCORE_MODEL_FILES, download_root, revision=revision)
+    if processor is None:
+        local = Path(download_root or default_cache_dir()) / PICKSCORE_PROCESSOR.filename
+        try:
+            processor = local if local.is_dir() else fetch_folder(PICKSCORE_PROCESSOR, PICKSCORE_PROCESSOR_FILES,
+                                                                   download_root)
+        except DownloadError as err:  # its settings and vocabulary ship with the package: no need to fail
+            logger.warning("%s; using the packaged equivalents (laion's CLIPImageProcessor settings, CLIP's BPE)", err)
+    logger.info("loading PickScore from %s (processor %s)", model_dir, processor)
+    return place_model(PickScoreScorer.from_folders(model_dir, processor), device, dtype)
+
+
 register_scorer("CLIP", build_clip, files=BASELINE_FILES["CLIP"],
                 description="CLIP ViT-L/14 cosine similarity of prompt and image (OpenAI)")
 register_scorer("BLIP", build_blip, files=BASELINE_FILES["BLIP"],
                 description="BLIP ViT-L image-text contrastive (ITC) similarity (Salesforce)")
 register_scorer("Aesthetic", build_aesthetic, files=BASELINE_FILES["Aesthetic"],
                 description="LAION improved aesthetic predictor on CLIP ViT-L/14 (ignores the prompt)")
+register_scorer("HPSv2", functools.partial(build_hps, "HPSv2"), files=BASELINE_FILES["HPSv2"],
+                description="HPSv2: cosine of open_clip ViT-H-14 embeddings tuned on human preferences (HPDv2)")
+register_scorer("HPSv2.1", functools.partial(build_hps, "HPSv2.1"), files=BASELINE_FILES["HPSv2.1"],
+                description="HPSv2.1: HPSv2 retrained on higher-quality HPDv2 data")
+register_scorer("PickScore", build_pickscore, files=BASELINE_FILES["PickScore"],
+                description="PickScore v1: logit_scale.exp() * CLIP ViT-H-14 cosine, tuned on Pick-a-Pic")

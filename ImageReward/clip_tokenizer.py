@@ -8,7 +8,11 @@ merges, then ``<|startoftext|>`` 49406 and ``<|endoftext|>`` 49407), so no file 
 The text is cleaned as OpenAI's ``clip.tokenize`` does before BPE: ``ftfy.fix_text`` (when ftfy is
 installed), ``html.unescape`` twice, whitespace runs collapsed, stripped, lower-cased. Ids are laid out as
 ``clip.tokenize(texts, truncate=True)``: ``[SOT] + bpe + [EOT]``, zero-padded to 77, and on overflow cut
-to 77 with the last kept token replaced by EOT.
+to 77 with the last kept token replaced by EOT. open_clip's tokenizer (HPSv2) does exactly the same.
+
+``clean=False`` gives the ids of transformers' fast ``CLIPTokenizer`` as PickScore's processor uses it:
+no ftfy and no HTML unescaping, only the tokenizer's own normaliser (NFC, whitespace runs -> one space,
+lower case); the same truncation (start token, the first 75 BPE tokens, end token).
 """
 
 from __future__ import annotations
@@ -118,8 +122,9 @@ def clean_text(text: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _encode_one(prompt: str, context_length: int) -> tuple[int, ...]:
-    pieces = load_clip_tokenizer()(clean_text(prompt), add_special_tokens=False)["input_ids"]
+def _encode_one(prompt: str, context_length: int, clean: bool = True) -> tuple[int, ...]:
+    text = clean_text(prompt) if clean else prompt
+    pieces = load_clip_tokenizer()(text, add_special_tokens=False)["input_ids"]
     tokens = [SOT_TOKEN_ID, *pieces, EOT_TOKEN_ID]
     if len(tokens) > context_length:
         logger.warning("prompt is %d CLIP tokens long and was truncated to %d: %.60r", len(tokens), context_length, prompt)
@@ -128,12 +133,17 @@ def _encode_one(prompt: str, context_length: int) -> tuple[int, ...]:
     return tuple(tokens + [0] * (context_length - len(tokens)))
 
 
-def clip_tokenize(prompts: Sequence[str] | str, context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
-    """Prompts -> int64 ids ``[N, context_length]``, equal to ``clip.tokenize(prompts, truncate=True)``.
+def clip_tokenize(prompts: Sequence[str] | str, context_length: int = CONTEXT_LENGTH, *, clean: bool = True
+                  ) -> torch.Tensor:
+    """Prompts -> int64 ids ``[N, context_length]``, equal to ``clip.tokenize(prompts, truncate=True)``
+    and to open_clip's ``tokenize``; ``clean=False``: the ids of transformers' fast tokenizer (no ftfy, no
+    HTML unescaping), zero-padded. Pad id 0 comes after the end token, which is where CLIP pools.
 
     >>> clip_tokenize("a cat")[0, :4].tolist()
     [49406, 320, 2368, 49407]
+    >>> clip_tokenize("Tom &amp; Jerry", clean=False)[0, :8].tolist()
+    [49406, 2435, 261, 6259, 282, 9164, 49407, 0]
     """
     items = check_prompts(prompts)
-    rows = [_encode_one(prompt, context_length) for prompt in items]
+    rows = [_encode_one(prompt, context_length, clean) for prompt in items]
     return torch.tensor(rows, dtype=torch.long).reshape(len(items), context_length)

@@ -177,7 +177,8 @@ def load_score(
     dtype: torch.dtype | None = None,
     **kwargs: Any,
 ):
-    """Load a registered scorer (``"CLIP"``, ``"BLIP"``, ``"Aesthetic"``, ...) with the same API as ImageReward.
+    """Load a registered scorer (``"CLIP"``, ``"BLIP"``, ``"Aesthetic"``, ``"HPSv2"``,
+    ``"HPSv2.1"``, ``"PickScore"``, ...) with the same API as ImageReward.
 
     Files already in ``download_root`` (the original's names) are used without any network access.
     """

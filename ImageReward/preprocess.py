@@ -7,6 +7,16 @@ Two paths with the same geometry:
   mode), centre crop with rounded offsets, *then* RGB conversion, ``/255`` and CLIP mean/std.
 * :func:`preprocess_tensor` is the differentiable twin for ``[B, 3, H, W]`` pixels in ``[0, 1]`` (ReFL,
   ``score_grad``): bicubic resize with antialiasing, centre crop, normalisation.
+
+:class:`PreprocessConfig` also describes the two other pipelines the CLIP-based preference models use:
+
+* transformers' ``CLIPImageProcessor`` (PickScore): RGB conversion *first*, PIL bicubic resize of the short
+  side, centre crop with **floored** offsets (``crop_offset="floor"``, ``convert_rgb_first=True``);
+* open_clip's ``ResizeMaxSize`` (HPSv2, ``geometry="longest_edge_pad"``): ``ToTensor`` first, then a
+  *tensor* bicubic resize with antialiasing (torchvision's default since 0.17; no clamping) of the **long**
+  side to ``image_size`` with Python-rounded sizes, then zero padding to a square (left/top get
+  ``pad // 2``), then mean/std. Both :func:`preprocess_pil` and :func:`preprocess_tensor` run it on tensors,
+  so the PIL path and the differentiable path are the same operations.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ from PIL import Image
 
 from .errors import InvalidInputError
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "PreprocessConfig", "preprocess_pil", "preprocess_tensor", "resized_size"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "PreprocessConfig", "preprocess_pil", "preprocess_tensor", "resized_size",
+           "resize_longest_edge_and_pad"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -28,11 +39,33 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How a scorer wants its pixels: square ``image_size`` crop, then ``(x - mean) / std``."""
+    """How a scorer wants its pixels: a square ``image_size`` image, then ``(x - mean) / std``.
+
+    ``geometry``: ``"shortest_edge_crop"`` (resize the short side, centre-crop; OpenAI CLIP, BLIP,
+    transformers) or ``"longest_edge_pad"`` (resize the long side on tensors, zero-pad; open_clip's
+    ``ResizeMaxSize``, used by HPSv2). ``crop_offset``: ``"round"`` (torchvision ``CenterCrop``) or
+    ``"floor"`` (transformers ``CLIPImageProcessor``). ``convert_rgb_first``: convert to RGB before resizing
+    (transformers) instead of after cropping (the original torchvision pipelines).
+    """
 
     image_size: int = 224
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    geometry: str = "shortest_edge_crop"
+    crop_offset: str = "round"
+    convert_rgb_first: bool = False
+
+    def __post_init__(self) -> None:
+        if self.geometry not in ("shortest_edge_crop", "longest_edge_pad"):
+            raise InvalidInputError(f"geometry must be 'shortest_edge_crop' or 'longest_edge_pad', got {self.geometry!r}")
+        if self.crop_offset not in ("round", "floor"):
+            raise InvalidInputError(f"crop_offset must be 'round' or 'floor', got {self.crop_offset!r}")
+
+    def crop_start(self, length: int) -> int:
+        """Offset of a centred ``image_size`` window in ``length`` pixels, by this config's rounding rule."""
+        if self.crop_offset == "floor":
+            return (length - self.image_size) // 2
+        return int(round((length - self.image_size) / 2.0))
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -43,18 +76,23 @@ def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
 
 
 def preprocess_pil(image: Image.Image, config: PreprocessConfig = PreprocessConfig()) -> torch.Tensor:
-    """PIL image -> float32 ``[3, S, S]`` tensor, exactly as the original ``_transform(224)``.
+    """PIL image -> float32 ``[3, S, S]`` tensor, exactly as the original ``_transform(224)`` (or, per
+    ``config``, transformers' ``CLIPImageProcessor`` / open_clip's ``ResizeMaxSize``).
 
     >>> preprocess_pil(Image.new("RGB", (300, 200))).shape
     torch.Size([3, 224, 224])
     """
     size = config.image_size
+    if config.geometry == "longest_edge_pad":
+        rgb = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        return _normalise(resize_longest_edge_and_pad(rgb[None].float() / 255.0, size)[0], config)
+    if config.convert_rgb_first:
+        image = image.convert("RGB")
     new_size = resized_size(*image.size, size)
     if new_size != image.size:
         image = image.resize(new_size, Image.BICUBIC)
     width, height = image.size
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
+    top, left = config.crop_start(height), config.crop_start(width)
     image = image.crop((left, top, left + size, top + size)).convert("RGB")
     # ToTensor + Normalize in float32 numpy: the same IEEE operations as torch's (bit-identical), but never
     # multi-threaded, so that decoding threads (Scorer.score_batch) do not each start an OpenMP team.
@@ -73,13 +111,43 @@ def preprocess_tensor(pixels: torch.Tensor, config: PreprocessConfig = Preproces
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise InvalidInputError(f"expected pixels of shape [B, 3, H, W], got {tuple(pixels.shape)}")
     size = config.image_size
+    if config.geometry == "longest_edge_pad":
+        return _normalise(resize_longest_edge_and_pad(pixels, size), config)
     height, width = pixels.shape[-2:]
     new_w, new_h = resized_size(width, height, size)
     if (new_h, new_w) != (height, width):
         pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
+    top, left = config.crop_start(new_h), config.crop_start(new_w)
     pixels = pixels[..., top : top + size, left : left + size]
-    mean = torch.tensor(config.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(config.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    return _normalise(pixels, config)
+
+
+def _normalise(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """``(x - mean) / std`` per channel of ``[..., 3, H, W]`` pixels (torchvision ``Normalize``)."""
+    shape = (3, 1, 1)
+    mean = torch.tensor(config.mean, dtype=pixels.dtype, device=pixels.device).view(shape)
+    std = torch.tensor(config.std, dtype=pixels.dtype, device=pixels.device).view(shape)
     return (pixels - mean) / std
+
+
+def resize_longest_edge_and_pad(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """open_clip's ``ResizeMaxSize(size)`` on ``[B, C, H, W]`` float pixels, differentiable.
+
+    The long side becomes ``size`` and the short side ``round(short * size / long)`` (Python rounding),
+    by bicubic interpolation with antialiasing and no clamping (torchvision >= 0.17 ``resize`` on a
+    tensor); then zeros pad the short side to ``size``, ``pad // 2`` before and the rest after. Unlike the
+    original, an image whose long side is already ``size`` is padded too (the original skips both steps
+    when the scale is exactly 1 and then crashes on a non-square image).
+
+    >>> resize_longest_edge_and_pad(torch.ones(1, 3, 48, 64), 32).shape
+    torch.Size([1, 3, 32, 32])
+    """
+    height, width = pixels.shape[-2:]
+    scale = size / float(max(height, width))
+    if scale != 1.0:
+        new_h, new_w = round(height * scale), round(width * scale)
+        pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    pad_h, pad_w = size - pixels.shape[-2], size - pixels.shape[-1]
+    if pad_h or pad_w:
+        pixels = F.pad(pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return pixels

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from .errors import DownloadError
 
-__all__ = ["PretrainedCfg", "IMAGE_REWARD_MODELS", "default_cache_dir", "offline", "fetch", "fetch_hub_repo",
-           "download_url", "sha256_of"]
+__all__ = ["PretrainedCfg", "IMAGE_REWARD_MODELS", "default_cache_dir", "offline", "fetch", "fetch_folder",
+           "fetch_hub_repo", "download_url", "sha256_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,33 @@ def fetch(cfg: PretrainedCfg, download_root: str | os.PathLike | None = None, *,
             raise DownloadError(_missing_message(cfg, root, "HF_HUB_OFFLINE is set"))
         return download_url(cfg.url, root / cfg.filename, sha256=cfg.sha256)
     raise DownloadError(_missing_message(cfg, root, "no remote source is known"))
+
+
+def fetch_folder(cfg: PretrainedCfg, files: tuple[str, ...], download_root: str | os.PathLike | None = None, *,
+                 revision: str | None = None) -> Path:
+    """Return the local folder ``download_root / cfg.filename`` holding ``files`` of the Hub repo
+    ``cfg.hf_repo`` (a transformers model or processor folder). Nothing touches the network when every file
+    is already there; otherwise the missing ones are downloaded at ``revision or cfg.revision``."""
+    root = Path(download_root) if download_root is not None else default_cache_dir()
+    folder = root / cfg.filename
+    missing = [name for name in files if not (folder / name).is_file()]
+    if not missing:
+        logger.info("using cached %s", folder)
+        return folder
+    if not cfg.hf_repo:
+        raise DownloadError(_missing_message(cfg, root, "no remote source is known"))
+    from huggingface_hub import hf_hub_download
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in missing:
+        try:
+            hf_hub_download(repo_id=cfg.hf_repo, filename=name, revision=revision or cfg.revision, local_dir=str(folder))
+        except Exception as err:  # offline mode, no route to the Hub, 404, ...
+            reason = "offline (HF_HUB_OFFLINE=1)" if offline() else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            raise DownloadError(f"could not get {name} of {cfg.name!r} ({reason}). Download "
+                                f"https://huggingface.co/{cfg.hf_repo} ({', '.join(files)}) into {folder}, or pass "
+                                f"download_root=<folder holding {cfg.filename}/>.") from err
+    return folder
 
 
 def _fetch_from_hub(cfg: PretrainedCfg, root: Path, revision: str | None) -> Path:

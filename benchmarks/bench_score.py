@@ -8,6 +8,7 @@ not depend on their values); images are random 512x512 RGB PNGs.
     python benchmarks/bench_score.py --configs original:1x8 batched-fp32:1x8 batched-bf16:1x8
 
     python benchmarks/bench_score.py --baselines          # the CLIP, BLIP and Aesthetic baselines too
+    python benchmarks/bench_score.py --zoo                # HPSv2 and PickScore (ViT-H-14, ~4 GB each in fp32)
     python benchmarks/bench_score.py --device cuda --peak-tflops 989 --configs original:1x64 batched-bf16:1x64
 
 Modes:
@@ -17,12 +18,20 @@ Modes:
   batched-bf16   our engine with the image side in bf16 (text encoder and head fp32), as RM.load(dtype=torch.bfloat16)
   compiled-fp32 / compiled-bf16   the same with the ViT compiled (torch.compile; compile time excluded)
   CLIP-fp32, CLIP-bf16, BLIP-fp32, BLIP-bf16, Aesthetic-fp32, Aesthetic-bf16   the baseline scorers
+  HPSv2-fp32, HPSv2-bf16, PickScore-fp32, PickScore-bf16   HPSv2(.1) and PickScore on our engine
+  HPSv2-original   hpsv2.score's algorithm (hpsv2 1.2.0 does not import as shipped, so it is re-run here on the
+                 same transformers model and kernels): every call re-reads the whole checkpoint (torch.load +
+                 load_state_dict of a file written by the worker), then one image at a time, the prompt encoded
+                 again for each image at 77 tokens
+  PickScore-original   PickScore's model-card snippet: per prompt, every image through the ViT as one batch,
+                 the prompt unpadded, softmax; images preprocessed one by one (the processor's PIL work)
 Shapes are PROMPTSxIMAGES: 1x32 is one prompt and 32 images, 32x1 is 32 prompts for one image.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -37,6 +46,11 @@ DEFAULT_CONFIGS = [  # the issue's matrix (1 prompt x 32 images, 32 x 1, with an
     for mode in ("original", "batched-fp32", "batched-bf16") + (("compiled-fp32", "compiled-bf16") if shape != "1x8" else ())
 ]
 BASELINE_CONFIGS = [f"{name}-{dtype}:1x8" for name in ("CLIP", "BLIP", "Aesthetic") for dtype in ("fp32", "bf16")]
+# 1 prompt x 8 images for both; 8 prompts x 1 image for PickScore, whose model card re-encodes the images for
+# every prompt (hpsv2 is per pair either way: each call re-reads the checkpoint)
+ZOO_CONFIGS = [f"{name}-{mode}:1x8" for name in ("HPSv2", "PickScore") for mode in ("original", "fp32", "bf16")] + [
+    f"PickScore-{mode}:8x1" for mode in ("original", "fp32")]
+SCORER_NAMES = ("CLIP", "BLIP", "Aesthetic", "HPSv2", "PickScore")
 
 
 def _randomise(module) -> None:
@@ -57,14 +71,26 @@ def _randomise(module) -> None:
 
 
 def build_baseline(name: str, quick: bool):
-    """CLIP / BLIP / Aesthetic with random weights, built on meta and filled (no slow init, no files)."""
+    """CLIP / BLIP / Aesthetic / HPSv2 / PickScore with random weights, built on meta and filled (no slow
+    init, no files)."""
     import torch
 
     from ImageReward.models.aesthetic import AestheticScorer
     from ImageReward.models.blip import BLIPConfig
     from ImageReward.models.blip_itc import BLIPITCScorer
-    from ImageReward.models.clip import VIT_L_14, CLIPScorer, build_clip_model, clip_config, tiny_clip_hparams
+    from ImageReward.models.clip import (VIT_H_14, VIT_L_14, CLIPScorer, build_clip_model, clip_config,
+                                         tiny_clip_hparams)
+    from ImageReward.models.hps import HPSv2Scorer, tiny_hps_hparams
+    from ImageReward.models.pickscore import PICKSCORE_PREPROCESS, PickScoreScorer
 
+    if name in ("HPSv2", "PickScore"):
+        with torch.device("meta"):
+            model = build_clip_model(clip_config(tiny_hps_hparams() if quick else VIT_H_14))
+        _randomise(model)
+        if name == "PickScore":
+            config = PICKSCORE_PREPROCESS if not quick else dataclasses.replace(PICKSCORE_PREPROCESS, image_size=32)
+            return PickScoreScorer(model, config).eval()
+        return HPSv2Scorer(model).eval()
     hparams = tiny_clip_hparams() if quick else VIT_L_14
     with torch.device("meta"):
         if name == "CLIP":
@@ -112,6 +138,40 @@ def original_algorithm(model, prompt_list, images):
     return torch.cat(rewards)
 
 
+def hps_original(model, prompt_list, images, checkpoint):
+    """What ``hpsv2.score(image, prompt)`` does per call: re-read the whole checkpoint into the model, then
+    score one image at a time, the prompt tokenised to 77 and encoded again for every image."""
+    import torch
+    import torch.nn.functional as F
+
+    from ImageReward.clip_tokenizer import clip_tokenize
+
+    rewards = []
+    for prompt, image in zip(prompt_list, images):  # one hpsv2.score call per pair
+        model.model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+        image_features = model.encode_images(model.preprocess(image)[None].to(model.device, model.input_dtype))
+        pooled = model.model.text_model(input_ids=clip_tokenize(prompt).to(model.device)).pooler_output
+        text_features = F.normalize(model.model.text_projection(pooled).float(), dim=-1)
+        rewards.append((image_features * text_features).sum(-1))
+    return torch.cat(rewards)
+
+
+def pickscore_original(model, prompt_list, images):
+    """PickScore's model-card ``calc_probs(prompt, images)``, once per distinct prompt with all of its images."""
+    import torch
+
+    groups: dict[str, list] = {}
+    for prompt, image in zip(prompt_list, images):
+        groups.setdefault(prompt, []).append(image)
+    probs = []
+    for prompt, group in groups.items():
+        pixels = torch.stack([model.preprocess(image) for image in group]).to(model.device, model.input_dtype)
+        image_embs = model.encode_images(pixels)
+        scores = model.logit_scale_exp * (model.text_features([prompt]) @ image_embs.T)[0]
+        probs.append(torch.softmax(scores, dim=-1))
+    return torch.cat(probs)
+
+
 def count_flops(once, prompt_list: list[str], images: list[str]) -> float:
     """FLOPs that ``once`` executes (matrix products, convolutions, attention), counted by PyTorch's
     FlopCounterMode, taught the oneDNN fused linear and run with math attention, which it can see. 1 x N shapes
@@ -143,12 +203,16 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str
     mode, shape = config.split(":")
     n_prompts, n_images = (int(x) for x in shape.split("x"))
     dtype_name = "bf16" if mode.endswith("bf16") else "fp32"
-    if mode.split("-")[0] in ("CLIP", "BLIP", "Aesthetic"):
+    checkpoint = None
+    if mode.split("-")[0] in SCORER_NAMES:
         from ImageReward.factory import place_model
 
         name = mode.split("-")[0]
         model = place_model(build_baseline(name, quick), device, getattr(torch, "bfloat16" if dtype_name == "bf16" else "float32"),
                             keep_fp32=("mlp",) if name == "Aesthetic" else ())
+        if mode == "HPSv2-original":  # the file hpsv2 re-reads on every call
+            checkpoint = image_dir / "HPS_v2.1_compressed.pt"
+            torch.save({"state_dict": model.model.state_dict()}, checkpoint)
     else:
         model = build_model(quick, dtype_name).to(device)
     all_images = sorted(str(p) for p in image_dir.glob("*.png"))
@@ -164,6 +228,10 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str
         with torch.inference_mode():
             if mode == "original":
                 original_algorithm(model, prompt_list, images)
+            elif mode == "HPSv2-original":
+                hps_original(model, prompt_list, images, checkpoint)
+            elif mode == "PickScore-original":
+                pickscore_original(model, prompt_list, images)
             else:
                 model.score_batch(prompt_list, images, batch_size=64)
         if device.startswith("cuda"):
@@ -197,6 +265,8 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, help="the device's peak rate (e.g. 989 for H100 SXM bf16 dense): "
                         "adds a '%% of peak' column")
     parser.add_argument("--baselines", action="store_true", help="also run CLIP, BLIP and Aesthetic (1 prompt x 8)")
+    parser.add_argument("--zoo", action="store_true", help="also run HPSv2 and PickScore against their original "
+                        "algorithms (ViT-H-14: ~4 GB each in fp32, ~9 GB for HPSv2-original)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--image-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -208,7 +278,7 @@ def main() -> int:
     import numpy as np
     from PIL import Image
 
-    configs = list(args.configs) + (BASELINE_CONFIGS if args.baselines else [])
+    configs = list(args.configs) + (BASELINE_CONFIGS if args.baselines else []) + (ZOO_CONFIGS if args.zoo else [])
     with tempfile.TemporaryDirectory() as folder:
         rng = np.random.default_rng(0)
         for index in range(max(int(config.split("x")[-1]) for config in configs)):
@@ -231,6 +301,8 @@ def main() -> int:
         rows = [best[config] for config in configs if config in best]
 
     baseline = {r["config"].split(":")[1]: r["pairs_per_s"] for r in rows if r["config"].startswith("original:")}
+    originals = {(r["config"].split("-")[0], r["config"].split(":")[1]): r["pairs_per_s"]
+                 for r in rows if r["config"].split(":")[0] in ("HPSv2-original", "PickScore-original")}
     print(f"\nScoring throughput ({'tiny models' if args.quick else 'full size'}; {args.device}; "
           f"{rows[0]['threads'] if rows else '?'} threads; best of {args.repeats} x {args.rounds} rounds; 'vs original' compares the same shape)\n")
     peak = f" | % of {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else ""
@@ -239,6 +311,8 @@ def main() -> int:
     for row in rows:
         mode, shape = row["config"].split(":")
         speedup = row["pairs_per_s"] / baseline[shape] if shape in baseline and mode.split("-")[0] in ("batched", "compiled") else float("nan")
+        if (mode.split("-")[0], shape) in originals and not mode.endswith("original"):
+            speedup = row["pairs_per_s"] / originals[(mode.split("-")[0], shape)]
         ratio = "–" if speedup != speedup else f"{speedup:.2f}x"
         fraction = f" | {100 * row['gflop_per_s'] / (args.peak_tflops * 1000):.0f}%" if peak else ""
         print(f"| {mode} | {shape} | {row['seconds']:.2f} | {row['images'] / row['seconds']:.2f} | {row['pairs_per_s']:.2f} | "

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 TITLE = "ImageReward - generate human preference scores"
 DEFAULT_SCORER = "ImageReward-v1.0"
-BUILTIN_SCORES = ("CLIP", "BLIP", "Aesthetic")
+BUILTIN_SCORES = ("CLIP", "BLIP", "Aesthetic", "HPSv2", "HPSv2.1", "PickScore")
 INSTALL_COMMAND = f'"{sys.executable}" -m pip install "image-reward>=2.0.0.dev0"'
 _SHARED_MODEL = "image_reward_model"  # attribute of modules.shared: survives script reloads, as in the original
 _SHARED_NAME = "image_reward_model_name"

@@ -4,6 +4,9 @@ It follows the published architecture of ``clip.model.CLIP`` (ViT variant): ``nn
 with fused ``in_proj``, quick-GELU MLP ``c_fc``/``c_proj``, pre-norm blocks, ``ln_post`` on the class
 token then ``@ proj``, text pooled at ``argmax(ids)`` then ``@ text_projection``. The tests use it to make
 OpenAI-format state dicts and TorchScript archives and as an independent reference for the converter.
+With ``hparams["hidden_act"] == "gelu"`` and ``hparams["vision_heads"]`` it is open_clip's ``CLIP`` (the
+same key names; exact GELU; vision heads of another width), the layout of HPSv2's checkpoints, without
+OpenAI's three scalar buffers.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ class _QuickGELU(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, width: int, heads: int, causal: int = 0) -> None:
+    def __init__(self, width: int, heads: int, causal: int = 0, exact_gelu: bool = False) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(width, heads)
         self.ln_1 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)), ("gelu", _QuickGELU()),
+        gelu = nn.GELU() if exact_gelu else _QuickGELU()
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)), ("gelu", gelu),
                                               ("c_proj", nn.Linear(4 * width, width))]))
         self.ln_2 = nn.LayerNorm(width)
         self.causal = causal
@@ -39,22 +43,23 @@ class _Block(nn.Module):
 
 
 class _Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, causal: bool) -> None:
+    def __init__(self, width: int, layers: int, heads: int, causal: bool, exact_gelu: bool = False) -> None:
         super().__init__()
-        self.resblocks = nn.Sequential(*[_Block(width, heads, int(causal)) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[_Block(width, heads, int(causal), exact_gelu) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resblocks(x)
 
 
 class _Visual(nn.Module):
-    def __init__(self, resolution: int, patch: int, width: int, layers: int, out: int) -> None:
+    def __init__(self, resolution: int, patch: int, width: int, layers: int, out: int, heads: int,
+                 exact_gelu: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
         self.class_embedding = nn.Parameter(torch.randn(width) * width ** -0.5)
         self.positional_embedding = nn.Parameter(torch.randn((resolution // patch) ** 2 + 1, width) * width ** -0.5)
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = _Transformer(width, layers, width // 64, causal=False)
+        self.transformer = _Transformer(width, layers, heads, causal=False, exact_gelu=exact_gelu)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.randn(width, out) * width ** -0.5)
 
@@ -70,16 +75,18 @@ class OpenAICLIP(nn.Module):
 
     def __init__(self, hp: dict) -> None:
         super().__init__()
+        exact_gelu = hp.get("hidden_act", "quick_gelu") == "gelu"
         self.visual = _Visual(hp["image_resolution"], hp["vision_patch_size"], hp["vision_width"],
-                              hp["vision_layers"], hp["embed_dim"])
+                              hp["vision_layers"], hp["embed_dim"], hp.get("vision_heads", hp["vision_width"] // 64),
+                              exact_gelu)
         self.transformer = _Transformer(hp["transformer_width"], hp["transformer_layers"],
-                                        hp["transformer_heads"], causal=True)
+                                        hp["transformer_heads"], causal=True, exact_gelu=exact_gelu)
         self.token_embedding = nn.Embedding(hp["vocab_size"], hp["transformer_width"])
         self.positional_embedding = nn.Parameter(torch.randn(hp["context_length"], hp["transformer_width"]) * 0.01)
         self.ln_final = nn.LayerNorm(hp["transformer_width"])
         self.text_projection = nn.Parameter(torch.randn(hp["transformer_width"], hp["embed_dim"]) * hp["transformer_width"] ** -0.5)
         self.logit_scale = nn.Parameter(torch.tensor(2.6592))
-        for name in ("input_resolution", "context_length", "vocab_size"):
+        for name in ("input_resolution", "context_length", "vocab_size") if not exact_gelu else ():
             key = {"input_resolution": "image_resolution"}.get(name, name)
             self.register_buffer(name, torch.tensor(hp[key]))
         with torch.no_grad():  # non-trivial LayerNorm and bias values, so a mis-mapped key shows

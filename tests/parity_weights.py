@@ -41,3 +41,24 @@ def build_state_dict(recipe_path: str | Path, seed: int | None = None) -> dict[s
             raise ValueError(f"unknown buffer rule {rule}")
     order = recipe.get("state_dict_order")
     return {k: state[k] for k in order} if order else state
+
+
+def write_pickscore_processor(folder: str | Path, size: int = 224) -> None:
+    """The PickScore processor folder of ``fixtures/zoo``: its config files (``size`` / ``crop_size`` set to
+    ``size``) plus ``vocab.json`` / ``merges.txt`` derived from the packaged OpenAI BPE file, by the recipe of
+    ``fixtures/zoo/README.md`` (the files the reference run used)."""
+    import shutil
+
+    from ImageReward.clip_tokenizer import _vocab_and_merges
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    for item in (FIXTURES / "zoo" / "processor").iterdir():
+        shutil.copy(item, folder / item.name)
+    spec = json.loads((folder / "preprocessor_config.json").read_text())
+    spec["size"], spec["crop_size"] = {"shortest_edge": size}, {"height": size, "width": size}
+    (folder / "preprocessor_config.json").write_text(json.dumps(spec, indent=2))
+    vocab, merges = _vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2"] + [" ".join(m) for m in merges]) + "\n",
+                                       encoding="utf-8")

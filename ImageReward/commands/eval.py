@@ -19,7 +19,7 @@ from .score import load_scorer
 
 logger = logging.getLogger(__name__)
 
-ALL_SCORERS = ("ImageReward-v1.0", "CLIP", "BLIP", "Aesthetic")
+ALL_SCORERS = ("ImageReward-v1.0", "CLIP", "BLIP", "Aesthetic", "HPSv2", "HPSv2.1", "PickScore")
 _LIST_HELP = ("items are separated by ',' (or by ';' when present); a comma list in which an item has a "
               ":WEIGHT is one weighted mix, e.g. 'ImageReward-v1.0:1,Aesthetic:0.1'")
 
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pref.add_argument("--target-dir", "--target_dir", dest="target_dir", default="data/",
                       help="where test_<model>.json, eval_summary.json and report.html go")
     pref.add_argument("--model-type", "--model_type", dest="model_type", default="all",
-                      help="all (= ImageReward-v1.0, CLIP, BLIP, Aesthetic), a model name (registered, "
+                      help="all (= ImageReward-v1.0, CLIP, BLIP, Aesthetic, HPSv2, HPSv2.1, PickScore), a model name (registered, "
                            "a local checkpoint, a Hub id), or a list of them; " + _LIST_HELP)
     pref.add_argument("--imagerewarddb-split", default=None, metavar="SPLIT",
                       help="evaluate on the ImageRewardDB split (e.g. test) instead of test.json")
@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="default (openjourney, sd2-1, dalle2, sd1-4, vd, cogview2), all (every subfolder), "
                             "or a comma list")
     bench.add_argument("--benchmark", default="ImageReward-v1.0, CLIP",
-                       help="scorers: ImageReward-v1.0, CLIP, BLIP, Aesthetic, checkpoint paths, ...; " + _LIST_HELP)
+                       help="scorers: ImageReward-v1.0, CLIP, BLIP, Aesthetic, HPSv2, HPSv2.1, PickScore, checkpoint paths, ...; " + _LIST_HELP)
     bench.add_argument("--human-ranking", default=None,
                        help="JSON file {model: rank} or 'model=rank,...' (1 = best); default: the paper's "
                             "human ranking of the six published models")

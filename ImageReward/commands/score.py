@@ -10,7 +10,7 @@ import sys
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a scorer."""
     parser.add_argument("--model", default="ImageReward-v1.0",
-                        help="a registered name (ImageReward-v1.0, CLIP, BLIP, Aesthetic, ...), a weighted mix "
+                        help="a registered name (ImageReward-v1.0, CLIP, BLIP, Aesthetic, HPSv2, HPSv2.1, PickScore, ...), a weighted mix "
                              "NAME[:WEIGHT],... (e.g. ImageReward-v1.0:1,Aesthetic:0.1), a local checkpoint "
                              "file/folder, or a Hub id OWNER/NAME (first match wins, in that order)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

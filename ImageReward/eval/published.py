@@ -4,9 +4,12 @@ from __future__ import annotations
 
 __all__ = ["TABLE3_PREFERENCE_ACCURACY", "TABLE1_IMAGEREWARD", "TABLE1_CLIP", "TABLE1_HUMAN_RANK"]
 
-# Table 3: preference accuracy (%) on 466 prompts / 6,399 comparisons.
+# Table 3: preference accuracy (%) on 466 prompts / 6,399 comparisons. HPSv2, HPSv2.1 and PickScore are not in
+# the ImageReward paper: their figures on the same ImageReward test set are HPSv2's (github.com/tgxs002/HPSv2
+# README, "preference prediction accuracy", one decimal).
 TABLE3_PREFERENCE_ACCURACY: dict[str, float] = {
     "ImageReward-v1.0": 65.14, "BLIP": 57.76, "Aesthetic": 57.35, "CLIP": 54.82,
+    "HPSv2": 65.7, "HPSv2.1": 66.8, "PickScore": 62.9,
 }
 
 # Table 1 ("real user prompts"), keyed by the benchmark's model folder names.

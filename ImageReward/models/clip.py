@@ -22,7 +22,7 @@ from ..preprocess import PreprocessConfig
 from ..scorer import Scorer
 from .clip_convert import _count_layers, openai_hparams, openai_to_hf, read_openai_clip
 
-__all__ = ["VIT_L_14", "clip_config", "tiny_clip_hparams", "build_clip_model", "load_clip_weights",
+__all__ = ["VIT_L_14", "VIT_H_14", "clip_config", "tiny_clip_hparams", "build_clip_model", "load_clip_weights",
            "clip_image_embeds", "unique_rows", "CLIPScorer"]
 
 # OpenAI's ViT-L/14, in the names of ``clip.model.build_model``.
@@ -33,6 +33,15 @@ VIT_L_14: dict[str, int] = {
 }
 
 
+# open_clip's ViT-H-14 (``model_configs/ViT-H-14.json``: vision head width 80, so 16 heads; exact GELU), the
+# tower of HPSv2 and PickScore. Heads and activation cannot be read off the weights, so they are named here.
+VIT_H_14: dict[str, int | str] = {
+    "embed_dim": 1024, "image_resolution": 224, "vision_layers": 32, "vision_width": 1280,
+    "vision_patch_size": 14, "vision_heads": 16, "context_length": 77, "vocab_size": 49408,
+    "transformer_width": 1024, "transformer_heads": 16, "transformer_layers": 24, "hidden_act": "gelu",
+}
+
+
 def tiny_clip_hparams() -> dict[str, int]:
     """A few-megabyte CLIP with ViT-L/14's structure (full BPE vocabulary, 77 tokens, 32 px), for tests."""
     return {"embed_dim": 32, "image_resolution": 32, "vision_layers": 2, "vision_width": 64,
@@ -40,20 +49,24 @@ def tiny_clip_hparams() -> dict[str, int]:
             "transformer_heads": 1, "transformer_layers": 2}
 
 
-def clip_config(hparams: Mapping[str, int] = VIT_L_14):
-    """``transformers.CLIPConfig`` for an OpenAI CLIP (quick-GELU, LayerNorm eps 1e-5, heads = width/64,
-    MLP 4x, pooling at the first ``<|endoftext|>`` = 49407, which is where OpenAI's ``argmax`` lands)."""
+def clip_config(hparams: Mapping[str, int | str] = VIT_L_14):
+    """``transformers.CLIPConfig`` for an OpenAI / open_clip CLIP (LayerNorm eps 1e-5, MLP 4x, pooling at the
+    first ``<|endoftext|>`` = 49407, which is where OpenAI's ``argmax`` lands). Activation
+    ``hparams["hidden_act"]`` (default OpenAI's quick-GELU) and vision heads ``hparams["vision_heads"]``
+    (default OpenAI's width / 64)."""
     from transformers import CLIPConfig
 
+    act = hparams.get("hidden_act", "quick_gelu")
     text = {"vocab_size": hparams["vocab_size"], "hidden_size": hparams["transformer_width"],
             "intermediate_size": 4 * hparams["transformer_width"], "num_hidden_layers": hparams["transformer_layers"],
             "num_attention_heads": hparams["transformer_heads"], "max_position_embeddings": hparams["context_length"],
-            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": hparams["embed_dim"],
+            "hidden_act": act, "layer_norm_eps": 1e-5, "projection_dim": hparams["embed_dim"],
             "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 0}
     vision = {"hidden_size": hparams["vision_width"], "intermediate_size": 4 * hparams["vision_width"],
-              "num_hidden_layers": hparams["vision_layers"], "num_attention_heads": hparams["vision_width"] // 64,
+              "num_hidden_layers": hparams["vision_layers"],
+              "num_attention_heads": hparams.get("vision_heads", hparams["vision_width"] // 64),
               "image_size": hparams["image_resolution"], "patch_size": hparams["vision_patch_size"],
-              "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": hparams["embed_dim"]}
+              "hidden_act": act, "layer_norm_eps": 1e-5, "projection_dim": hparams["embed_dim"]}
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=hparams["embed_dim"])
     config._attn_implementation = "sdpa"
     return config
@@ -136,6 +149,7 @@ class CLIPScorer(Scorer):
     higher_is_better = True
     is_differentiable = True
     uses_prompt = True
+    clean_prompts = True  # ftfy + HTML unescaping before BPE, as OpenAI's and open_clip's tokenizers do
 
     def __init__(self, model: Any) -> None:
         super().__init__()
@@ -150,12 +164,13 @@ class CLIPScorer(Scorer):
         return self.model.vision_model.embeddings.patch_embedding.weight.dtype
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, 224, 224]`` -> normalised image embeddings ``[B, 768]`` (float32)."""
+        """``[B, 3, 224, 224]`` -> normalised image embeddings ``[B, E]`` (float32; E = 768 for ViT-L/14)."""
         return clip_image_embeds(self.model.vision_model, self.model.visual_projection, pixel_values)
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Normalised text embeddings ``[N, 768]`` (float32)."""
-        input_ids = clip_tokenize(prompts, self.model.config.text_config.max_position_embeddings)
+        """Normalised text embeddings ``[N, E]`` (float32)."""
+        input_ids = clip_tokenize(prompts, self.model.config.text_config.max_position_embeddings,
+                                  clean=self.clean_prompts)
         # The feature is read at the first EOT and attention is causal, so the padding after the longest
         # prompt's EOT cannot change it: drop it (same numbers, far less work than 77 positions).
         end = int((input_ids == EOT_TOKEN_ID).int().argmax(dim=1).max()) + 1
