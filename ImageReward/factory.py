@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -15,8 +14,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import UnknownModelError
-from .pretrained import IMAGE_REWARD_MODELS, fetch
+from .errors import InvalidInputError, UnknownModelError, UnsupportedInputError
+from .pretrained import IMAGE_REWARD_MODELS, check_download_root, fetch
+from .validation import resolve_device, resolve_dtype
 
 __all__ = ["load", "load_score", "available_models", "available_scores", "default_device", "register_scorer"]
 
@@ -54,12 +54,11 @@ def default_device() -> torch.device:
 def _place(model: torch.nn.Module, device: str | torch.device | None, dtype: torch.dtype | None, *,
            keep_fp32: tuple[str, ...] = ()) -> torch.nn.Module:
     """Move to ``device`` and cast to ``dtype``; submodules named in ``keep_fp32`` stay float32."""
-    model.to(torch.device(device) if device is not None else default_device())
+    model.to(resolve_device(device))
+    dtype = resolve_dtype(dtype)
     if dtype is None or dtype == torch.float32:
         model.float()
     else:
-        if dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
         model.to(dtype)
         for name in keep_fp32:
             model.get_submodule(name).float()
@@ -68,6 +67,7 @@ def _place(model: torch.nn.Module, device: str | torch.device | None, dtype: tor
 
 def _place_image_reward(model, device, dtype):
     _place(model, device, None)
+    dtype = resolve_dtype(dtype)
     if dtype is not None and dtype != torch.float32:
         model.set_image_dtype(dtype)
     return model
@@ -80,14 +80,20 @@ def load(
     med_config: str | os.PathLike | Mapping[str, Any] | None = None,
     *,
     revision: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ):
     """Load an ImageReward model by registry name, local checkpoint file, or saved folder.
 
     ``name``: ``"ImageReward-v1.0"`` (downloaded once into ``download_root``, default
     ``~/.cache/ImageReward``), a ``.pt``/``.pth``/``.safetensors`` file, or a folder written by
     ``save_pretrained``. Loading is strict and never unpickles code. ``dtype`` float16/bfloat16 runs the
-    image side in that precision (see ``ImageReward.set_image_dtype``; rewards within ~6e-3 of fp32). Returns the model in eval mode on ``device``.
+    image side in that precision (see ``ImageReward.set_image_dtype``; rewards within ~6e-3 of fp32); names such
+    as ``"bf16"`` are accepted (:func:`~ImageReward.validation.resolve_dtype`). Returns the model in eval mode
+    on ``device``.
+
+    ``device``, ``dtype``, ``download_root`` and ``med_config`` are checked before any weight is read:
+    :class:`InvalidInputError` names the argument (and the devices available); a corrupt or incomplete
+    checkpoint or ``config.json`` raises :class:`CheckpointError`, an unknown name :class:`UnknownModelError`.
 
     >>> model = load("checkpoints/ImageReward.pt", device="cpu")   # doctest: +SKIP
     """
@@ -95,6 +101,11 @@ def load(
     from .models.blip import BLIPConfig, TextConfig
     from .models.image_reward import CONFIG_NAME, ImageReward
 
+    _check_model_name(name)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype)
+    check_download_root(download_root)
+    med = _read_med_config(med_config)
     if name in IMAGE_REWARD_MODELS:
         path = fetch(IMAGE_REWARD_MODELS[name], download_root, revision=revision)
     elif os.path.exists(os.fspath(name)):
@@ -114,16 +125,38 @@ def load(
             logger.info("loaded ImageReward from %s", path)
             return _place_image_reward(model, device, dtype)
 
-    if isinstance(med_config, Mapping):
-        med = dict(med_config)
-    elif med_config is not None:
-        med = json.loads(Path(med_config).read_text())
-    else:
-        med = None
-    config = BLIPConfig(text=TextConfig.from_med_config(med, encoder_width=1024))
+    try:
+        config = BLIPConfig(text=TextConfig.from_med_config(med, encoder_width=1024))
+    except (TypeError, ValueError, KeyError) as err:
+        raise InvalidInputError(f"med_config: not a BERT config ({err})") from err
     model = ImageReward.from_state_dict(read_state_dict(path), config, source=str(path))
     logger.info("loaded ImageReward checkpoint %s", path)
     return _place_image_reward(model, device, dtype)
+
+
+def _check_model_name(name: Any, what: str = "name") -> None:
+    if not isinstance(name, (str, os.PathLike)):
+        raise UnsupportedInputError(f"{what} must be a model name ({available_models()}) or a checkpoint path, "
+                                    f"got {type(name).__name__}")
+    if not os.fspath(name).strip():
+        raise UnknownModelError(f"{what} is empty: pass a model name ({available_models()}) or a checkpoint path")
+
+
+def _read_med_config(med_config: Any) -> dict | None:
+    """``med_config`` (a mapping, a JSON file, or ``None``) as a dict; a bad one raises before any weight
+    is read."""
+    if med_config is None:
+        return None
+    if isinstance(med_config, Mapping):
+        return dict(med_config)
+    if not isinstance(med_config, (str, os.PathLike)):
+        raise UnsupportedInputError(f"med_config must be a mapping or a JSON file path, got {type(med_config).__name__}")
+    from .textio import read_json
+
+    data = read_json(med_config, what="med_config")
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"med_config {os.fspath(med_config)!r} must hold a JSON object")
+    return data
 
 
 def load_score(
@@ -138,7 +171,12 @@ def load_score(
 
     Files already in ``download_root`` (the original's names) are used without any network access.
     """
+    if not isinstance(name, str):
+        raise UnsupportedInputError(f"name must be a scorer name ({available_scores()}), got {type(name).__name__}")
     _ensure_builtin_scorers()
     if name not in _SCORERS:
         raise UnknownModelError(f"score {name!r} not found; available scores = {available_scores()}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype)
+    check_download_root(download_root)
     return _SCORERS[name](device=device, download_root=download_root, dtype=dtype, **kwargs)

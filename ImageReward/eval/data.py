@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -70,20 +69,19 @@ def parse_test_items(raw: Any, *, img_prefix: str | os.PathLike | None = None, s
     return items
 
 
-def _read_json(path: str | os.PathLike, what: str) -> Any:
-    """Parse a JSON file; a missing or malformed file is an :class:`InvalidInputError` naming ``what``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"{what} {str(path)!r} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"{what} {str(path)!r} is not valid JSON: {err}") from err
+def _read_json(path: str | os.PathLike, what: str, encoding: str | None = None) -> Any:
+    """Parse a JSON file through the one text reader (BOM accepted; ``encoding`` for other encodings); a
+    missing, undecodable or malformed file is an :class:`InvalidInputError` naming ``what``."""
+    from ..textio import read_json
+
+    return read_json(path, encoding=encoding, what=what)
 
 
-def load_test_json(path: str | os.PathLike, *, img_prefix: str | os.PathLike | None = None) -> list[PreferenceItem]:
-    """Read the original ``test.json`` format; image paths are ``img_prefix/<generation>``."""
-    return parse_test_items(_read_json(path, "test set"), img_prefix=img_prefix, source=str(path))
+def load_test_json(path: str | os.PathLike, *, img_prefix: str | os.PathLike | None = None,
+                   encoding: str | None = None) -> list[PreferenceItem]:
+    """Read the original ``test.json`` format; image paths are ``img_prefix/<generation>``. ``encoding``:
+    the file's text encoding when not UTF-8 (see :func:`ImageReward.textio.read_text`)."""
+    return parse_test_items(_read_json(path, "test set", encoding), img_prefix=img_prefix, source=str(path))
 
 
 def dataset_stats(items: Sequence[PreferenceItem]) -> dict[str, int]:
@@ -121,9 +119,9 @@ def load_imagerewarddb(split: str = "test", root: str | os.PathLike | None = Non
 
 
 # ------------------------------------------------------------------------------------------- benchmark
-def load_benchmark_prompts(path: str | os.PathLike) -> list[dict[str, str]]:
+def load_benchmark_prompts(path: str | os.PathLike, *, encoding: str | None = None) -> list[dict[str, str]]:
     """The benchmark prompt list: JSON ``[{"id": ..., "prompt": ...}, ...]``."""
-    raw = _read_json(path, "benchmark prompts")
+    raw = _read_json(path, "benchmark prompts", encoding)
     if not isinstance(raw, list) or not all(isinstance(e, dict) and "id" in e and isinstance(e.get("prompt"), str)
                                             for e in raw):
         raise InvalidInputError(f"{path}: expected a JSON list of {{'id', 'prompt'}} objects")

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import UnknownModelError
 from ..scorer import Scorer
+from ..validation import check_pixels
 from .config import ReFLConfigError, parse_reward_spec
 
 __all__ = ["WeightedReward", "load_reward", "load_scorer"]
@@ -47,16 +48,22 @@ class WeightedReward(Scorer):
         """Scorers stay in eval mode (dropout off) whatever the caller asks."""
         return super().train(False)
 
-    def score_grad_parts(self, pixels: torch.Tensor, prompts: str | Sequence[str]
+    def score_grad_parts(self, pixels: torch.Tensor, prompts: str | Sequence[str], *,
+                         value_range: tuple[float, float] = (0.0, 1.0)
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Differentiable total ``[B]`` and each scorer's own (unweighted) rewards ``[B]``."""
+        """Differentiable total ``[B]`` and each scorer's own (unweighted) rewards ``[B]``. ``pixels`` as
+        :meth:`Scorer.score_grad` (checked once here: finite, floating, within ``value_range``)."""
+        check_pixels(pixels, value_range=value_range)
+        if tuple(value_range) == (-1.0, 1.0):
+            pixels = (pixels + 1) / 2
         parts = {name: scorer.score_grad(pixels, prompts).float().to(pixels.device)
                  for name, scorer in zip(self.names, self.scorers)}
         total = sum(w * parts[n] for n, w in zip(self.names, self.weights))
         return total, parts
 
-    def score_grad(self, pixels: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
-        return self.score_grad_parts(pixels, prompts)[0]
+    def score_grad(self, pixels: torch.Tensor, prompts: str | Sequence[str], *,
+                   value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+        return self.score_grad_parts(pixels, prompts, value_range=value_range)[0]
 
     def score_batch(self, prompts, images, *, batch_size=None, progress=False) -> torch.Tensor:  # type: ignore[override]
         return sum(w * s.score_batch(prompts, images, batch_size=batch_size, progress=progress)

@@ -63,16 +63,14 @@ def validate_groups(groups: Any, source: str = "groups") -> list[dict[str, Any]]
     return groups
 
 
-def read_groups(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read and validate a grouped JSON file."""
+def read_groups(path: str | os.PathLike, *, encoding: str | None = None) -> list[dict[str, Any]]:
+    """Read and validate a grouped JSON file (UTF-8, BOM accepted; ``encoding`` for another)."""
+    from ..textio import read_json
+
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"dataset file {str(path)!r} does not exist (run train/src/make_dataset.py first)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InvalidInputError(f"dataset file {str(path)!r} is not valid JSON: {err}") from err
-    return validate_groups(data, str(path))
+    return validate_groups(read_json(path, encoding=encoding, what="dataset file"), str(path))
 
 
 def write_groups(groups: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
