@@ -70,6 +70,8 @@ def load_image(item: ImageLike, *, index: int | None = None, exif_transpose: boo
     if isinstance(item, np.ndarray):
         return _from_array(item, item, index)
     if type(item).__module__.startswith("torch"):
+        if getattr(item, "is_meta", False):
+            raise UnsupportedInputError(f"{describe(item, index)}: a meta tensor holds no pixels")
         tensor = item.detach().cpu()
         if tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4) and tensor.shape[-1] not in (1, 3, 4):
             tensor = tensor.permute(1, 2, 0)
@@ -112,7 +114,7 @@ def _from_array(array: np.ndarray, item: Any, index: int | None) -> Image.Image:
         if not np.issubdtype(array.dtype, np.floating):
             raise UnsupportedInputError(f"{describe(item, index)}: expected uint8, uint16 or float pixels in [0, 1], "
                                         f"got {array.dtype}")
-        if array.size and (np.nanmin(array) < 0.0 or np.nanmax(array) > 1.0 or np.isnan(array).any()):
+        if array.size and (not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0):
             raise ImageLoadError(f"{describe(item, index)}: float pixels must lie in [0, 1]")
         array = np.round(array.astype(np.float64) * 255.0).astype(np.uint8)
     if array.shape[0] == 0 or array.shape[1] == 0:

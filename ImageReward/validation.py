@@ -183,6 +183,8 @@ def check_pixels(pixels: Any, what: str = "pixels", *, value_range: tuple[float,
     values within ``value_range`` (``(0, 1)``, or ``(-1, 1)`` when asked for explicitly)."""
     if not isinstance(pixels, torch.Tensor):
         raise UnsupportedInputError(f"{what} must be a torch.Tensor [B, 3, H, W], got {type(pixels).__name__}")
+    if pixels.is_meta:
+        raise UnsupportedInputError(f"{what} is a meta tensor: it holds no pixels")
     if not pixels.is_floating_point():
         raise UnsupportedInputError(f"{what} must be a floating tensor with values in {list(value_range)}, got "
                                     f"{pixels.dtype} (for uint8 pixels use pixels.float() / 255)")

@@ -849,3 +849,9 @@ def test_refl_and_train_rm_entry_points_are_one_line(tmp_path, capsys):
     code, _, err = _cli(["train-rm", "--config", config], capsys)
     assert code == 2
     _assert_one_line(err, "c.yaml", "byte offset")
+
+
+def test_an_extreme_aspect_ratio_is_scored_without_gigabytes(tiny_model):
+    strip = Image.new("RGB", (1, 400_000), (200, 30, 90))  # the original would resize to 224 x 89.6M pixels
+    square = Image.new("RGB", (224, 224), (200, 30, 90))
+    assert torch.equal(tiny_model.preprocess(strip), tiny_model.preprocess(square))

@@ -52,8 +52,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..scoring.writers import check_output_path
     from ..textio import check_encoding
 
-    output_format(args.output)  # fail on a bad OUT name before loading a model
-    check_output_path(args.output, "--output")
+    check_output_path(args.output, "--output")  # fail on a bad OUT before loading a model
+    output_format(args.output)
     check_encoding(args.encoding, "--encoding")
     context = distributed_context()
     if context.device is not None and args.device is None:

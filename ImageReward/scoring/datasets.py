@@ -178,6 +178,9 @@ def read_records(
     >>> [r.prompt for r in read_records("pairs.jsonl")][:1]   # doctest: +SKIP
     ['a cat']
     """
+    if not isinstance(source, (str, os.PathLike)):
+        raise UnsupportedInputError(f"source must be a folder, a table file or hf://datasets/OWNER/NAME, "
+                                    f"got {type(source).__name__}")
     if prompt is not None and not isinstance(prompt, str):
         raise UnsupportedInputError(f"prompt must be a str, got {type(prompt).__name__}")
     if prompt is not None and not prompt.strip():
