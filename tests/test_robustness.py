@@ -733,6 +733,16 @@ def test_med_config_mistakes(tmp_path):
         RM.load(str(ckpt), device="cpu", med_config=tmp_path / "med.json")
     with pytest.raises(UnsupportedInputError, match="med_config"):
         RM.load(str(ckpt), device="cpu", med_config=42)
+    with pytest.raises(InvalidInputError, match="hidden_size"):
+        RM.load(str(ckpt), device="cpu", med_config={"hidden_size": "768"})
+
+
+def test_a_config_json_with_impossible_sizes(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    config["blip"]["text"]["num_hidden_layers"] = -1
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="num_hidden_layers"):
+        RM.load(str(model_dir), device="cpu")
 
 
 # ======================================================================================== 8. command line
