@@ -230,7 +230,7 @@ class Scorer(nn.Module):
         """
         if not self.is_differentiable:
             raise NotImplementedError(f"{self.name} is not differentiable")
-        if tuple(value_range) not in ((0.0, 1.0), (-1.0, 1.0)):
+        if not isinstance(value_range, (tuple, list)) or tuple(value_range) not in ((0.0, 1.0), (-1.0, 1.0)):
             raise InvalidInputError(f"value_range must be (0, 1) or (-1, 1), got {value_range!r}")
         check_pixels(pixels, value_range=value_range)
         if value_range[0] == -1.0:
