@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
-from .errors import ImageRewardError
+from .errors import DownloadError, ImageRewardError
 
 # Modules that add subcommands. Each defines register(subparsers) -> None.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -34,13 +34,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 def run_command(func: Callable[[], Any], prog: str, *, verbose: bool = False) -> int:
     """Run a command and turn every exception into one line on stderr and an exit status: 2 for a mistake in
-    the user's input (any :class:`ImageRewardError`), 1 for another failure (I/O, out of memory, a bug: the
-    traceback is logged only with ``--verbose``), 130 for Ctrl-C."""
+    the user's input (an :class:`ImageRewardError`: a bad option, file, image, checkpoint or name), 1 for a
+    failure that is not (a :class:`DownloadError`, I/O, out of memory, a bug: the traceback is logged only with
+    ``--verbose``), 130 for Ctrl-C."""
     try:
         return int(func() or 0)
     except ImageRewardError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, DownloadError) else 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -845,6 +845,13 @@ def test_cli_unexpected_failure_is_one_line_exit_1(monkeypatch, model_dir, photo
     _assert_one_line(err, "RuntimeError", "CUDA out of memory")
 
 
+def test_cli_download_failure_is_exit_1(photo, tmp_path, capsys):
+    code, _, err = _cli(["score", "--prompt", "a cat", "--model", "ImageReward-v1.0", "--download-root",
+                         tmp_path / "cache", "--device", "cpu", photo], capsys)
+    assert code == 1
+    _assert_one_line(err, "ImageReward.pt")
+
+
 def test_refl_and_train_rm_entry_points_are_one_line(tmp_path, capsys):
     from ImageReward.refl.cli import main as refl_main
 
