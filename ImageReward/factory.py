@@ -14,9 +14,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import InvalidInputError, UnknownModelError, UnsupportedInputError
+from .errors import InvalidInputError, UnknownModelError
 from .pretrained import IMAGE_REWARD_MODELS, check_download_root, fetch
-from .validation import resolve_device, resolve_dtype
+from .validation import ArgumentTypeError, resolve_device, resolve_dtype
 
 __all__ = ["load", "load_score", "available_models", "available_scores", "default_device", "register_scorer"]
 
@@ -136,7 +136,7 @@ def load(
 
 def _check_model_name(name: Any, what: str = "name") -> None:
     if not isinstance(name, (str, os.PathLike)):
-        raise UnsupportedInputError(f"{what} must be a model name ({available_models()}) or a checkpoint path, "
+        raise ArgumentTypeError(f"{what} must be a model name ({available_models()}) or a checkpoint path, "
                                     f"got {type(name).__name__}")
     if not os.fspath(name).strip():
         raise UnknownModelError(f"{what} is empty: pass a model name ({available_models()}) or a checkpoint path")
@@ -150,7 +150,7 @@ def _read_med_config(med_config: Any) -> dict | None:
     if isinstance(med_config, Mapping):
         return dict(med_config)
     if not isinstance(med_config, (str, os.PathLike)):
-        raise UnsupportedInputError(f"med_config must be a mapping or a JSON file path, got {type(med_config).__name__}")
+        raise ArgumentTypeError(f"med_config must be a mapping or a JSON file path, got {type(med_config).__name__}")
     from .textio import read_json
 
     data = read_json(med_config, what="med_config")
@@ -172,7 +172,7 @@ def load_score(
     Files already in ``download_root`` (the original's names) are used without any network access.
     """
     if not isinstance(name, str):
-        raise UnsupportedInputError(f"name must be a scorer name ({available_scores()}), got {type(name).__name__}")
+        raise ArgumentTypeError(f"name must be a scorer name ({available_scores()}), got {type(name).__name__}")
     _ensure_builtin_scorers()
     if name not in _SCORERS:
         raise UnknownModelError(f"score {name!r} not found; available scores = {available_scores()}")

@@ -93,10 +93,12 @@ def _missing_message(cfg: PretrainedCfg, root: Path, reason: str) -> str:
 def check_download_root(download_root: Any, name: str = "download_root") -> None:
     """``None`` or a path that is (or can become) a folder: a file there, or under a file, raises
     :class:`InvalidInputError` naming ``name`` before anything is read or downloaded."""
+    from .validation import ArgumentTypeError
+
     if download_root is None:
         return
     if not isinstance(download_root, (str, os.PathLike)):
-        raise InvalidInputError(f"{name} must be a folder path, got {type(download_root).__name__}")
+        raise ArgumentTypeError(f"{name} must be a folder path, got {type(download_root).__name__}")
     path = Path(download_root).expanduser()
     for folder in (path, *path.parents):
         if folder.exists():

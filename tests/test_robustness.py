@@ -695,6 +695,9 @@ def test_output_path_mistakes_are_one_line_errors(tiny_model, photo, tmp_path, m
 def test_load_names(name, error):
     with pytest.raises(error, match="name|not found|empty"):
         RM.load(name)
+    if error is UnsupportedInputError:  # a wrong type is also an InvalidInputError naming the argument
+        with pytest.raises(InvalidInputError, match="name"):
+            RM.load(name)
     with pytest.raises((UnsupportedInputError, UnknownModelError)):
         RM.load_score(name)
 
