@@ -875,3 +875,23 @@ def test_an_extreme_aspect_ratio_is_scored_without_gigabytes(tiny_model):
     strip = Image.new("RGB", (1, 400_000), (200, 30, 90))  # the original would resize to 224 x 89.6M pixels
     square = Image.new("RGB", (224, 224), (200, 30, 90))
     assert torch.equal(tiny_model.preprocess(strip), tiny_model.preprocess(square))
+
+
+@pytest.mark.parametrize("script,args,needle,code", [
+    ("example.py", ["--checkpoint", "no-such.pt", "--images", "a.png", "b.png", "c.png", "d.png"], "no-such.pt", 2),
+    ("refl.py", ["--train_batch_size", "0", "--train_data", "data/example_prompts.json"], "--train_batch_size", 2),
+    ("train/src/train.py", ["--config", "no-such.yaml"], "no-such.yaml", 2),
+    ("scripts/test.py", ["--source_path", "no-such.json", "--no-download", "--model_type", "CLIP"],
+     "no-such.json", 1),  # data that cannot be fetched: a failure (DownloadError)
+    ("scripts/test-benchmark.py", ["--batch-size", "-2"], "--batch-size", 2),
+])
+def test_every_script_entry_point_is_one_line(script, args, needle, code, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(root / script), *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == code, done.stderr
+    _assert_one_line(done.stderr, needle)
