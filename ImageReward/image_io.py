@@ -28,7 +28,10 @@ from .errors import ImageLoadError, UnsupportedInputError
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, Any]
 
-__all__ = ["ImageLike", "load_image", "describe", "to_eight_bit"]
+# File extensions taken for images when a folder is listed (score-dataset folders, benchmark generations).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+__all__ = ["ImageLike", "IMAGE_EXTENSIONS", "load_image", "describe", "to_eight_bit"]
 
 # modes that preprocessing converts to RGB directly (8 bits per sample)
 _EIGHT_BIT_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "RGBX", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa"})

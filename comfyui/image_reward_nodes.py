@@ -59,7 +59,8 @@ def _device(choice: str) -> Any:
 
 
 def load_scorer(name: str, device: str = "auto", dtype: str = "float32") -> Any:
-    """A registered model, a baseline score, or a local checkpoint (file or ``save_pretrained`` folder)."""
+    """Anything ``RM.load_scorer`` accepts: a registered model or score, a weighted mix ``NAME[:WEIGHT],...``,
+    a local checkpoint (file or ``save_pretrained`` folder), a Hub id. Unknown: ``RM.UnknownModelError``."""
     key = (name, device, dtype)
     if key in _CACHE:
         return _CACHE[key]
@@ -67,13 +68,7 @@ def load_scorer(name: str, device: str = "auto", dtype: str = "float32") -> Any:
     if dtype not in _DTYPES:
         raise RM.InvalidInputError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     torch_dtype = None if dtype == "float32" else _DTYPES[dtype]
-    if name in RM.available_models() or os.path.exists(name):
-        model = RM.load(name, device=_device(device), dtype=torch_dtype)
-    elif name in RM.available_scores():
-        model = RM.load_score(name, device=_device(device), dtype=torch_dtype)
-    else:
-        raise ValueError(f"unknown scorer {name!r}: choose one of {scorer_names()} or give the path of a local "
-                         "ImageReward checkpoint")
+    model = RM.load_scorer(name, device=_device(device), dtype=torch_dtype)  # the library's one resolver
     _CACHE[key] = model
     return model
 

@@ -12,7 +12,9 @@ from ..validation import arg_dtype, arg_positive_int
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a scorer."""
     parser.add_argument("--model", default="ImageReward-v1.0",
-                        help="ImageReward-v1.0, CLIP, BLIP, Aesthetic, or a local checkpoint file/folder")
+                        help="a registered name (ImageReward-v1.0, CLIP, BLIP, Aesthetic, ...), a weighted mix "
+                             "NAME[:WEIGHT],... (e.g. ImageReward-v1.0:1,Aesthetic:0.1), a local checkpoint "
+                             "file/folder, or a Hub id OWNER/NAME (first match wins, in that order)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", type=arg_dtype, default="float32",
                         help="float32 (fp32), bfloat16 (bf16) or float16 (fp16, half) for the image side")
@@ -23,14 +25,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_scorer(args: argparse.Namespace):
-    """The scorer named by ``--model`` (ImageReward checkpoints via ``load``, baselines via ``load_score``)."""
+    """The scorer named by ``--model``, through the one resolver (:func:`ImageReward.load_scorer`)."""
     import ImageReward as RM
 
-    if args.model in RM.available_scores():
-        model = RM.load_score(args.model, device=args.device, download_root=args.download_root, dtype=args.dtype)
-    else:
-        model = RM.load(args.model, device=args.device, download_root=args.download_root, dtype=args.dtype)
-    model.exif_transpose = getattr(args, "exif_transpose", True)
+    model = RM.load_scorer(args.model, device=args.device, download_root=args.download_root, dtype=args.dtype)
+    for scorer in (model, *getattr(model, "scorers", ())):  # a weighted mix reads images with its parts
+        scorer.exif_transpose = getattr(args, "exif_transpose", True)
     return model
 
 
