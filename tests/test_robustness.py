@@ -895,3 +895,20 @@ def test_every_script_entry_point_is_one_line(script, args, needle, code, tmp_pa
                           text=True, timeout=300)
     assert done.returncode == code, done.stderr
     _assert_one_line(done.stderr, needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_load_scorer_checks_device_before_fetching_a_hub_id(monkeypatch, tmp_path):
+    import ImageReward.resolve as resolve_module
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("fetched before the device was checked")
+
+    monkeypatch.setattr(resolve_module, "fetch_hub_repo", no_fetch)
+    with pytest.raises(InvalidInputError, match="device"):
+        RM.load_scorer("someone/some-reward-model", device="cuda")
+    with pytest.raises(InvalidInputError, match="dtype"):
+        RM.load_scorer("someone/some-reward-model", device="cpu", dtype="int8")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InvalidInputError, match="download_root"):
+        RM.load_scorer("someone/some-reward-model", device="cpu", download_root=tmp_path / "file")
