@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
-from .errors import DownloadError, ImageRewardError
+from .errors import DiskSpaceError, DownloadError, ImageRewardError
 
 # Modules that add subcommands. Each defines register(subparsers) -> None.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -35,13 +35,13 @@ class OneLineParser(argparse.ArgumentParser):
 def run_command(func: Callable[[], Any], prog: str, *, verbose: bool = False) -> int:
     """Run a command and turn every exception into one line on stderr and an exit status: 2 for a mistake in
     the user's input (an :class:`ImageRewardError`: a bad option, file, image, checkpoint or name), 1 for a
-    failure that is not (a :class:`DownloadError`, I/O, out of memory, a bug: the traceback is logged only with
-    ``--verbose``), 130 for Ctrl-C."""
+    failure that is not (a :class:`DownloadError` or :class:`DiskSpaceError`, I/O, out of memory, a bug: the
+    traceback is logged only with ``--verbose``), 130 for Ctrl-C."""
     try:
         return int(func() or 0)
     except ImageRewardError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, DownloadError) else 2
+        return 1 if isinstance(err, (DownloadError, DiskSpaceError)) else 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

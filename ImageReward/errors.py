@@ -33,3 +33,7 @@ class UnknownModelError(ImageRewardError, ValueError):
 
 class DownloadError(ImageRewardError, OSError):
     """A file could not be downloaded (offline, unreachable, or failed its checksum)."""
+
+
+class DiskSpaceError(ImageRewardError, OSError):
+    """Too little free disk space for a file or folder about to be written (checked before writing it)."""

@@ -18,12 +18,12 @@ torch.set_num_threads(1)
 from rm_training_synthetic import tiny_config_dict, write_task  # noqa: E402
 
 import ImageReward as RM  # noqa: E402
-from ImageReward.checkpoint import read_state_dict  # noqa: E402
 from ImageReward.models.blip import BLIPConfig  # noqa: E402
 from ImageReward.rm_training.config import config_from_dict  # noqa: E402
 from ImageReward.rm_training.data import expand_pairs, read_groups  # noqa: E402
-from ImageReward.rm_training.export import group_rewards  # noqa: E402
-from ImageReward.rm_training.trainer import find_latest_state, train_reward_model  # noqa: E402
+from ImageReward.rm_training.export import export_model, group_rewards  # noqa: E402
+from ImageReward.rm_training.states import frozen_fingerprint, load_trainable  # noqa: E402
+from ImageReward.rm_training.trainer import _initial_model, find_latest_state, train_reward_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +66,16 @@ def test_synthetic_preferences_are_learned_and_exported(task, tmp_path):
     test_groups = read_groups(task / "dataset" / "test.json")
     loaded = RM.load(str(result.export_dir), device="cpu")
     assert (loaded.mean, loaded.std) == pytest.approx((result.mean, result.std))
-    reference = RM.ImageReward(BLIPConfig.tiny(image_size=32, patch_size=8))
-    reference.load_checkpoint_state(read_state_dict(result.run_dir / "best" / "model.safetensors"))
+    reference = _state_model(cfg, result.run_dir / "best")
     reference.mean, reference.std = result.mean, result.std
     images = [str(task / "images" / p) for p in test_groups[0]["generations"]]
     expected = reference.eval().score_batch(test_groups[0]["prompt"], images)
     assert torch.allclose(loaded.score_batch(test_groups[0]["prompt"], images), expected, atol=1e-6)
-    # the .pt export: plain keys, no module. prefix, normalisation stored; loads strictly
-    state = torch.load(result.pt_path, map_location="cpu", weights_only=True)
+    # the .pt export (the original's format, written on request): plain keys, no module. prefix,
+    # normalisation stored; loads strictly
+    assert result.pt_path is None and not (result.run_dir / "ImageReward.pt").exists()  # one format by default
+    pt_path = export_model(loaded, tmp_path, mean=result.mean, std=result.std, formats="pt")[1]
+    state = torch.load(pt_path, map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state) and float(state["reward_std"]) == pytest.approx(result.std)
     from_pt = RM.ImageReward(BLIPConfig.tiny(image_size=32, patch_size=8))
     from_pt.load_checkpoint_state(state)
@@ -91,6 +93,17 @@ def test_synthetic_preferences_are_learned_and_exported(task, tmp_path):
     assert valid_rewards.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
 
 
+def _state_model(cfg, folder: Path):
+    """The full model a state or best/ stands for: frozen weights rebuilt as the run did + the saved trainable ones."""
+    _, model = _initial_model(cfg, None)
+    load_trainable(model, folder, frozen_fingerprint(model))
+    return model
+
+
+def _state_weights(cfg, folder: Path) -> dict:
+    return {k: v.clone() for k, v in _state_model(cfg, folder).state_dict().items()}
+
+
 def _cfg(task: Path, out: Path, **train):
     data = tiny_config_dict(task, **train)
     data["checkpoint_base"] = str(out / "checkpoint")
@@ -99,7 +112,7 @@ def _cfg(task: Path, out: Path, **train):
 
 
 RESUME = dict(epochs=3, batch_size=8, accumulation_steps=2, lr=5e-4, valid_per_epoch=2, seed=3, warmup=0.1,
-              checkpointing_steps=4)
+              checkpointing_steps=4, fix_rate=0.5)  # half the layers frozen: states hold only the other half
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +125,9 @@ def small_task(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(small_task, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = train_reward_model(_cfg(small_task, out, **RESUME))
-    return result, read_state_dict(result.run_dir / "states" / f"checkpoint-{result.global_step}" / "model.safetensors")
+    cfg = _cfg(small_task, out, **RESUME)
+    result = train_reward_model(cfg)
+    return result, _state_weights(cfg, result.run_dir / "states" / f"checkpoint-{result.global_step}")
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:
@@ -130,10 +144,10 @@ def test_stop_and_resume_gives_the_same_weights(small_task, uninterrupted, tmp_p
     assert not first.finished and first.global_step == 10
     progress = json.loads((first.run_dir / "states" / "checkpoint-10" / "progress.json").read_text())
     assert (progress["epoch"], progress["batch_in_epoch"]) == (1, 6)
-    resumed = train_reward_model(_cfg(small_task, tmp_path, **RESUME, resume_from_checkpoint="latest"))
+    cfg = _cfg(small_task, tmp_path, **RESUME, resume_from_checkpoint="latest")
+    resumed = train_reward_model(cfg)
     assert resumed.finished and resumed.global_step == 21
-    _assert_same_weights(read_state_dict(resumed.run_dir / "states" / "checkpoint-21" / "model.safetensors"),
-                         full_weights)
+    _assert_same_weights(_state_weights(cfg, resumed.run_dir / "states" / "checkpoint-21"), full_weights)
     assert [h["val_loss"] for h in resumed.history] == pytest.approx([h["val_loss"] for h in full.history])
     assert resumed.test_accuracy == pytest.approx(full.test_accuracy)
 
@@ -164,10 +178,10 @@ def test_killed_subprocess_resumes_to_the_same_weights(small_task, uninterrupted
     killed_at = find_latest_state(states)
     assert int(killed_at.name.split("-")[-1]) < 21
     data["train"]["resume_from_checkpoint"] = "latest"
-    resumed = train_reward_model(config_from_dict(data))
+    cfg = config_from_dict(data)
+    resumed = train_reward_model(cfg)
     assert resumed.finished
-    _assert_same_weights(read_state_dict(resumed.run_dir / "states" / "checkpoint-21" / "model.safetensors"),
-                         full_weights)
+    _assert_same_weights(_state_weights(cfg, resumed.run_dir / "states" / "checkpoint-21"), full_weights)
 
 
 def _free_port() -> int:
@@ -215,6 +229,7 @@ def test_two_process_ddp_run_reduces_metrics_and_resumes_exactly(small_task, tmp
     assert all(not r["finished"] and r["global_step"] == 5 for r in stopped)
     resumed = launch(tmp_path / "resumed", "--resume_from_checkpoint", "latest")
     assert all(r["finished"] for r in resumed)
-    _assert_same_weights(read_state_dict(run / "states" / "checkpoint-14" / "model.safetensors"),
-                         read_state_dict(next((tmp_path / "resumed" / "checkpoint").iterdir()) / "states" /
-                                         "checkpoint-14" / "model.safetensors"))
+    cfg = config_from_dict(data)
+    _assert_same_weights(_state_weights(cfg, run / "states" / "checkpoint-14"),
+                         _state_weights(cfg, next((tmp_path / "resumed" / "checkpoint").iterdir()) / "states" /
+                                        "checkpoint-14"))

@@ -3,6 +3,10 @@
 Single GPU: ``imagereward train-rm --config src/config/config.yaml``; several GPUs or nodes:
 ``accelerate launch -m ImageReward.cli train-rm --config ...``. Run from the folder the config's relative
 paths start at (``train/``, as the original).
+
+``--export-from checkpoint/<run>/best`` (or ``.../states/checkpoint-<step>``) exports a saved state of a run
+that stopped early, crashed or was killed, with the same config: the same strict-loading export as the end of
+training, mean/std from ``train.reference_split``. Logs at INFO with timestamps and shows a progress bar.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 # original option name -> config key under ``train`` (the shipped train_one_node.sh flags keep working)
 _ORIGINAL_FLAGS: dict[str, tuple[str, type]] = {
@@ -38,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=f"opt_{key}", action="store_true", default=None, help=f"= --set train.{key}=true")
     parser.add_argument("--encoding", default=None,
                         help="text encoding of --config when not UTF-8 (a byte-order mark is always accepted)")
+    parser.add_argument("--export-from", dest="export_from", default=None, metavar="DIR",
+                        help="export a saved state (checkpoint/<run>/states/checkpoint-N) or checkpoint/<run>/best "
+                             "instead of training (use the run's config)")
+    parser.add_argument("--export-dir", dest="export_dir", default=None, metavar="DIR",
+                        help="with --export-from: where to write the export (default: the run folder)")
     parser.add_argument("--rank_pair", action="store_true", help="accepted for compatibility (always pairwise)")
     parser.add_argument("--load_pair_store", action="store_true",
                         help="accepted for compatibility (pairs are built on the fly; images decoded by workers)")
@@ -61,14 +72,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..rm_training.trainer import train_reward_model
+@contextmanager
+def _info_with_timestamps() -> Iterator[None]:
+    """Training runs for hours: this library's INFO lines, with timestamps, on the console (no ``-v`` needed;
+    other libraries stay at the root's level). Restored afterwards."""
+    ours = logging.getLogger("ImageReward")
+    level = ours.level
+    if ours.getEffectiveLevel() > logging.INFO:
+        ours.setLevel(logging.INFO)
+    changed = [(h, h.formatter) for h in logging.getLogger().handlers
+               if type(h) is logging.StreamHandler and "asctime" not in (getattr(h.formatter, "_fmt", None) or "")]
+    for handler, _ in changed:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    try:
+        yield
+    finally:
+        ours.setLevel(level)
+        for handler, formatter in changed:
+            handler.setFormatter(formatter)
 
-    result = train_reward_model(config_from_args(args))
+
+def run(args: argparse.Namespace) -> int:
+    with _info_with_timestamps():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..rm_training.trainer import export_from_state, train_reward_model
+
+    cfg = config_from_args(args)
+    if args.export_from:
+        result = export_from_state(cfg, args.export_from, out_dir=args.export_dir)
+    else:
+        if args.export_dir:
+            from ..errors import InvalidInputError
+
+            raise InvalidInputError("--export-dir needs --export-from (a training run exports into its run folder)")
+        result = train_reward_model(cfg)
     logging.getLogger(__name__).info("run folder %s", result.run_dir)
     summary = {"run_dir": str(result.run_dir), "finished": result.finished, "global_step": result.global_step,
                "best_val_loss": result.best_val_loss, "best_val_accuracy": result.best_val_accuracy,
-               "test_accuracy": result.test_accuracy, "export": str(result.export_dir) if result.export_dir else None}
+               "test_accuracy": result.test_accuracy, "export": str(result.export_dir) if result.export_dir else None,
+               "export_pt": str(result.pt_path) if result.pt_path else None, "mean": result.mean, "std": result.std}
     sys.stdout.write(json.dumps(summary) + "\n")  # one write per process: ranks' lines do not interleave
     sys.stdout.flush()
     return 0

@@ -72,12 +72,14 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     max_grad_norm: float = 0.0        # 0 = no clipping (as the original)
     checkpointing_steps: int = 500    # save_state every N optimizer steps (and at each epoch end)
-    checkpoints_total_limit: int = 2
+    checkpoints_total_limit: int = 2  # states kept; one more exists while the newest is written
     resume_from_checkpoint: str = ""  # "", "latest" or a state folder
     max_steps: int = 0                # stop after N optimizer steps (0 = run all epochs); the state is saved
     reference_split: str = "valid"    # generations whose raw rewards give the exported mean/std
     test_at_end: bool = True
     report_to: str = "tensorboard"    # tensorboard | none
+    log_every: int = 10               # log the mean train loss/accuracy every N optimizer steps (the bar shows each)
+    export_format: str = "folder"     # folder (ImageReward/: config.json + model.safetensors) | pt | both
     download_root: str = ""           # where model_large.pth / checkpoints are cached ("" = ~/.cache/ImageReward)
 
 
@@ -116,6 +118,7 @@ _CHOICES = {
     ("train", "lr_decay_style"): ("constant", "linear", "cosine", "inverse_square_root"),
     ("train", "mixed_precision"): ("no", "fp16", "bf16"),
     ("train", "report_to"): ("tensorboard", "none"),
+    ("train", "export_format"): ("folder", "pt", "both"),
     ("train", "reference_split"): ("train", "valid", "test"),
 }
 
@@ -172,7 +175,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
 def _validate(cfg: RMTrainConfig) -> RMTrainConfig:
     t = cfg.train
     for name in ("batch_size", "accumulation_steps", "epochs", "valid_per_epoch", "checkpointing_steps",
-                 "checkpoints_total_limit", "BLIP.image_size", "BLIP.patch_size"):
+                 "checkpoints_total_limit", "log_every", "BLIP.image_size", "BLIP.patch_size"):
         obj, key = (cfg.BLIP, name[5:]) if name.startswith("BLIP.") else (t, name)
         if getattr(obj, key) < 1:
             raise InvalidInputError(f"config key {name!r} must be >= 1, got {getattr(obj, key)}")

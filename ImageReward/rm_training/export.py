@@ -1,5 +1,6 @@
 """After training: per-image rewards of grouped data, the original test accuracy, the mean/std normalisation
-from a reference set, and the export as an ImageReward checkpoint that ``RM.load`` reads strictly.
+from a reference set, and the export as an ImageReward checkpoint that ``RM.load`` reads strictly (a folder,
+an ``ImageReward.pt`` or both).
 
 >>> export_dir, pt_path = export_model(model, "checkpoint/run", mean=0.17, std=1.03)  # doctest: +SKIP
 >>> RM.load(str(export_dir))                                                         # doctest: +SKIP
@@ -17,11 +18,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..engine import score_pixels
-from ..errors import ImageLoadError
+from ..errors import ImageLoadError, InvalidInputError
 from ..eval.metrics import pooled_pair_accuracy
 from ..image_io import load_image
 from ..models.image_reward import ImageReward
 from ..preprocess import PreprocessConfig, preprocess_pil
+from .states import ensure_free_space, replace_dir
 
 __all__ = ["group_rewards", "test_accuracy", "reference_stats", "export_model"]
 
@@ -104,19 +106,34 @@ def reference_stats(model: ImageReward, groups: Sequence[Mapping[str, Any]], ima
 
 
 def export_model(model: ImageReward, directory: str | os.PathLike, *, mean: float, std: float,
-                 folder_name: str = "ImageReward", pt_name: str = "ImageReward.pt") -> tuple[Path, Path]:
-    """Write ``directory/ImageReward/`` (config.json + model.safetensors) and ``directory/ImageReward.pt``
-    (plain keys, no ``module.`` prefix, with 0-d ``reward_mean``/``reward_std``), both loadable by ``RM.load``."""
+                 formats: str = "folder", folder_name: str = "ImageReward", pt_name: str = "ImageReward.pt"
+                 ) -> tuple[Path | None, Path | None]:
+    """Write the model with normalisation ``mean``/``std``, both forms loadable by ``RM.load``:
+    ``formats`` ``"folder"`` -> ``directory/ImageReward/`` (config.json + model.safetensors), ``"pt"`` ->
+    ``directory/ImageReward.pt`` (plain keys, no ``module.`` prefix, 0-d ``reward_mean``/``reward_std``; the
+    original's format), ``"both"``. Returns ``(folder or None, pt or None)``. Each is written beside its place
+    and renamed when complete; :class:`~ImageReward.errors.DiskSpaceError` is raised before writing when the
+    disk lacks room."""
+    if formats not in ("folder", "pt", "both"):
+        raise InvalidInputError(f"export formats must be 'folder', 'pt' or 'both', got {formats!r}")
     directory = Path(directory)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    ensure_free_space(directory, size * (2 if formats == "both" else 1), f"the export {folder_name}")
+    folder = pt_path = None
     old = model.mean, model.std
     model.mean, model.std = float(mean), float(std)
     try:
-        folder = model.save_pretrained(directory / folder_name)
-        pt_path = directory / pt_name
-        temp = pt_path.with_suffix(".pt.part")
-        torch.save(model.checkpoint_state(), temp)
-        os.replace(temp, pt_path)
+        if formats in ("folder", "both"):
+            folder = directory / folder_name
+            temp = folder.with_name(folder.name + ".tmp")
+            model.save_pretrained(temp)
+            replace_dir(temp, folder)
+        if formats in ("pt", "both"):
+            pt_path = directory / pt_name
+            temp = pt_path.with_suffix(".pt.part")
+            torch.save(model.checkpoint_state(), temp)
+            os.replace(temp, pt_path)
     finally:
         model.mean, model.std = old
-    logger.info("exported %s and %s (mean %.6f, std %.6f)", folder, pt_path, mean, std)
+    logger.info("exported %s (mean %.6f, std %.6f)", " and ".join(str(p) for p in (folder, pt_path) if p), mean, std)
     return folder, pt_path

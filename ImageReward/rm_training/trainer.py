@@ -2,9 +2,12 @@
 
 Loss ``mean(-log sigmoid(r_better - r_worse))``; Adam (no weight decay); the original's ``AnnealingLR``
 (cosine to 0, optional warmup) per optimizer step; validation pair loss/accuracy ``valid_per_epoch`` times per
-epoch (and at step 0), reduced over all ranks and pooled over pairs; the lowest validation loss is kept in
-``<run>/best``; ``save_state`` folders ``<run>/states/checkpoint-<step>`` resume exactly; at the end the best
-weights are tested (original pair accuracy) and exported with mean/std from a reference set.
+epoch (and at step 0), reduced over all ranks and pooled over pairs; the trainable weights with the lowest
+validation loss are kept in ``<run>/best``; state folders ``<run>/states/checkpoint-<step>`` (trainable weights,
+optimizer, RNG, progress; the frozen weights are rebuilt from the initial checkpoint) resume exactly; at the end
+the best weights are tested (original pair accuracy) and exported with mean/std from a reference set.
+:func:`export_from_state` does the same from any saved state or ``best/`` (a run stopped early or killed).
+A progress bar shows loss, accuracy, lr and the step rate; ``train.std_log`` also writes ``log/<run>.txt``.
 
 >>> from ImageReward.rm_training.config import load_config
 >>> result = train_reward_model(load_config("src/config/config.yaml"))  # doctest: +SKIP
@@ -18,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,20 +30,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from ..errors import InvalidInputError
+from ..errors import CheckpointError, InvalidInputError
 from ..models.blip import BLIPConfig
 from ..preprocess import PreprocessConfig
 from .config import RMTrainConfig, TrainOptions
 from .data import PairDataset, ShardedEpochSampler, collate_pairs, drop_missing_images, expand_pairs, read_groups
 from .export import export_model, reference_stats, test_accuracy
 from .model import PairRewardModel, blip_config_for, build_model
+from .states import (PROGRESS_NAME, TRAINABLE_NAME, ensure_free_space, find_latest_state, format_bytes,
+                     free_bytes, frozen_fingerprint, load_trainable, replace_dir, save_trainable, trainable_bytes)
 
-__all__ = ["TrainResult", "lr_at", "pair_loss", "train_reward_model", "find_latest_state"]
+__all__ = ["TrainResult", "lr_at", "pair_loss", "train_reward_model", "export_from_state", "find_latest_state"]
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_NAME = "progress.json"
+BEST_INFO = "best.json"
 
 
 @dataclass
@@ -86,15 +93,6 @@ def pair_loss(r_better: torch.Tensor, r_worse: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(r_better - r_worse)
 
 
-def find_latest_state(states_dir: Path) -> Path | None:
-    """The ``checkpoint-<step>`` folder with the highest step that holds a complete progress file."""
-    if not states_dir.is_dir():
-        return None
-    found = [(int(p.name.split("-")[-1]), p) for p in states_dir.glob("checkpoint-*")
-             if p.name.split("-")[-1].isdigit() and (p / PROGRESS_NAME).is_file()]
-    return max(found)[1] if found else None
-
-
 def _load_split(cfg: RMTrainConfig, split: str, run_dir: Path | None, is_main: bool) -> list[dict[str, Any]]:
     path = Path(cfg.data_base) / f"{split}.json"
     groups, missing = drop_missing_images(read_groups(path), cfg.image_base, source=str(path))
@@ -114,8 +112,84 @@ def _med_config(cfg: RMTrainConfig) -> dict | None:
     return json.loads(path.read_text())
 
 
+def _skip_model_if_trainable_only(models: list, input_dir: str) -> None:
+    """accelerate load hook: states written by this trainer hold no full model (see :meth:`_Run.load_state`)."""
+    if (Path(input_dir) / TRAINABLE_NAME).is_file():
+        models.clear()
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _initial_model(cfg: RMTrainConfig, blip_config: BLIPConfig | None) -> tuple[BLIPConfig, Any]:
+    """The model as training starts: seeded head, ``blip_path``/``preload_path`` weights, ``fix_rate`` frozen.
+    A resumed run and :func:`export_from_state` rebuild the frozen weights with this same call."""
+    from accelerate.utils import set_seed
+
+    t = cfg.train
+    set_seed(t.seed)  # the same on every rank: identical head init everywhere (the original: rank 0 only)
+    blip_config = blip_config or blip_config_for(cfg.BLIP.vit, cfg.BLIP.image_size, cfg.BLIP.patch_size,
+                                                 _med_config(cfg))
+    if cfg.ImageReward.mlp_dim != blip_config.text.hidden_size:
+        raise InvalidInputError(f"ImageReward.mlp_dim {cfg.ImageReward.mlp_dim} must equal the text hidden size "
+                                f"{blip_config.text.hidden_size}")
+    model = build_model(blip_config, blip_path=cfg.blip_path, preload_path=t.preload_path, fix_rate=t.fix_rate,
+                        fix_base=t.fix_base, download_root=t.download_root or None)
+    return blip_config, model
+
+
+class _LogFile:
+    """``train.std_log``: INFO and above of the ``ImageReward`` loggers also go to ``log_base/<run>.txt`` (with
+    timestamps), whatever the console level; :meth:`close` restores the logger."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.logger = logging.getLogger("ImageReward")
+        self.level = self.logger.level
+        self.handler = logging.FileHandler(path)
+        self.handler.setLevel(logging.INFO)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.logger.addHandler(self.handler)
+        if self.logger.getEffectiveLevel() > logging.INFO:
+            self.logger.setLevel(logging.INFO)
+            # keep the console (the root's handlers) at its own level: only the file gets the INFO records
+            console_level = logging.getLogger().getEffectiveLevel()
+            self.filters = [(h, _AtLeast(console_level)) for h in logging.getLogger().handlers]
+            for handler, level_filter in self.filters:
+                handler.addFilter(level_filter)
+        else:
+            self.filters = []
+
+    def close(self) -> None:
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+        self.logger.setLevel(self.level)
+        for handler, level_filter in self.filters:
+            handler.removeFilter(level_filter)
+
+
+class _AtLeast(logging.Filter):
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+class _AboveBar:
+    """A console stream whose lines print above the progress bar (``tqdm.write``) instead of through it."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            tqdm.write(text.rstrip("\n"), file=self.stream)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 class _Run:
@@ -141,6 +215,17 @@ class _Run:
         self.run_name = cfg.run_name(self.acc.num_processes)
         self.run_dir = Path(cfg.checkpoint_base) / self.run_name
         self.states_dir = self.run_dir / "states"
+        self.log_file = (_LogFile(Path(cfg.log_base) / f"{self.run_name}.txt")
+                         if t.std_log and self.acc.is_main_process else None)
+        self.hooks: list = []
+        try:
+            self._setup(blip_config, use_tb)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, blip_config: BLIPConfig | None, use_tb: bool) -> None:
+        cfg, t = self.cfg, self.opts
         visual_dir = Path(cfg.visual_base) / self.run_name
         resume = self._resume_path()
         if t.clear_visualizer and resume is None and self.acc.is_main_process and visual_dir.exists():
@@ -148,23 +233,12 @@ class _Run:
         self.acc.wait_for_everyone()
         if use_tb:
             self.acc.init_trackers(self.run_name, config={k: v for k, v in _flat(cfg.to_dict()).items()})
-        if t.std_log and self.acc.is_main_process:
-            Path(cfg.log_base).mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(Path(cfg.log_base) / f"{self.run_name}.txt")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            logging.getLogger("ImageReward").addHandler(handler)
         self.resume_from = resume
 
         from accelerate.utils import set_seed
 
-        set_seed(t.seed)  # the same on every rank: identical head init everywhere (the original: rank 0 only)
-        self.blip_config = blip_config or blip_config_for(cfg.BLIP.vit, cfg.BLIP.image_size, cfg.BLIP.patch_size,
-                                                          _med_config(cfg))
-        if cfg.ImageReward.mlp_dim != self.blip_config.text.hidden_size:
-            raise InvalidInputError(f"ImageReward.mlp_dim {cfg.ImageReward.mlp_dim} must equal the text hidden size "
-                                    f"{self.blip_config.text.hidden_size}")
-        self.model = build_model(self.blip_config, blip_path=cfg.blip_path, preload_path=t.preload_path,
-                                 fix_rate=t.fix_rate, fix_base=t.fix_base, download_root=t.download_root or None)
+        self.blip_config, self.model = _initial_model(cfg, blip_config)
+        self.fingerprint = frozen_fingerprint(self.model)  # states and best/ hold only the trainable part
         set_seed(t.seed, device_specific=True)  # dropout / drop-path streams differ per rank (seed + rank)
         if t.gradient_checkpointing:
             self.model.blip.set_gradient_checkpointing(True)
@@ -174,8 +248,24 @@ class _Run:
         optimizer = torch.optim.Adam(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                      weight_decay=0.0)
         self.net, self.optimizer = self.acc.prepare(PairRewardModel(self.model), optimizer)
+        # accelerate saves/loads the optimizer, RNG and scaler; the weights are ours (trainable part only)
+        self.hooks = [self.acc.register_save_state_pre_hook(lambda models, weights, out: weights.clear()),
+                      self.acc.register_load_state_pre_hook(_skip_model_if_trainable_only)]
         self.progress: dict[str, Any] = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0,
                                          "best_val_loss": math.inf, "best_val_accuracy": math.nan, "history": []}
+        self.weight_bytes = trainable_bytes(self.model)
+        self.state_bytes = 3 * self.weight_bytes  # weights + Adam's exp_avg and exp_avg_sq (fp32)
+        full = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        export = full * (2 if t.export_format == "both" else 1)
+        kept = t.checkpoints_total_limit  # one more exists while the newest is written; the export comes last
+        peak = self.weight_bytes + max((kept + 1) * self.state_bytes, kept * self.state_bytes + export)
+        logger.info("%d of %d parameters trainable; each state needs %s, best/ %s, the export %s: about %s "
+                    "of disk at peak", sum(p.numel() for p in self.params),
+                    sum(p.numel() for p in self.model.parameters()), format_bytes(self.state_bytes),
+                    format_bytes(self.weight_bytes), format_bytes(full), format_bytes(peak))
+        if self.acc.is_main_process and free_bytes(self.run_dir) < peak:
+            logger.warning("only %s free under %s: the run may stop with a DiskSpaceError before it ends",
+                           format_bytes(free_bytes(self.run_dir)), self.run_dir)
 
     # ------------------------------------------------------------------------------------------ setup
     def _resume_path(self) -> Path | None:
@@ -230,7 +320,9 @@ class _Run:
         net = self.acc.unwrap_model(self.net)  # no DDP collectives inside the (uneven) loop
         net.eval()
         loss_sum = correct = count = 0.0
-        for batch in self.valid_loader:
+        batches = tqdm(self.valid_loader, desc="validation", unit="batch", leave=False,
+                       disable=not self.acc.is_main_process)
+        for batch in batches:
             batch = _to_device(batch, self.acc.device)
             with self.acc.autocast():
                 r_b, r_w = net(batch["input_ids"], batch["attention_mask"], batch["better"], batch["worse"])
@@ -251,15 +343,37 @@ class _Run:
         if loss < self.progress["best_val_loss"]:
             self.progress["best_val_loss"], self.progress["best_val_accuracy"] = loss, acc
             if self.acc.is_main_process:
-                self.acc.unwrap_model(self.net).model.save_pretrained(self.run_dir / "best")
+                self._save_best(record)
             self.acc.wait_for_everyone()
+
+    def _save_best(self, record: dict[str, Any]) -> None:
+        """``best/``: the trainable weights + ``best.json``, written beside it and then swapped in."""
+        best = self.run_dir / "best"
+        ensure_free_space(self.run_dir, self.weight_bytes, "best/")
+        temp = best.with_name("best.tmp")
+        shutil.rmtree(temp, ignore_errors=True)
+        save_trainable(self.acc.unwrap_model(self.net).model, temp, self.fingerprint)
+        (temp / BEST_INFO).write_text(json.dumps(record, indent=1))
+        replace_dir(temp, best)
 
     # ---------------------------------------------------------------------------------------- states
     def save_state(self) -> Path:
+        """Write ``states/checkpoint-<step>`` via ``checkpoint-<step>.tmp`` (renamed when complete), then drop
+        the oldest states beyond ``checkpoints_total_limit``. Raises :class:`~ImageReward.errors.DiskSpaceError`
+        before writing anything when the disk lacks room for one state."""
         path = self.states_dir / f"checkpoint-{self.progress['global_step']}"
-        self.acc.save_state(str(path))
+        temp = path.with_name(path.name + ".tmp")
+        ensure_free_space(self.states_dir, self.state_bytes, f"training state {path.name}")
         if self.acc.is_main_process:
-            (path / PROGRESS_NAME).write_text(json.dumps(self.progress, indent=1))  # written last: marks complete
+            for stale in self.states_dir.glob("checkpoint-*.tmp"):  # left by a crash mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(temp))  # optimizer, RNG per rank, scaler (the save hook drops the weights)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            save_trainable(self.acc.unwrap_model(self.net).model, temp, self.fingerprint)
+            (temp / PROGRESS_NAME).write_text(json.dumps(self.progress, indent=1))  # marks it complete
+            replace_dir(temp, path)
             states = sorted((int(p.name.split("-")[-1]), p) for p in self.states_dir.glob("checkpoint-*")
                             if p.name.split("-")[-1].isdigit())
             for _, old in states[: max(0, len(states) - self.opts.checkpoints_total_limit)]:
@@ -268,7 +382,9 @@ class _Run:
         return path
 
     def load_state(self, path: Path) -> None:
-        self.acc.load_state(str(path))
+        self.acc.load_state(str(path))  # optimizer, RNG, scaler
+        if (path / TRAINABLE_NAME).is_file():  # (a state of an older version holds the full model instead)
+            load_trainable(self.acc.unwrap_model(self.net).model, path, self.fingerprint)
         self.progress = json.loads((path / PROGRESS_NAME).read_text())
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.progress["global_step"],
                     self.progress["epoch"], self.progress["batch_in_epoch"])
@@ -281,10 +397,25 @@ class _Run:
             self.load_state(self.resume_from)  # replaces self.progress
         elif t.validate_at_start:
             self._after_validation(0)
+        end = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
+        bar = tqdm(total=end, initial=min(self.progress["global_step"], end), desc="train", unit="step",
+                   dynamic_ncols=True, disable=not self.acc.is_main_process)
+        consoles = [(h, h.setStream(_AboveBar(h.stream))) for h in logging.getLogger().handlers
+                    if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)]
+        try:
+            return self._loop(bar)
+        finally:
+            bar.close()
+            for handler, stream in consoles:
+                handler.setStream(stream)
+
+    def _loop(self, bar: Any) -> bool:
+        t = self.opts
         p = self.progress
         self.net.train()
         sampler: ShardedEpochSampler = self.train_loader.sampler  # type: ignore[assignment]
         accum = t.accumulation_steps
+        window = [0.0, 0.0, 0.0]  # loss sum, correct, pairs since the last log line
         while p["epoch"] < t.epochs:
             sampler.set_epoch(p["epoch"])
             sampler.set_start(p["batch_in_epoch"] * t.batch_size)
@@ -307,6 +438,7 @@ class _Run:
                 stats[2] += float(valid.sum())
                 micro += 1
                 if not sync:
+                    bar.set_postfix_str(f"micro-batch {micro - (micro - 1) // accum * accum}/{group_size}")
                     continue
                 lr = lr_at(p["global_step"], self.total_steps, t)
                 for group in self.optimizer.param_groups:
@@ -321,6 +453,16 @@ class _Run:
                 stats = [0.0, 0.0, 0.0]
                 if count:
                     self.acc.log({"Train-Loss": loss_sum / count, "Train-Acc": correct / count, "lr": lr}, step=step)
+                    bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.3f}", lr=f"{lr:.3g}",
+                                    epoch=p["epoch"], refresh=False)
+                bar.update(1)
+                window = [w + v for w, v in zip(window, (loss_sum, correct, count))]
+                if (step % t.log_every == 0 or step == self.total_steps) and window[2]:
+                    rate = bar.format_dict.get("rate")
+                    logger.info("step %d/%d epoch %d: train loss %.4f accuracy %.4f (%d pairs) lr %.4g%s", step,
+                                self.total_steps, p["epoch"], window[0] / window[2], window[1] / window[2],
+                                window[2], lr, f", {1 / rate:.2f} s/step" if rate else "")
+                    window = [0.0, 0.0, 0.0]
                 p["batch_in_epoch"] = micro
                 epoch_done = micro >= self.batches_per_epoch
                 if epoch_done:
@@ -331,7 +473,8 @@ class _Run:
                 if step % t.checkpointing_steps == 0 or epoch_done or stop:
                     self.save_state()
                 if stop:
-                    logger.info("stopping at max_steps=%d (resume with resume_from_checkpoint=latest)", t.max_steps)
+                    logger.info("stopping at max_steps=%d: resume with resume_from_checkpoint=latest, or export "
+                                "with --export-from %s", t.max_steps, self.run_dir / "best")
                     return p["epoch"] >= t.epochs
                 if epoch_done:
                     break
@@ -345,33 +488,51 @@ class _Run:
                              best_val_accuracy=p["best_val_accuracy"], history=list(p["history"]))
         self.acc.wait_for_everyone()
         if not finished:
-            self.acc.end_training()
             return result
         model = self.acc.unwrap_model(self.net).model
         best = self.run_dir / "best"
-        if (best / "model.safetensors").is_file():
-            from ..checkpoint import read_state_dict
-
-            model.load_checkpoint_state(read_state_dict(best / "model.safetensors"), source=str(best))
-        model.mean, model.std = 0.0, 1.0
+        if (best / TRAINABLE_NAME).is_file():
+            load_trainable(model, best, self.fingerprint)
         if self.acc.is_main_process:
-            workers = self.opts.num_workers
-            if self.opts.test_at_end and (Path(self.cfg.data_base) / "test.json").is_file():
-                test_groups = _load_split(self.cfg, "test", self.run_dir, True)
-                result.test_accuracy, result.test_pairs = test_accuracy(
-                    model, test_groups, self.cfg.image_base, batch_size=self.opts.batch_size * 2, num_workers=workers)
-                logger.info("test accuracy %.4f over %d pairs", result.test_accuracy, result.test_pairs)
-                self.acc.log({"Test-Acc": result.test_accuracy}, step=p["global_step"])
-            split = self.opts.reference_split
-            ref_groups = self.groups.get(split) or _load_split(self.cfg, split, self.run_dir, True)
-            result.mean, result.std = reference_stats(model, ref_groups, self.cfg.image_base,
-                                                      batch_size=self.opts.batch_size * 2, num_workers=workers)
-            result.export_dir, result.pt_path = export_model(model, self.run_dir, mean=result.mean, std=result.std)
+            _test_and_export(model, self.cfg, self.run_dir, result, log=self.acc.log,
+                             reference_groups=self.groups.get(self.opts.reference_split))
             summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items() if k != "history"}
             (self.run_dir / "result.json").write_text(json.dumps(summary, indent=1))
         self.acc.wait_for_everyone()
-        self.acc.end_training()
         return result
+
+    def close(self) -> None:
+        """End the trackers, remove the state hooks and the log file handler."""
+        if hasattr(self, "progress"):  # set up completely (trackers may have started)
+            self.acc.end_training()
+        for hook in self.hooks:
+            hook.remove()
+        if self.log_file is not None:
+            self.log_file.close()
+
+
+def _test_and_export(model: Any, cfg: RMTrainConfig, run_dir: Path, result: TrainResult, *,
+                     reference_groups: list | None = None, log: Any = None, out_dir: Path | None = None,
+                     folder_name: str = "ImageReward") -> None:
+    """Test accuracy (``train.test_at_end`` and a ``test.json``), mean/std of the raw rewards over
+    ``train.reference_split``, and the export as ``train.export_format``; fills ``result``."""
+    opts = cfg.train
+    model.mean, model.std = 0.0, 1.0
+    workers, batch_size = opts.num_workers, opts.batch_size * 2
+    if opts.test_at_end and (Path(cfg.data_base) / "test.json").is_file():
+        test_groups = _load_split(cfg, "test", run_dir, True)
+        result.test_accuracy, result.test_pairs = test_accuracy(model, test_groups, cfg.image_base,
+                                                                batch_size=batch_size, num_workers=workers)
+        logger.info("test accuracy %.4f over %d pairs", result.test_accuracy, result.test_pairs)
+        if log is not None:
+            log({"Test-Acc": result.test_accuracy}, step=result.global_step)
+    split = opts.reference_split
+    groups = reference_groups or _load_split(cfg, split, run_dir, True)
+    result.mean, result.std = reference_stats(model, groups, cfg.image_base, batch_size=batch_size,
+                                              num_workers=workers)
+    result.export_dir, result.pt_path = export_model(model, out_dir or run_dir, mean=result.mean, std=result.std,
+                                                     formats=opts.export_format, folder_name=folder_name,
+                                                     pt_name=f"{folder_name}.pt")
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -389,5 +550,40 @@ def train_reward_model(cfg: RMTrainConfig, *, blip_config: BLIPConfig | None = N
     """Train (or resume) a reward model as configured; returns a :class:`TrainResult`. Paths in ``cfg`` are
     relative to the working directory. ``blip_config`` overrides the model size from ``cfg.BLIP``."""
     run = _Run(cfg, blip_config, accelerator)
-    finished = run.fit()
-    return run.finish(finished)
+    try:
+        return run.finish(run.fit())
+    finally:
+        run.close()
+
+
+def export_from_state(cfg: RMTrainConfig, source: str | os.PathLike, *, out_dir: str | os.PathLike | None = None,
+                      blip_config: BLIPConfig | None = None, device: str | torch.device | None = None
+                      ) -> TrainResult:
+    """Export a saved state (``states/checkpoint-<step>``) or ``best/`` of a run configured by ``cfg``: rebuild
+    the frozen weights as the run did, load the trainable ones, test (``train.test_at_end``), compute mean/std on
+    ``train.reference_split`` and write the same strict-loading export as the end of training.
+
+    Output goes to ``out_dir`` (default: the run folder) as ``ImageReward/`` (+ ``ImageReward.pt``) from
+    ``best/``, ``ImageReward-step<N>/`` from a state. Raises :class:`~ImageReward.errors.CheckpointError` when
+    ``source`` is no such folder or was trained on other frozen weights (another ``blip_path``, seed,
+    ``fix_rate``...)."""
+    source = Path(source)
+    if not source.is_dir() or not (source / TRAINABLE_NAME).is_file():
+        raise CheckpointError(f"--export-from {str(source)!r}: expected a state folder (states/checkpoint-<step>) "
+                              f"or best/ holding {TRAINABLE_NAME}")
+    is_state = (source / PROGRESS_NAME).is_file()
+    info = json.loads((source / (PROGRESS_NAME if is_state else BEST_INFO)).read_text()) \
+        if (source / (PROGRESS_NAME if is_state else BEST_INFO)).is_file() else {}
+    step = int(info.get("global_step" if is_state else "step", 0))
+    run_dir = source.parent.parent if is_state and source.parent.name == "states" else source.parent
+    _, model = _initial_model(cfg, blip_config)
+    load_trainable(model, source, frozen_fingerprint(model))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).eval()
+    result = TrainResult(run_dir=run_dir, global_step=step, total_steps=0,
+                         finished=int(info.get("epoch", 0)) >= cfg.train.epochs,
+                         best_val_loss=info.get("val_loss", info.get("best_val_loss", math.nan)),
+                         best_val_accuracy=info.get("val_accuracy", info.get("best_val_accuracy", math.nan)))
+    _test_and_export(model, cfg, run_dir, result, out_dir=Path(out_dir) if out_dir else None,
+                     folder_name=f"ImageReward-step{step}" if is_state else "ImageReward")
+    return result

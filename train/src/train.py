@@ -2,6 +2,7 @@
 
     python src/train.py --config src/config/config.yaml                  # one process
     accelerate launch --num_processes 4 src/train.py --config ...        # several GPUs / nodes
+    python src/train.py --config src/config/config.yaml --export-from checkpoint/<run>/best   # export a stopped run
 
 All logic lives in ImageReward.rm_training; this file only parses arguments.
 """
