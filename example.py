@@ -63,4 +63,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ImageReward.cli import run_command
+
+    raise SystemExit(run_command(main, "example.py"))

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .errors import DownloadError
+from .errors import DownloadError, UnsupportedInputError
 from .factory import place_model, register_scorer
 from .pretrained import PretrainedCfg, default_cache_dir, fetch, fetch_folder, offline
 
@@ -141,7 +141,7 @@ def clip_weights_path(download_root: str | os.PathLike | None = None, *, revisio
 def _checkpoint_arg(kwargs: dict[str, Any], name: str) -> str | None:
     value = kwargs.pop(name, None)
     if kwargs:
-        raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        raise UnsupportedInputError(f"unexpected arguments: {sorted(kwargs)}")
     return os.fspath(value) if value is not None else None
 
 

@@ -12,7 +12,6 @@ the built-in baselines register themselves in ``ImageReward/baselines.py``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -22,10 +21,11 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .checkpoint import read_state_dict
-from .errors import UnknownModelError
+from .errors import InvalidInputError, UnknownModelError
 from .models.blip import BLIPConfig, TextConfig
 from .models.image_reward import CONFIG_NAME, ImageReward
-from .pretrained import IMAGE_REWARD_MODELS, PretrainedCfg, fetch
+from .pretrained import IMAGE_REWARD_MODELS, PretrainedCfg, check_download_root, fetch
+from .validation import ArgumentTypeError, resolve_device, resolve_dtype
 
 __all__ = ["load", "load_score", "available_models", "available_scores", "default_device", "place_model",
            "register_scorer", "ScorerEntry", "scorer_entry", "locate_checkpoint", "checkpoint_file"]
@@ -89,12 +89,11 @@ def default_device() -> torch.device:
 def place_model(model: torch.nn.Module, device: str | torch.device | None, dtype: torch.dtype | None, *,
                 keep_fp32: tuple[str, ...] = ()) -> torch.nn.Module:
     """Move to ``device`` and cast to ``dtype``; submodules named in ``keep_fp32`` stay float32."""
-    model.to(torch.device(device) if device is not None else default_device())
+    model.to(resolve_device(device))
+    dtype = resolve_dtype(dtype)
     if dtype is None or dtype == torch.float32:
         model.float()
     else:
-        if dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
         model.to(dtype)
         for name in keep_fp32:
             model.get_submodule(name).float()
@@ -103,6 +102,7 @@ def place_model(model: torch.nn.Module, device: str | torch.device | None, dtype
 
 def _place_image_reward(model, device, dtype):
     place_model(model, device, None)
+    dtype = resolve_dtype(dtype)
     if dtype is not None and dtype != torch.float32:
         model.set_image_dtype(dtype)
     return model
@@ -115,17 +115,28 @@ def load(
     med_config: str | os.PathLike | Mapping[str, Any] | None = None,
     *,
     revision: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ):
     """Load an ImageReward model by registry name, local checkpoint file, or saved folder.
 
     ``name``: ``"ImageReward-v1.0"`` (downloaded once into ``download_root``, default
     ``~/.cache/ImageReward``), a ``.pt``/``.pth``/``.safetensors`` file, or a folder written by
     ``save_pretrained``. Loading is strict and never unpickles code. ``dtype`` float16/bfloat16 runs the
-    image side in that precision (see ``ImageReward.set_image_dtype``; rewards within ~6e-3 of fp32). Returns the model in eval mode on ``device``.
+    image side in that precision (see ``ImageReward.set_image_dtype``; rewards within ~6e-3 of fp32); names such
+    as ``"bf16"`` are accepted (:func:`~ImageReward.validation.resolve_dtype`). Returns the model in eval mode
+    on ``device``.
+
+    ``device``, ``dtype``, ``download_root`` and ``med_config`` are checked before any weight is read:
+    :class:`InvalidInputError` names the argument (and the devices available); a corrupt or incomplete
+    checkpoint or ``config.json`` raises :class:`CheckpointError`, an unknown name :class:`UnknownModelError`.
 
     >>> model = load("checkpoints/ImageReward.pt", device="cpu")   # doctest: +SKIP
     """
+    _check_model_name(name)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype)
+    check_download_root(download_root)
+    med = _read_med_config(med_config)
     path = locate_checkpoint(name, download_root, revision=revision)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         model = ImageReward.from_pretrained(path)
@@ -133,16 +144,38 @@ def load(
         return _place_image_reward(model, device, dtype)
     path = checkpoint_file(path)
 
-    if isinstance(med_config, Mapping):
-        med = dict(med_config)
-    elif med_config is not None:
-        med = json.loads(Path(med_config).read_text())
-    else:
-        med = None
-    config = BLIPConfig(text=TextConfig.from_med_config(med, encoder_width=1024))
+    try:
+        config = BLIPConfig(text=TextConfig.from_med_config(med, encoder_width=1024))
+    except (TypeError, ValueError, KeyError) as err:
+        raise InvalidInputError(f"med_config: not a BERT config ({err})") from err
     model = ImageReward.from_state_dict(read_state_dict(path), config, source=str(path))
     logger.info("loaded ImageReward checkpoint %s", path)
     return _place_image_reward(model, device, dtype)
+
+
+def _check_model_name(name: Any, what: str = "name") -> None:
+    if not isinstance(name, (str, os.PathLike)):
+        raise ArgumentTypeError(f"{what} must be a model name ({available_models()}) or a checkpoint path, "
+                                f"got {type(name).__name__}")
+    if not os.fspath(name).strip():
+        raise UnknownModelError(f"{what} is empty: pass a model name ({available_models()}) or a checkpoint path")
+
+
+def _read_med_config(med_config: Any) -> dict | None:
+    """``med_config`` (a mapping, a JSON file, or ``None``) as a dict; a bad one raises before any weight
+    is read."""
+    if med_config is None:
+        return None
+    if isinstance(med_config, Mapping):
+        return dict(med_config)
+    if not isinstance(med_config, (str, os.PathLike)):
+        raise ArgumentTypeError(f"med_config must be a mapping or a JSON file path, got {type(med_config).__name__}")
+    from .textio import read_json
+
+    data = read_json(med_config, what="med_config")
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"med_config {os.fspath(med_config)!r} must hold a JSON object")
+    return data
 
 
 def locate_checkpoint(name: str | os.PathLike, download_root: str | os.PathLike | None = None, *,
@@ -182,6 +215,11 @@ def load_score(
 
     Files already in ``download_root`` (the original's names) are used without any network access.
     """
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"name must be a scorer name ({available_scores()}), got {type(name).__name__}")
     if name not in _SCORERS:
         raise UnknownModelError(f"score {name!r} not found; available scores = {available_scores()}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype)
+    check_download_root(download_root)
     return _SCORERS[name](device=device, download_root=download_root, dtype=dtype, **kwargs)

@@ -1,9 +1,17 @@
 """The one image loader: turns whatever a user passes as "an image" into a ``PIL.Image``.
 
 Accepted: a path (``str`` or ``os.PathLike``), encoded file bytes, a ``PIL.Image.Image``, a ``numpy`` array (``HxW`` or
-``HxWxC`` with C in 1/3/4; ``uint8``, or floats in [0, 1]) or a ``torch.Tensor`` (``CxHxW`` or ``HxWxC``,
-same value rules). Anything else, and any file that cannot be decoded, raises a typed error that names
-the offending item, so a bad input can never silently score another image.
+``HxWxC`` with C in 1/3/4; ``uint8``, ``uint16`` (scaled by 255/65535), or floats in [0, 1]) or a ``torch.Tensor``
+(``CxHxW`` or ``HxWxC``, same value rules). Anything else, and any file that cannot be decoded, raises a typed
+error that names the offending item, so a bad input can never silently score another image.
+
+Images are read as people see them (differences from the original, see ``docs/differences.md``):
+
+* the EXIF ``Orientation`` tag (2-8) is applied, as ``transformers``/``diffusers`` ``load_image``, ComfyUI and the
+  WebUI do (``exif_transpose=False`` keeps the original's behaviour: pixels as stored);
+* high-bit-depth images (PIL modes ``I;16*``, ``I``, ``F``) are scaled to 8 bits, never clipped: ``I;16`` by
+  255/65535; ``I`` as 16-bit when its values exceed 255; ``F`` in [0, 1] times 255, in [0, 255] as is; other
+  values are refused. 48-bit RGB PNGs are reduced to 8 bits per channel by Pillow when decoded.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError, UnsupportedInputError
 
@@ -23,7 +31,11 @@ ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, Any]
 # File extensions taken for images when a folder is listed (score-dataset folders, benchmark generations).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-__all__ = ["ImageLike", "IMAGE_EXTENSIONS", "load_image", "describe"]
+__all__ = ["ImageLike", "IMAGE_EXTENSIONS", "load_image", "describe", "to_eight_bit"]
+
+# modes that preprocessing converts to RGB directly (8 bits per sample)
+_EIGHT_BIT_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "RGBX", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
 def describe(item: Any, index: int | None = None) -> str:
@@ -41,21 +53,28 @@ def describe(item: Any, index: int | None = None) -> str:
     return f"{where}({type(item).__name__})"
 
 
-def load_image(item: ImageLike, *, index: int | None = None) -> Image.Image:
-    """Return ``item`` as a fully decoded ``PIL.Image`` (mode unchanged: preprocessing converts).
+def load_image(item: ImageLike, *, index: int | None = None, exif_transpose: bool = True) -> Image.Image:
+    """Return ``item`` as a fully decoded ``PIL.Image`` of 8 bits per sample (the mode is otherwise unchanged:
+    preprocessing converts to RGB). ``exif_transpose``: apply the EXIF orientation of files, bytes and PIL
+    images (default, as ``transformers.image_utils.load_image``); ``False`` uses the pixels as stored.
+
+    Raises :class:`ImageLoadError` (missing, not a regular file, undecodable, closed, empty, out-of-range
+    pixels) or :class:`UnsupportedInputError` (a type or layout this loader does not read), naming the item.
 
     >>> load_image(Image.new("RGB", (4, 4))).size
     (4, 4)
     """
     if isinstance(item, Image.Image):
-        return item
+        return _checked_pil(item, item, index, exif_transpose)
     if isinstance(item, (str, os.PathLike)):
-        return _open_path(Path(os.fspath(item)), item, index)
+        return _checked_pil(_open_path(Path(os.fspath(item)), item, index), item, index, exif_transpose)
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return _decode(io.BytesIO(bytes(item)), item, index)
+        return _checked_pil(_decode(io.BytesIO(bytes(item)), item, index), item, index, exif_transpose)
     if isinstance(item, np.ndarray):
         return _from_array(item, item, index)
     if type(item).__module__.startswith("torch"):
+        if getattr(item, "is_meta", False):
+            raise UnsupportedInputError(f"{describe(item, index)}: a meta tensor holds no pixels")
         tensor = item.detach().cpu()
         if tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4) and tensor.shape[-1] not in (1, 3, 4):
             tensor = tensor.permute(1, 2, 0)
@@ -71,6 +90,8 @@ def _open_path(path: Path, item: Any, index: int | None) -> Image.Image:
         raise ImageLoadError(f"{describe(item, index)}: file does not exist")
     if path.is_dir():
         raise ImageLoadError(f"{describe(item, index)}: is a directory, expected an image file")
+    if not path.is_file():  # a FIFO, socket or device: opening it could block forever
+        raise ImageLoadError(f"{describe(item, index)}: is not a regular file (a pipe, socket or device)")
     return _decode(path, item, index)
 
 
@@ -90,12 +111,68 @@ def _from_array(array: np.ndarray, item: Any, index: int | None) -> Image.Image:
         raise UnsupportedInputError(
             f"{describe(item, index)}: expected HxW or HxWxC (C=1,3,4) pixels, got shape {tuple(array.shape)}"
         )
+    if array.dtype == np.uint16:  # 16-bit pixels: scaled, never clipped
+        array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     if array.dtype != np.uint8:
         if not np.issubdtype(array.dtype, np.floating):
-            raise UnsupportedInputError(f"{describe(item, index)}: expected uint8 or float pixels, got {array.dtype}")
-        if array.size and (np.nanmin(array) < 0.0 or np.nanmax(array) > 1.0 or np.isnan(array).any()):
+            raise UnsupportedInputError(f"{describe(item, index)}: expected uint8, uint16 or float pixels in [0, 1], "
+                                        f"got {array.dtype}")
+        if array.size and (not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0):
             raise ImageLoadError(f"{describe(item, index)}: float pixels must lie in [0, 1]")
         array = np.round(array.astype(np.float64) * 255.0).astype(np.uint8)
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageLoadError(f"{describe(item, index)}: image is empty")
     return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _checked_pil(image: Image.Image, item: Any, index: int | None, exif_transpose: bool) -> Image.Image:
+    """A usable 8-bit PIL image: not closed, not empty, orientation applied, high bit depths scaled."""
+    try:
+        image.load()  # a closed image raises here, a lazily opened one is decoded now
+    except (ValueError, OSError, SyntaxError, AttributeError) as err:
+        raise ImageLoadError(f"{describe(item, index)}: cannot read the PIL image ({err or 'closed'})") from err
+    if image.size[0] == 0 or image.size[1] == 0:
+        raise ImageLoadError(f"{describe(item, index)}: image is empty ({image.size[0]}x{image.size[1]})")
+    if exif_transpose and _orientation(image) in range(2, 9):
+        image = ImageOps.exif_transpose(image)
+    return to_eight_bit(image, describe(item, index))
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: use the pixels as stored
+        return 1
+
+
+def to_eight_bit(image: Image.Image, what: str = "image") -> Image.Image:
+    """``image`` in a mode of 8 bits per sample that converts to RGB: 16-bit, 32-bit integer and float
+    grayscale are scaled (never clipped, see the module docstring); ``La`` goes through ``LA``. Values that
+    cannot be pixels (negative, NaN, beyond 16 bits) raise :class:`ImageLoadError` naming ``what``."""
+    mode = image.mode
+    if mode in _EIGHT_BIT_MODES:
+        return image
+    if mode in _SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image).astype(np.uint32)
+        return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    if mode == "I":
+        pixels = np.asarray(image, dtype=np.int64)
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 65535:
+            raise ImageLoadError(f"{what}: 32-bit integer pixels in [{low}, {high}] are neither 8- nor 16-bit "
+                                 "values; convert the image to 8 bits first")
+        if high > 255:  # 16-bit data (e.g. a 16-bit PNG decoded as "I")
+            pixels = (pixels * 255 + 32767) // 65535
+        return Image.fromarray(pixels.astype(np.uint8), mode="L")
+    if mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = float(pixels.min()), float(pixels.max())
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 255.0:
+            raise ImageLoadError(f"{what}: float pixels must lie in [0, 1] (or [0, 255]), got [{low:.4g}, {high:.4g}]")
+        if high <= 1.0:
+            pixels = pixels * 255.0
+        return Image.fromarray(np.round(pixels).astype(np.uint8), mode="L")
+    try:
+        return image.convert("LA" if mode == "La" else "RGBA" if "A" in mode or "a" in mode else "RGB")
+    except (ValueError, OSError) as err:
+        raise UnsupportedInputError(f"{what}: PIL mode {mode!r} cannot be converted to RGB ({err})") from err

@@ -35,6 +35,9 @@ __all__ = ["CLIP_MEAN", "CLIP_STD", "PreprocessConfig", "preprocess_pil", "prepr
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: above this many pixels after the resize (aspect ratios beyond ~1:1300 at 224), only the cropped part is
+#: resized; every ordinary image takes the original's exact path (docs/differences.md)
+MAX_RESIZED_PIXELS = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -89,11 +92,17 @@ def preprocess_pil(image: Image.Image, config: PreprocessConfig = PreprocessConf
     if config.convert_rgb_first:
         image = image.convert("RGB")
     new_size = resized_size(*image.size, size)
-    if new_size != image.size:
-        image = image.resize(new_size, Image.BICUBIC)
-    width, height = image.size
-    top, left = config.crop_start(height), config.crop_start(width)
-    image = image.crop((left, top, left + size, top + size)).convert("RGB")
+    top, left = config.crop_start(new_size[1]), config.crop_start(new_size[0])
+    if new_size[0] * new_size[1] > MAX_RESIZED_PIXELS:
+        # an extreme aspect ratio (a 1 x 10000 strip would become 224 x 2240000): resize only the part the
+        # crop keeps (PIL's ``box``), within a few grey levels of the full resize, instead of gigabytes
+        scale_x, scale_y = image.size[0] / new_size[0], image.size[1] / new_size[1]
+        box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+        image = image.resize((size, size), Image.BICUBIC, box=box).convert("RGB")
+    else:
+        if new_size != image.size:
+            image = image.resize(new_size, Image.BICUBIC)
+        image = image.crop((left, top, left + size, top + size)).convert("RGB")
     # ToTensor + Normalize in float32 numpy: the same IEEE operations as torch's (bit-identical), but never
     # multi-threaded, so that decoding threads (Scorer.score_batch) do not each start an OpenMP team.
     pixels = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255.0)

@@ -21,11 +21,12 @@ import shutil
 import tempfile
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import DownloadError
+from .errors import DownloadError, InvalidInputError
 
 __all__ = ["PretrainedCfg", "IMAGE_REWARD_MODELS", "default_cache_dir", "offline", "fetch", "fetch_folder",
            "fetch_hub_repo", "download_url", "sha256_of"]
@@ -92,9 +93,27 @@ def _missing_message(cfg: PretrainedCfg, root: Path, reason: str) -> str:
     )
 
 
+def check_download_root(download_root: Any, name: str = "download_root") -> None:
+    """``None`` or a path that is (or can become) a folder: a file there, or under a file, raises
+    :class:`InvalidInputError` naming ``name`` before anything is read or downloaded."""
+    from .validation import ArgumentTypeError
+
+    if download_root is None:
+        return
+    if not isinstance(download_root, (str, os.PathLike)):
+        raise ArgumentTypeError(f"{name} must be a folder path, got {type(download_root).__name__}")
+    path = Path(download_root).expanduser()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise InvalidInputError(f"{name}={os.fspath(download_root)!r}: {str(folder)!r} is a file, not a folder")
+            return
+
+
 def fetch(cfg: PretrainedCfg, download_root: str | os.PathLike | None = None, *, revision: str | None = None) -> Path:
     """Return a local path to ``cfg``'s file, downloading it into ``download_root`` when absent."""
-    root = Path(download_root) if download_root is not None else default_cache_dir()
+    check_download_root(download_root)
+    root = Path(download_root).expanduser() if download_root is not None else default_cache_dir()
     for name in (cfg.filename, *cfg.alt_filenames):
         candidate = root / name
         if candidate.is_file():

@@ -57,8 +57,9 @@ import torch
 from . import factory
 from .errors import InvalidInputError, UnknownModelError
 from .models.mix import WeightedReward
-from .pretrained import fetch_hub_repo
+from .pretrained import check_download_root, fetch_hub_repo
 from .scorer import Scorer
+from .validation import resolve_device, resolve_dtype
 
 # built-in scorers: each module registers its names with factory.register_scorer when imported
 from . import baselines  # noqa: F401, I001  (CLIP, BLIP, Aesthetic)
@@ -163,6 +164,8 @@ def load_scorer(spec: str | os.PathLike | Resolved, device: str | torch.device |
 
     >>> load_scorer("CLIP", device="cpu", dtype=torch.bfloat16)   # doctest: +SKIP
     """
+    device, dtype = resolve_device(device), resolve_dtype(dtype)  # before anything is fetched or read
+    check_download_root(download_root)
     resolved = spec if isinstance(spec, Resolved) else resolve(spec)
     if resolved.kind == "mix":
         scorers = [load_scorer(part, device, download_root, dtype=dtype, revision=revision)

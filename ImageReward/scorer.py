@@ -27,6 +27,7 @@ from .errors import InvalidInputError, UnsupportedInputError
 from .image_io import ImageLike, load_image
 from .preprocess import PreprocessConfig, preprocess_pil, preprocess_tensor
 from .tokenizer import check_prompts
+from .validation import check_optional_int, check_pixels
 
 __all__ = ["Scorer", "rank_descending"]
 
@@ -61,6 +62,9 @@ class Scorer(nn.Module):
     uses_prompt: bool = True
     preprocess_config: PreprocessConfig = PreprocessConfig()
     default_batch_size: int = 8
+    #: apply the EXIF orientation of image files (as transformers/diffusers ``load_image``); ``False`` scores
+    #: the pixels as stored, as the original did (see docs/differences.md)
+    exif_transpose: bool = True
 
     # ------------------------------------------------------------------ what a subclass provides
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -90,7 +94,8 @@ class Scorer(nn.Module):
 
     def preprocess(self, image: ImageLike, *, index: int | None = None) -> torch.Tensor:
         """One image (path, PIL, array, tensor) -> normalised ``[3, S, S]`` float32, PIL-exact."""
-        return preprocess_pil(load_image(image, index=index), self.preprocess_config)
+        return preprocess_pil(load_image(image, index=index, exif_transpose=self.exif_transpose),
+                              self.preprocess_config)
 
     def score_batch(
         self,
@@ -106,6 +111,7 @@ class Scorer(nn.Module):
         >>> model.score_batch(["a cat", "a dog"], ["cat.png", "cat.png"])  # doctest: +SKIP
         tensor([ 0.71, -1.32])
         """
+        batch_size = check_optional_int("batch_size", batch_size)
         items = _as_image_list(images)
         prompt_list = check_prompts(prompts)
         if isinstance(prompts, str):
@@ -124,6 +130,7 @@ class Scorer(nn.Module):
         >>> model.score("a cat", "cat.png")  # doctest: +SKIP
         0.58
         """
+        check_optional_int("batch_size", batch_size)
         check_prompts(prompt if isinstance(prompt, str) else [prompt])
         if isinstance(image, (list, tuple)):
             return self.score_batch(prompt, image, batch_size=batch_size).tolist()
@@ -133,21 +140,28 @@ class Scorer(nn.Module):
                        ) -> tuple[list[int], list[float]]:
         """``(ranking, rewards)``: ``ranking[i]`` is the 1-based rank of image ``i`` (1 = best for
         ``higher_is_better``); ``rewards`` in input order. Ties keep input order."""
+        check_optional_int("batch_size", batch_size)
         check_prompts(prompt if isinstance(prompt, str) else [prompt])
         rewards = self.score_batch(prompt, images, batch_size=batch_size)
         ranks = rank_descending(rewards if self.higher_is_better else -rewards)
         return ranks, rewards.tolist()
 
-    def score_grad(self, pixels: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
-        """Differentiable rewards ``[B]`` from ``[B, 3, H, W]`` pixels in ``[0, 1]`` (any size: resized with
-        antialiasing and centre-cropped inside). Gradients flow to ``pixels``.
+    def score_grad(self, pixels: torch.Tensor, prompts: str | Sequence[str], *,
+                   value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+        """Differentiable rewards ``[B]`` from floating ``[B, 3, H, W]`` pixels in ``[0, 1]`` (any size: resized
+        with antialiasing and centre-cropped inside). Gradients flow to ``pixels``. ``value_range=(-1, 1)``
+        accepts a VAE decode as is (mapped with ``(x + 1) / 2``). Pixels that are not finite or lie outside
+        ``value_range`` raise :class:`InvalidInputError`, as :meth:`score` does.
 
         >>> rewards = model.score_grad(images_0_1.requires_grad_(), "a cat")  # doctest: +SKIP
         """
         if not self.is_differentiable:
             raise NotImplementedError(f"{self.name} is not differentiable")
-        if not isinstance(pixels, torch.Tensor):
-            raise UnsupportedInputError(f"pixels must be a torch.Tensor [B, 3, H, W], got {type(pixels).__name__}")
+        if not isinstance(value_range, (tuple, list)) or tuple(value_range) not in ((0.0, 1.0), (-1.0, 1.0)):
+            raise InvalidInputError(f"value_range must be (0, 1) or (-1, 1), got {value_range!r}")
+        check_pixels(pixels, value_range=value_range)
+        if value_range[0] == -1.0:
+            pixels = (pixels + 1) / 2
         prompt_list = check_prompts(prompts)
         if isinstance(prompts, str):
             prompt_list = prompt_list * pixels.shape[0]

@@ -66,7 +66,7 @@ def load_scorer(name: str, device: str = "auto", dtype: str = "float32") -> Any:
         return _CACHE[key]
     _CACHE.clear()  # keep at most one scorer in memory
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        raise RM.InvalidInputError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     torch_dtype = None if dtype == "float32" else _DTYPES[dtype]
     model = RM.load_scorer(name, device=_device(device), dtype=torch_dtype)  # the library's one resolver
     _CACHE[key] = model
@@ -163,6 +163,9 @@ class ImageRewardScore:
             raise ValueError("scorer must come from the 'ImageReward: load scorer' node")
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
+        from ImageReward.validation import check_positive_int
+
+        batch_size = check_positive_int("batch_size", batch_size)
         arrays = images_to_arrays(images)
         progress = _progress_bar(len(arrays))
         values: list[float] = []

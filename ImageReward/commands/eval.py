@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from ..validation import arg_dtype, arg_non_negative_float, arg_non_negative_int, arg_positive_int
 from .score import load_scorer
 
 logger = logging.getLogger(__name__)
@@ -28,9 +29,13 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rm-path", "--rm_path", "--download-root", dest="rm_path", default=None,
                         help="where checkpoints are downloaded/cached (created if missing; default ~/.cache/ImageReward)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--gpu-id", "--gpu_id", dest="gpu_id", default=None, help="use cuda:<id> (original option)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--gpu-id", "--gpu_id", dest="gpu_id", type=arg_non_negative_int, default=None,
+                        help="use cuda:<id> (original option)")
+    parser.add_argument("--dtype", type=arg_dtype, default="float32",
+                        help="float32 (fp32), bfloat16 (bf16) or float16 (fp16, half) for the image side")
+    parser.add_argument("--batch-size", type=arg_positive_int, default=8)
+    parser.add_argument("--encoding", default=None,
+                        help="text encoding of the JSON files you bring, e.g. gbk (default: UTF-8, BOM accepted)")
     parser.add_argument("--cache", default=None, help="score cache file (default: <output dir>/score_cache.sqlite)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the score cache")
     parser.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
@@ -52,13 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="evaluate on the ImageRewardDB split (e.g. test) instead of test.json")
     pref.add_argument("--imagerewarddb-root", default=None,
                       help="local ImageRewardDB folder (default ~/.cache/ImageReward/ImageRewardDB)")
-    pref.add_argument("--tie-threshold", type=float, default=0.0,
+    pref.add_argument("--tie-threshold", type=arg_non_negative_float, default=0.0,
                       help="|reward difference| at or below which the model is tied (tie-half, ties-dropped)")
-    pref.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of prompts (0: none)")
-    pref.add_argument("--seed", type=int, default=0)
+    pref.add_argument("--bootstrap", type=arg_non_negative_int, default=1000, help="bootstrap resamples of prompts (0: none)")
+    pref.add_argument("--seed", type=arg_non_negative_int, default=0)
     pref.add_argument("--report", default=None, help="HTML report path (default <target_dir>/report.html)")
     pref.add_argument("--no-report", action="store_true")
-    pref.add_argument("--report-max-prompts", type=int, default=None, help="show at most this many prompts")
+    pref.add_argument("--report-max-prompts", type=arg_positive_int, default=None, help="show at most this many prompts")
     _common_arguments(pref)
     pref.set_defaults(func=run_preference)
 
@@ -104,9 +109,20 @@ def _device(args: argparse.Namespace) -> str | None:
 def _load(spec: str, args: argparse.Namespace):
     if args.rm_path is not None:
         Path(args.rm_path).expanduser().mkdir(parents=True, exist_ok=True)
-    namespace = argparse.Namespace(model=spec, device=_device(args), dtype=args.dtype,
+    namespace = argparse.Namespace(model=spec, device=_device(args), dtype=args.dtype, exif_transpose=True,
                                    download_root=None if args.rm_path is None else os.path.expanduser(args.rm_path))
     return load_scorer(namespace)
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Options checked before any data or model is read."""
+    from ..pretrained import check_download_root
+    from ..textio import check_encoding
+    from ..validation import resolve_device
+
+    resolve_device(_device(args), "--device")
+    check_encoding(args.encoding, "--encoding")
+    check_download_root(args.rm_path, "--rm-path")
 
 
 def _open_cache(args: argparse.Namespace, default_dir: str):
@@ -141,6 +157,7 @@ def run_preference(args: argparse.Namespace) -> int:
     from ImageReward.eval.cache import scorer_identity
     from ImageReward.eval.download import ensure_test_images, ensure_test_json
 
+    _check_common(args)
     download = not args.no_download
     if args.imagerewarddb_split:
         items = load_imagerewarddb(args.imagerewarddb_split, args.imagerewarddb_root, download=download)
@@ -148,7 +165,7 @@ def run_preference(args: argparse.Namespace) -> int:
     else:
         source = ensure_test_json(args.source_path, download=download)
         ensure_test_images(args.img_prefix, download=download)
-        items = load_test_json(source, img_prefix=args.img_prefix)
+        items = load_test_json(source, img_prefix=args.img_prefix, encoding=args.encoding)
         title = f"Preference accuracy: {args.source_path}"
     stats = dataset_stats(items)
     print(f"{stats['prompts']} prompts, {stats['images']} images, {stats['strict_pairs']} pairs "
@@ -184,16 +201,19 @@ def run_preference(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human_ranking(text: str | None, models: Sequence[str]) -> dict[str, float]:
+def _human_ranking(text: str | None, models: Sequence[str], encoding: str | None = None) -> dict[str, float]:
     from ImageReward.errors import InvalidInputError
     from ImageReward.eval.published import TABLE1_HUMAN_RANK
 
     if text is None:
         return {m: float(r) for m, r in TABLE1_HUMAN_RANK.items() if m in models}
     if os.path.isfile(text):
-        raw = json.loads(Path(text).read_text(encoding="utf-8"))
-        if not isinstance(raw, dict):
-            raise InvalidInputError(f"{text}: expected a JSON object {{model: rank}}")
+        from ImageReward.textio import read_json
+
+        raw = read_json(text, encoding=encoding, what="--human-ranking")
+        if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in raw.values()):
+            raise InvalidInputError(f"--human-ranking {text!r}: expected a JSON object {{model: rank number}}")
         return {str(k): float(v) for k, v in raw.items()}
     ranking = {}
     for part in _split(text):
@@ -213,8 +233,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from ImageReward.eval.download import (DEFAULT_BENCHMARK_MODELS, ensure_benchmark_generations,
                                            ensure_benchmark_prompts)
 
+    _check_common(args)
     download = not args.no_download
-    prompts = load_benchmark_prompts(ensure_benchmark_prompts(args.prompts_path, download=download))
+    prompts = load_benchmark_prompts(ensure_benchmark_prompts(args.prompts_path, download=download),
+                                     encoding=args.encoding)
     if args.model == "default":
         models = list(DEFAULT_BENCHMARK_MODELS)
     elif args.model == "all":
@@ -222,7 +244,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     else:
         models = _split(args.model)
     ensure_benchmark_generations(args.img_dir, models, download=download)
-    human = _human_ranking(args.human_ranking, models)
+    human = _human_ranking(args.human_ranking, models, args.encoding)
     os.makedirs(args.result_dir, exist_ok=True)
     cache = _open_cache(args, args.result_dir)
     results = []

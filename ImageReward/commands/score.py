@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ..validation import arg_dtype, arg_positive_int
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a scorer."""
@@ -14,19 +16,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "NAME[:WEIGHT],... (e.g. ImageReward-v1.0:1,Aesthetic:0.1), a local checkpoint "
                              "file/folder, or a Hub id OWNER/NAME (first match wins, in that order)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--dtype", type=arg_dtype, default="float32",
+                        help="float32 (fp32), bfloat16 (bf16) or float16 (fp16, half) for the image side")
     parser.add_argument("--download-root", default=None, help="where checkpoints are cached (default ~/.cache/ImageReward)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=arg_positive_int, default=8)
+    parser.add_argument("--no-exif-transpose", dest="exif_transpose", action="store_false",
+                        help="score image files as stored, ignoring their EXIF orientation (the original's behaviour)")
 
 
 def load_scorer(args: argparse.Namespace):
     """The scorer named by ``--model``, through the one resolver (:func:`ImageReward.load_scorer`)."""
-    import torch
-
     import ImageReward as RM
 
-    dtype = getattr(torch, args.dtype)
-    return RM.load_scorer(args.model, device=args.device, download_root=args.download_root, dtype=dtype)
+    model = RM.load_scorer(args.model, device=args.device, download_root=args.download_root, dtype=args.dtype)
+    for scorer in (model, *getattr(model, "scorers", ())):  # a weighted mix reads images with its parts
+        scorer.exif_transpose = getattr(args, "exif_transpose", True)
+    return model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from ..validation import arg_non_negative_int, arg_positive_float, arg_positive_int
 from .score import add_model_arguments, load_scorer
 
 
@@ -29,13 +30,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--id-column", default=None, help="stable row key for resuming (default: id, else row number)")
     parser.add_argument("--split", default=None, help="Hub dataset split, e.g. train (default: every Parquet file)")
     parser.add_argument("--revision", default=None, help="Hub dataset revision")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images (0: none)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per image URL download attempt")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N rows of INPUT")
+    parser.add_argument("--num-workers", type=arg_non_negative_int, default=2, help="DataLoader workers decoding images (0: none)")
+    parser.add_argument("--timeout", type=arg_positive_float, default=10.0, help="seconds per image URL download attempt")
+    parser.add_argument("--limit", type=arg_positive_int, default=None, help="only the first N rows of INPUT")
     parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming into OUT")
     parser.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
                         help="also write an HTML gallery of the best/worst images per prompt (default: OUT.html)")
-    parser.add_argument("--html-per-prompt", type=int, default=4, help="best and worst images shown per prompt")
+    parser.add_argument("--html-per-prompt", type=arg_positive_int, default=4, help="best and worst images shown per prompt")
+    parser.add_argument("--encoding", default=None,
+                        help="text encoding of INPUT and its prompt sidecars, e.g. gbk (default: UTF-8, with or "
+                             "without a byte-order mark; UTF-16 with a mark)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_arguments(parser)
     parser.set_defaults(func=_run)
@@ -45,7 +49,12 @@ def _run(args: argparse.Namespace) -> int:
     from ..scoring.runner import distributed_context, score_dataset
     from ..scoring.writers import output_format
 
-    output_format(args.output)  # fail on a bad OUT name before loading a model
+    from ..scoring.writers import check_output_path
+    from ..textio import check_encoding
+
+    check_output_path(args.output, "--output")  # fail on a bad OUT before loading a model
+    output_format(args.output)
+    check_encoding(args.encoding, "--encoding")
     context = distributed_context()
     if context.device is not None and args.device is None:
         args.device = str(context.device)
@@ -56,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
         image_column=args.image_column, id_column=args.id_column, split=args.split, revision=args.revision,
         batch_size=args.batch_size, num_workers=args.num_workers, timeout=args.timeout, overwrite=args.overwrite,
         limit=args.limit, html=html, html_per_prompt=args.html_per_prompt, model_name=args.model,
-        progress=not args.no_progress, context=context,
+        progress=not args.no_progress, context=context, encoding=args.encoding,
     )
     if context.is_main:
         json.dump(summary, sys.stdout)

@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=f"opt_{key}", type=kind, default=None, help=f"= --set train.{key}=...")
     for flag, key in _ORIGINAL_SWITCHES.items():
         parser.add_argument(flag, dest=f"opt_{key}", action="store_true", default=None, help=f"= --set train.{key}=true")
+    parser.add_argument("--encoding", default=None,
+                        help="text encoding of --config when not UTF-8 (a byte-order mark is always accepted)")
     parser.add_argument("--export-from", dest="export_from", default=None, metavar="DIR",
                         help="export a saved state (checkpoint/<run>/states/checkpoint-N) or checkpoint/<run>/best "
                              "instead of training (use the run's config)")
@@ -61,7 +63,7 @@ def config_from_args(args: argparse.Namespace):
         value = getattr(args, f"opt_{key}", None)
         if value is not None:
             overrides.append(f"train.{key}={json.dumps(value)}")  # JSON is YAML: "123" stays a string
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, encoding=getattr(args, "encoding", None))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

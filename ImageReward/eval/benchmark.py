@@ -58,6 +58,9 @@ def evaluate_benchmark(scorer, prompts: Sequence[Mapping[str, str]], img_dir: st
                        scorer_id: str | None = None, batch_size: int | None = None,
                        progress: bool = False) -> BenchmarkResult:
     """Score ``img_dir/<model>/<id>_<k>.png`` for every prompt and model with any scorer."""
+    from ..validation import check_optional_int
+
+    check_optional_int("batch_size", batch_size)
     if not prompts:
         raise InvalidInputError("the benchmark prompt list is empty")
     if not models:

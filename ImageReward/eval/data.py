@@ -55,9 +55,11 @@ def parse_test_items(raw: Any, *, img_prefix: str | os.PathLike | None = None, s
     return items
 
 
-def load_test_json(path: str | os.PathLike, *, img_prefix: str | os.PathLike | None = None) -> list[PreferenceItem]:
-    """Read the original ``test.json`` format; image paths are ``img_prefix/<generation>``."""
-    return parse_test_items(read_json(path, "test set"), img_prefix=img_prefix, source=str(path))
+def load_test_json(path: str | os.PathLike, *, img_prefix: str | os.PathLike | None = None,
+                   encoding: str | None = None) -> list[PreferenceItem]:
+    """Read the original ``test.json`` format; image paths are ``img_prefix/<generation>``. ``encoding``:
+    the file's text encoding when not UTF-8 (see :func:`ImageReward.textio.read_text`)."""
+    return parse_test_items(read_json(path, "test set", encoding), img_prefix=img_prefix, source=str(path))
 
 
 def dataset_stats(items: Sequence[PreferenceItem]) -> dict[str, int]:
@@ -92,9 +94,9 @@ def load_imagerewarddb(split: str = "test", root: str | os.PathLike | None = Non
 
 
 # ------------------------------------------------------------------------------------------- benchmark
-def load_benchmark_prompts(path: str | os.PathLike) -> list[dict[str, str]]:
+def load_benchmark_prompts(path: str | os.PathLike, *, encoding: str | None = None) -> list[dict[str, str]]:
     """The benchmark prompt list: JSON ``[{"id": ..., "prompt": ...}, ...]``."""
-    raw = read_json(path, "benchmark prompts")
+    raw = read_json(path, "benchmark prompts", encoding)
     if not isinstance(raw, list) or not all(isinstance(e, dict) and "id" in e and isinstance(e.get("prompt"), str)
                                             for e in raw):
         raise InvalidInputError(f"{path}: expected a JSON list of {{'id', 'prompt'}} objects")

@@ -144,6 +144,11 @@ def bootstrap_intervals(counts: Sequence[PairCounts], *, n_boot: int = 1000, see
 
     ``n_boot=0`` gives the point values with ``nan`` intervals. Deterministic for a given ``seed``.
     """
+    from ..validation import check_float, check_non_negative_int
+
+    check_non_negative_int("n_boot", n_boot)
+    check_non_negative_int("seed", seed)
+    check_float("level", level, minimum=0.0, maximum=1.0, strict_minimum=True)
     point = accuracies(counts)
     if n_boot <= 0 or not counts:
         return {name: MetricValue(value) for name, value in point.items()}

@@ -58,6 +58,12 @@ def evaluate_preference(scorer, items: Sequence[PreferenceItem], *, name: str | 
     ``records`` hold what the original ``test.py`` wrote: ``{id, prompt, ranking, rewards}`` where
     ``ranking`` is the model's 1-based rank of each image (as ``inference_rank``).
     """
+    from ..validation import check_float, check_non_negative_int, check_optional_int
+
+    check_optional_int("batch_size", batch_size)
+    check_float("tie_threshold", tie_threshold, minimum=0.0)
+    check_non_negative_int("n_boot", n_boot)
+    check_non_negative_int("seed", seed)
     if not items:
         raise InvalidInputError("the preference set is empty")
     prompts = [item.prompt for item in items for _ in item.images]

@@ -116,6 +116,9 @@ def write_preference_report(results: Sequence[PreferenceResult], items: Sequence
                             max_prompts: int | None = None) -> Path:
     """Write ``report.html``: metric table, bar chart, and per prompt the images in human order with
     each scorer's rank and score (a rank that disagrees with the human order is shown in red)."""
+    from ..validation import check_optional_int
+
+    check_optional_int("max_prompts", max_prompts)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     esc = html.escape

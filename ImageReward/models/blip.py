@@ -92,6 +92,17 @@ class BLIPConfig:
     embed_dim: int = 256
 
     def __post_init__(self) -> None:
+        for part in (self.vision, self.text):  # a hand-edited config.json / med_config fails here, not in torch
+            for item in fields(part):
+                value = getattr(part, item.name)
+                if item.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int)
+                                                  or value < (0 if item.name == "pad_token_id" else 1)):
+                    raise ValueError(f"{type(part).__name__}.{item.name} must be a positive integer, got {value!r}")
+                if item.type in ("float", float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                      or not 0 <= value < float("inf")):
+                    raise ValueError(f"{type(part).__name__}.{item.name} must be a finite number >= 0, got {value!r}")
+        if self.text.hidden_size % self.text.num_attention_heads or self.vision.width % self.vision.num_heads:
+            raise ValueError("hidden sizes must be divisible by their numbers of attention heads")
         if self.text.encoder_width != self.vision.width:
             raise ValueError(
                 f"text.encoder_width ({self.text.encoder_width}) must equal vision.width ({self.vision.width})"

@@ -33,6 +33,31 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def _check_score_gard_inputs(prompt_ids: Any, attention_mask: Any, image: Any, size: int) -> None:
+    """The input checks of :meth:`ImageReward.score_gard` (see there)."""
+    from ..errors import InvalidInputError, UnsupportedInputError
+    from ..preprocess import CLIP_MEAN, CLIP_STD
+    from ..validation import check_range
+
+    for name, value in (("prompt_ids", prompt_ids), ("prompt_attention_mask", attention_mask), ("image", image)):
+        if not isinstance(value, torch.Tensor):
+            raise UnsupportedInputError(f"score_gard: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if prompt_ids.ndim != 2 or prompt_ids.is_floating_point() or attention_mask.shape != prompt_ids.shape:
+        raise InvalidInputError(f"score_gard: prompt_ids must be integer [B, L] with a mask of the same shape, got "
+                                f"{prompt_ids.dtype} {tuple(prompt_ids.shape)} and {tuple(attention_mask.shape)}")
+    if not image.is_floating_point() or image.ndim != 4 or tuple(image.shape[1:]) != (3, size, size):
+        raise InvalidInputError(f"score_gard: image must be a floating preprocessed batch [B, 3, {size}, {size}], "
+                                f"got {image.dtype} {tuple(image.shape)}")
+    if image.shape[0] != prompt_ids.shape[0] or image.shape[0] == 0:
+        raise InvalidInputError(f"score_gard: {image.shape[0]} images for {prompt_ids.shape[0]} prompts")
+    # normalised [0, 1] pixels lie in about [-1.8, 2.1]; allow generous overshoot (bicubic resizing, noise) but
+    # catch unnormalised [0, 255] pixels and NaN/inf: the bounds of pixels in [-2, 3]
+    low = min((-2.0 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD))
+    high = max((3.0 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD))
+    check_range(image, low, high, "score_gard: image (CLIP-normalised pixels)",
+                "; preprocess [0, 1] pixels with ImageReward.preprocess.preprocess_tensor first")
+
+
 class RewardHead(nn.Module):
     """``layers``: Linear 1024, Dropout .2, Linear 128, Dropout .2, Linear 64, Dropout .1, Linear 16, Linear 1."""
 
@@ -143,7 +168,12 @@ class ImageReward(Scorer):
     def score_gard(self, prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor,
                    image: torch.Tensor) -> torch.Tensor:
         """The original's ReFL entry point (name kept, typo and all): pre-tokenised prompts ``[B, 35]`` and
-        an already preprocessed image ``[B, 3, 224, 224]`` -> rewards ``[B, 1]``, differentiable."""
+        an already preprocessed image ``[B, 3, 224, 224]`` -> rewards ``[B, 1]``, differentiable.
+
+        Checked as :meth:`score_grad`: a floating, finite image of the model's size whose values lie where
+        CLIP-normalised pixels can (about [-1.8, 2.1]; [0, 255] pixels or NaN raise :class:`InvalidInputError`),
+        integer ids and mask of one shape, one row per image."""
+        _check_score_gard_inputs(prompt_ids, prompt_attention_mask, image, self.config.vision.image_size)
         image_embeds = self.encode_images(image.to(self.input_dtype))
         cls = self.text_features(prompt_ids.to(image.device), prompt_attention_mask.to(image.device), image_embeds)
         return self.reward_from_features(cls).unsqueeze(-1).to(image_embeds.dtype)
@@ -201,9 +231,23 @@ class ImageReward(Scorer):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ImageReward":
         """Build from a folder written by :meth:`save_pretrained`."""
+        from ..errors import CheckpointError, ImageRewardError
+        from ..textio import read_json
+
         directory = Path(directory)
-        config: dict[str, Any] = json.loads((directory / CONFIG_NAME).read_text())
-        model = cls.from_state_dict(read_state_dict(directory / WEIGHTS_NAME), BLIPConfig.from_dict(config["blip"]),
+        config_path = directory / CONFIG_NAME
+        try:
+            config: Any = read_json(config_path, what="model config")
+            if not isinstance(config, dict):
+                raise CheckpointError(f"holds a {type(config).__name__}, expected an object")
+            missing = [key for key in ("blip", "mean", "std") if key not in config]
+            if missing:
+                raise CheckpointError(f"lacks the key(s) {missing}")
+            blip_config = BLIPConfig.from_dict(config["blip"])
+            mean, std = float(config["mean"]), float(config["std"])
+        except (ImageRewardError, TypeError, ValueError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"model config {str(config_path)!r} is not a valid ImageReward config: {err}") from err
+        model = cls.from_state_dict(read_state_dict(directory / WEIGHTS_NAME), blip_config,
                                     source=str(directory / WEIGHTS_NAME))
-        model.mean, model.std = float(config["mean"]), float(config["std"])
+        model.mean, model.std = mean, std
         return model

@@ -24,6 +24,7 @@ from ..errors import InvalidInputError, UnsupportedInputError
 from ..image_io import ImageLike
 from ..preprocess import PreprocessConfig
 from ..scorer import Scorer
+from ..validation import check_pixels
 
 __all__ = ["WeightedReward"]
 
@@ -113,14 +114,20 @@ class WeightedReward(Scorer):
         return sum(w * s.float().cpu() for w, s in zip(self.weights, scores))
 
     # ------------------------------------------------------------------ differentiable (ReFL)
-    def score_grad_parts(self, pixels: torch.Tensor, prompts: str | Sequence[str]
+    def score_grad_parts(self, pixels: torch.Tensor, prompts: str | Sequence[str], *,
+                         value_range: tuple[float, float] = (0.0, 1.0)
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Differentiable total ``[B]`` and each scorer's own (unweighted) rewards ``[B]``, from ``[B, 3, H, W]``
-        pixels in ``[0, 1]``."""
+        pixels in ``[0, 1]`` (checked once here as :meth:`Scorer.score_grad` does: floating, finite, within
+        ``value_range``; ``(-1, 1)`` accepts a raw VAE decode)."""
+        check_pixels(pixels, value_range=value_range)
+        if tuple(value_range) == (-1.0, 1.0):
+            pixels = (pixels + 1) / 2
         parts = {name: scorer.score_grad(pixels, prompts).float().to(pixels.device)
                  for name, scorer in zip(self.names, self.scorers)}
         total = sum(w * parts[n] for n, w in zip(self.names, self.weights))
         return total, parts
 
-    def score_grad(self, pixels: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
-        return self.score_grad_parts(pixels, prompts)[0]
+    def score_grad(self, pixels: torch.Tensor, prompts: str | Sequence[str], *,
+                   value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+        return self.score_grad_parts(pixels, prompts, value_range=value_range)[0]

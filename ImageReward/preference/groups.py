@@ -64,20 +64,19 @@ def validate_groups(groups: Any, source: str = "groups") -> list[dict[str, Any]]
     return groups
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Parse a JSON file; a missing or malformed file is an :class:`InvalidInputError` naming ``what``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"{what} {str(path)!r} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"{what} {str(path)!r} is not valid JSON: {err}") from err
+def read_json(path: str | os.PathLike, what: str, encoding: str | None = None) -> Any:
+    """Parse a JSON file through the one text reader (:func:`ImageReward.textio.read_json`: UTF-8, BOM
+    accepted, ``encoding`` for another); a missing, undecodable or malformed file is an
+    :class:`InvalidInputError` naming ``what``."""
+    from ..textio import read_json as read_text_json
+
+    return read_text_json(path, encoding=encoding, what=what)
 
 
-def read_groups(path: str | os.PathLike, what: str = "dataset file") -> list[dict[str, Any]]:
-    """Read and validate a grouped JSON file."""
-    return validate_groups(read_json(path, what), str(path))
+def read_groups(path: str | os.PathLike, what: str = "dataset file", *, encoding: str | None = None
+                ) -> list[dict[str, Any]]:
+    """Read and validate a grouped JSON file (``encoding`` as :func:`read_json`)."""
+    return validate_groups(read_json(path, what, encoding), str(path))
 
 
 def write_groups(groups: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:

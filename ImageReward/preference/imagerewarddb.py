@@ -12,7 +12,6 @@ scales are nested: ``1k`` = the first archives (in numeric order) covering 1,000
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -68,7 +67,9 @@ def read_metadata(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of ``metadata-<split>.parquet`` (or a per-archive ``<part>.json``) with the columns we use."""
     path = Path(path)
     if path.suffix == ".json":
-        rows = json.loads(path.read_text())
+        from ..textio import read_json
+
+        rows = read_json(path, what="ImageRewardDB metadata")
     else:
         try:
             import pyarrow.parquet as pq

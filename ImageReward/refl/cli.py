@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import Sequence
 
-from ..errors import ImageRewardError
 from .config import add_arguments, build_parser, config_from_namespace
 
 __all__ = ["main", "register", "run"]
@@ -37,10 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``refl.py``: errors of ours print one line and exit 2."""
+    from ..cli import run_command
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except ImageRewardError as err:
-        print(f"refl.py: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args), "refl.py", verbose=True)

@@ -133,6 +133,18 @@ class ReFLConfig:
         def bad(name: str, expected: str) -> None:
             raise ReFLConfigError(f"--{name}={getattr(self, name)!r}: expected {expected}")
 
+        self._check_types()
+        if self.lr_warmup_steps < 0:
+            bad("lr_warmup_steps", "an integer >= 0")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            bad("max_train_samples", "an integer >= 1 (or leave it out)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "a number in [0, 1)")
+        if self.adam_weight_decay < 0:
+            bad("adam_weight_decay", "a number >= 0")
+        if self.seed is not None and self.seed < 0:
+            bad("seed", "an integer >= 0")
         positive = ("train_batch_size", "gradient_accumulation_steps", "num_inference_steps", "resolution",
                     "checkpointing_steps", "validation_steps", "num_train_epochs")
         for name in positive:
@@ -207,6 +219,24 @@ class ReFLConfig:
                                       f"(nor in {self.output_dir!r}); use 'latest' or a checkpoint-N folder")
         return self
 
+    def _check_types(self) -> None:
+        """Every int / float option holds a (finite) number of its kind: a config built in Python with
+        ``train_batch_size="2"`` or ``learning_rate=float("nan")`` fails here, naming the option."""
+        import math
+        import numbers
+
+        hints = typing.get_type_hints(ReFLConfig)
+        for item in dataclasses.fields(self):
+            value, hint = getattr(self, item.name), hints[item.name]
+            kinds = set(typing.get_args(hint)) or {hint}
+            if value is None and type(None) in kinds:
+                continue
+            if int in kinds and float not in kinds and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ReFLConfigError(f"--{item.name}={value!r}: expected an integer")
+            if float in kinds and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                   or not math.isfinite(value)):
+                raise ReFLConfigError(f"--{item.name}={value!r}: expected a finite number")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable) of every option."""
         return dataclasses.asdict(self)
@@ -246,7 +276,9 @@ def _arg_type(hint: Any) -> tuple[Any, bool]:
 
 def build_parser(defaults: ReFLConfig | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one ``--option`` per :class:`ReFLConfig` field (defaults from ``defaults``)."""
-    parser = argparse.ArgumentParser(description="ReFL: fine-tune a diffusion model on a reward model.")
+    from ..cli import OneLineParser  # usage errors: one line, exit 2
+
+    parser = OneLineParser(description="ReFL: fine-tune a diffusion model on a reward model.")
     add_arguments(parser, defaults)
     return parser
 

@@ -14,6 +14,7 @@ the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -35,12 +36,19 @@ class PromptDataError(InvalidInputError):
     """A prompt or image-text file that cannot be used (missing, malformed, empty, wrong column)."""
 
 
-def _records_from_file(path: Path) -> list[Any]:
-    """Rows of a JSON / JSONL / CSV / TXT file (dicts, or strings for TXT and JSON string lists)."""
+def _records_from_file(path: Path, encoding: str | None = None) -> list[Any]:
+    """Rows of a JSON / JSONL / CSV / TXT file (dicts, or strings for TXT and JSON string lists), read by the
+    one text reader (UTF-8, byte-order mark accepted; ``encoding`` for another)."""
+    from ..textio import read_text
+
     if not path.is_file():
-        raise PromptDataError(f"{str(path)!r}: file not found")
+        raise PromptDataError(f"{str(path)!r}: file not found" if not path.exists() else
+                              f"{str(path)!r}: not a regular file")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_text(path, encoding=encoding, what="prompt file")
+    except InvalidInputError as err:
+        raise PromptDataError(str(err)) from err
     try:
         if suffix == ".json":
             data = json.loads(text)
@@ -55,7 +63,7 @@ def _records_from_file(path: Path) -> list[Any]:
             return data
         if suffix == ".jsonl":
             rows = []
-            for number, line in enumerate(text.splitlines(), 1):
+            for number, line in enumerate(text.split("\n"), 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
@@ -63,7 +71,10 @@ def _records_from_file(path: Path) -> list[Any]:
                         raise PromptDataError(f"{str(path)!r} line {number}: invalid JSON ({err.msg})") from None
             return rows
         if suffix in (".csv", ".tsv"):
-            return list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+            try:
+                return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+            except csv.Error as err:
+                raise PromptDataError(f"{str(path)!r}: not a valid {suffix[1:].upper()} table ({err})") from None
         if suffix == ".txt":
             return [line.strip() for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as err:
@@ -81,13 +92,14 @@ def _records_from_hub(name: str, config_name: str | None, cache_dir: str | None)
 
 
 def load_records(path: str | os.PathLike | None = None, *, dataset_name: str | None = None,
-                 dataset_config_name: str | None = None, cache_dir: str | None = None) -> list[Any]:
+                 dataset_config_name: str | None = None, cache_dir: str | None = None,
+                 encoding: str | None = None) -> list[Any]:
     """Raw rows of a local file or of a Hub dataset's train split."""
     if dataset_name:
         return _records_from_hub(dataset_name, dataset_config_name, cache_dir)
     if path is None:
         raise PromptDataError("no prompt file given")
-    return _records_from_file(Path(path))
+    return _records_from_file(Path(path), encoding)
 
 
 def _caption(row: Any, column: str, where: str, rng: random.Random) -> str:
@@ -103,10 +115,15 @@ def _caption(row: Any, column: str, where: str, rng: random.Random) -> str:
 
 def load_prompts(path: str | os.PathLike | None = None, *, caption_column: str = "text",
                  dataset_name: str | None = None, dataset_config_name: str | None = None,
-                 cache_dir: str | None = None, max_samples: int | None = None, seed: int | None = None
-                 ) -> list[str]:
-    """All prompts of a file or Hub dataset (``max_samples``: the first N after a seeded shuffle)."""
-    rows = load_records(path, dataset_name=dataset_name, dataset_config_name=dataset_config_name, cache_dir=cache_dir)
+                 cache_dir: str | None = None, max_samples: int | None = None, seed: int | None = None,
+                 encoding: str | None = None) -> list[str]:
+    """All prompts of a file or Hub dataset (``max_samples``: the first N after a seeded shuffle).
+    ``encoding``: the file's text encoding when not UTF-8 (a byte-order mark is always honoured)."""
+    from ..validation import check_optional_int
+
+    check_optional_int("max_samples", max_samples)
+    rows = load_records(path, dataset_name=dataset_name, dataset_config_name=dataset_config_name, cache_dir=cache_dir,
+                        encoding=encoding)
     source = dataset_name or str(path)
     rng = random.Random(seed or 0)
     prompts = [_caption(row, caption_column, f"{source!r} row {i}", rng) for i, row in enumerate(rows)]
@@ -127,9 +144,9 @@ class ImageTextExample:
 
 
 def load_image_text(path: str | os.PathLike, *, caption_column: str = "text", image_column: str = "image",
-                    image_base_dir: str = "") -> list[ImageTextExample]:
+                    image_base_dir: str = "", encoding: str | None = None) -> list[ImageTextExample]:
     """Image-text pairs for the pre-training loss; every image path must exist (checked here, up front)."""
-    rows = _records_from_file(Path(path))
+    rows = _records_from_file(Path(path), encoding)
     rng = random.Random(0)
     examples = []
     for i, row in enumerate(rows):
@@ -155,6 +172,12 @@ class BatchOrder:
 
     def __init__(self, size: int, batch_size: int, seed: int = 0, *, process_index: int = 0,
                  num_processes: int = 1) -> None:
+        from ..validation import check_int, check_non_negative_int, check_positive_int
+
+        check_non_negative_int("size", size)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("num_processes", num_processes)
+        check_int("process_index", process_index, minimum=0, maximum=num_processes - 1)
         per_epoch = size // (batch_size * num_processes)
         if per_epoch < 1:
             raise PromptDataError(f"{size} prompts are fewer than one batch of {batch_size} x {num_processes} "

@@ -205,7 +205,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if "=" not in item:
             raise InvalidInputError(f"override {item!r} must look like key=value or section.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise InvalidInputError(f"override {item!r}: the value is not valid YAML ({err})") from None
         parts = key.strip().split(".")
         node = data
         for part in parts[:-1]:
@@ -216,16 +219,23 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> RMTrainConfig:
-    """Read ``config.yaml`` (``None`` = all defaults) and apply ``overrides`` (``"train.lr=1e-4"``)."""
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
+                encoding: str | None = None) -> RMTrainConfig:
+    """Read ``config.yaml`` (``None`` = all defaults) and apply ``overrides`` (``"train.lr=1e-4"``). The file
+    is read by :func:`ImageReward.textio.read_text` (UTF-8, BOM accepted; ``encoding`` for another)."""
     import yaml
+
+    from ..textio import read_text
 
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise InvalidInputError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(read_text(path, encoding=encoding, what="config file")) or {}
+        except yaml.YAMLError as err:
+            raise InvalidInputError(f"config file {str(path)!r} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise InvalidInputError(f"config file {str(path)!r} must hold a mapping at the top level")
     return config_from_dict(apply_overrides(data, overrides))

@@ -104,6 +104,9 @@ class ReferenceStats:
     @classmethod
     def from_scores(cls, scores: Iterable[float] | ArrayLike, *, max_quantiles: int = 10_000) -> "ReferenceStats":
         """Mean, sample standard deviation (ddof=1) and sorted quantiles of ``scores`` (NaN/None dropped)."""
+        from ..validation import check_int
+
+        check_int("max_quantiles", max_quantiles, minimum=2)
         values = _as_array([s for s in scores if s is not None] if not isinstance(scores, np.ndarray)
                            and not type(scores).__module__.startswith("torch") else scores, "scores").ravel()
         values = values[np.isfinite(values)]
@@ -124,12 +127,14 @@ class ReferenceStats:
         return path
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ReferenceStats":
-        data = json.loads(Path(path).read_text())
+    def from_json(cls, path: str | os.PathLike, *, encoding: str | None = None) -> "ReferenceStats":
+        from ..textio import read_json
+
+        data = read_json(path, encoding=encoding, what="reference statistics")
         try:
             return cls(mean=float(data["mean"]), std=float(data["std"]), count=int(data["count"]),
                        quantiles=tuple(float(q) for q in data.get("quantiles", ())))
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise InvalidInputError(f"{os.fspath(path)!r} is not a ReferenceStats JSON file ({err})") from err
 
 

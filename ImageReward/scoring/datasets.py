@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from PIL import Image
 
 from ..errors import DownloadError, ImageLoadError, InvalidInputError, UnsupportedInputError
 from ..image_io import IMAGE_EXTENSIONS, load_image
+from ..textio import check_encoding, read_json, read_text
 
 __all__ = ["Record", "ParquetBlob", "read_records", "load_record_image", "IMAGE_EXTENSIONS", "parse_hub_uri"]
 
@@ -73,7 +75,7 @@ class Record:
 def _decode_bytes(data: bytes, what: str) -> Image.Image:
     """Decode encoded image bytes with the one image loader; the error names the dataset row."""
     try:
-        return load_image(bytes(data))
+        return load_image(bytes(data), exif_transpose=False)  # load_record_image applies the orientation
     except ImageLoadError as err:
         raise ImageLoadError(f"{what}: {err}") from err
 
@@ -116,8 +118,9 @@ def _row_group_column(file: str, row_group: int, column: str) -> list:
     return pq.ParquetFile(file).read_row_group(row_group, columns=[column]).column(0).to_pylist()
 
 
-def load_record_image(record: Record, *, timeout: float = 10.0) -> Image.Image:
+def load_record_image(record: Record, *, timeout: float = 10.0, exif_transpose: bool = True) -> Image.Image:
     """Decode the image of ``record`` (in a DataLoader worker); raises :class:`ImageLoadError` naming it.
+    ``exif_transpose`` as :func:`ImageReward.image_io.load_image`.
 
     >>> load_record_image(Record(0, "0", "a cat", "cat.png", "cat.png"))  # doctest: +SKIP
     <PIL.PngImagePlugin.PngImageFile image mode=RGB size=512x512>
@@ -125,9 +128,9 @@ def load_record_image(record: Record, *, timeout: float = 10.0) -> Image.Image:
     what = f"row {record.index} ({record.image})"
     source = record.source
     if isinstance(source, ParquetBlob):
-        value = _row_group_column(source.file, source.row_group, source.column)[source.row]
-        return _load_value(value, what, base=None, timeout=timeout, index=record.index)
-    return _load_value(source, what, base=None, timeout=timeout, index=record.index)
+        source = _row_group_column(source.file, source.row_group, source.column)[source.row]
+    return load_image(_load_value(source, what, base=None, timeout=timeout, index=record.index),
+                      index=record.index, exif_transpose=exif_transpose)
 
 
 def _load_value(value: Any, what: str, *, base: Path | None, timeout: float, index: int) -> Image.Image:
@@ -143,7 +146,7 @@ def _load_value(value: Any, what: str, *, base: Path | None, timeout: float, ind
         return _decode_bytes(fetch_url(value, timeout=timeout), what)
     if isinstance(value, (str, os.PathLike)):
         path = Path(value) if base is None or Path(value).is_absolute() else base / value
-        return load_image(path, index=index)
+        return load_image(path, index=index, exif_transpose=False)  # load_record_image applies the orientation
     raise ImageLoadError(f"{what}: unsupported image value of type {type(value).__name__}")
 
 
@@ -157,19 +160,36 @@ def read_records(
     id_column: str | None = None,
     split: str | None = None,
     revision: str | None = None,
+    encoding: str | None = None,
 ) -> list[Record]:
     """Records of a folder, a table (``.jsonl .json .csv .tsv .parquet``) or ``hf://datasets/OWNER/NAME``.
 
     ``prompt`` scores every image against that one prompt (overriding sidecars and prompt columns).
     Columns are found by common names (``prompt``/``caption``/``text``; ``image``/``image_path``/
     ``file_name``/``url``...; ``id``) unless named. Relative image paths are relative to the table's folder.
+    Text files are read by :func:`ImageReward.textio.read_text` (UTF-8, BOM accepted; ``encoding`` for others).
+
+    Mistakes in the whole input raise :class:`InvalidInputError` before any row is scored: a table without
+    a prompt column (unless ``prompt`` is given; the message lists the columns found), a named column that is
+    not there, a folder where no image has a prompt sidecar, ids that repeat. A malformed JSONL line becomes
+    one error row; a made-up id (the row number) that equals a real id gets a ``#`` suffix, so ids never collide.
 
     >>> [r.prompt for r in read_records("pairs.jsonl")][:1]   # doctest: +SKIP
     ['a cat']
     """
+    if not isinstance(source, (str, os.PathLike)):
+        raise UnsupportedInputError(f"source must be a folder, a table file or hf://datasets/OWNER/NAME, "
+                                    f"got {type(source).__name__}")
     if prompt is not None and not isinstance(prompt, str):
         raise UnsupportedInputError(f"prompt must be a str, got {type(prompt).__name__}")
-    columns = dict(prompt_column=prompt_column, image_column=image_column, id_column=id_column)
+    if prompt is not None and not prompt.strip():
+        raise InvalidInputError("prompt is empty: pass the text to score every image against")
+    for name, value in (("prompt_column", prompt_column), ("image_column", image_column), ("id_column", id_column)):
+        if value is not None and not isinstance(value, str):
+            raise UnsupportedInputError(f"{name} must be a column name (str), got {type(value).__name__}")
+    check_encoding(encoding)
+    columns = dict(prompt_column=prompt_column, image_column=image_column, id_column=id_column,
+                   need_prompt=prompt is None, encoding=encoding)
     text = os.fspath(source)
     if text.startswith(("hf://", "hf:")):
         records = _read_hub(text, split=split, revision=revision, **columns)
@@ -177,6 +197,8 @@ def read_records(
         path = Path(text)
         if path.is_dir():
             records = _read_folder(path, **columns)
+        elif path.exists() and not path.is_file():
+            raise InvalidInputError(f"input {text!r} is not a regular file or folder (a pipe, socket or device)")
         elif path.is_file():
             if path.suffix.lower() not in TABLE_EXTENSIONS:
                 raise UnsupportedInputError(f"input {text!r}: expected a folder, a {'/'.join(TABLE_EXTENSIONS)} "
@@ -214,8 +236,9 @@ def _pick(columns: Iterable[str], explicit: str | None, candidates: tuple[str, .
         if candidate in lowered:
             return lowered[candidate]
     if required:
+        extra = " (or pass --prompt to score every image against one prompt)" if what == "prompt" else ""
         raise InvalidInputError(f"{where}: cannot find the {what} column among {available}; "
-                                f"name it with --{what}-column")
+                                f"name it with --{what}-column{extra}")
     return None
 
 
@@ -230,17 +253,21 @@ def _prompt_value(value: Any, index: int) -> tuple[str | None, str | None]:
 def _rows_to_records(rows: list[dict], *, base: Path | None, where: str, prompt_column: str | None,
                      image_column: str | None, id_column: str | None, columns: list[str],
                      blob_refs: dict[int, ParquetBlob] | None = None, id_prefix: str = "",
-                     start: int = 0) -> list[Record]:
+                     start: int = 0, need_prompt: bool = False) -> list[Record]:
     image_key = _pick(columns, image_column, IMAGE_COLUMNS, "image", where)
-    prompt_key = _pick(columns, prompt_column, PROMPT_COLUMNS, "prompt", where, required=False)
+    prompt_key = _pick(columns, prompt_column, PROMPT_COLUMNS, "prompt", where, required=need_prompt)
     id_key = _pick(columns, id_column, ID_COLUMNS, "id", where, required=False)
     records = []
+    automatic: set[int] = set()  # positions whose id was made up here (renamed if it collides with a real one)
     for position, row in enumerate(rows):
         index = start + position
         if "__error__" in row:
             records.append(Record(index, f"{id_prefix}{position}", None, "", None, row["__error__"]))
+            automatic.add(position)
             continue
         record_id = f"{id_prefix}{position}" if id_key is None or row.get(id_key) in (None, "") else str(row[id_key])
+        if id_key is None or row.get(id_key) in (None, ""):
+            automatic.add(position)
         prompt, error = _prompt_value(row.get(prompt_key), index) if prompt_key else (
             None, "no prompt: the input has no prompt column; pass --prompt")
         value = row.get(image_key)
@@ -256,43 +283,63 @@ def _rows_to_records(rows: list[dict], *, base: Path | None, where: str, prompt_
             source, shown = None, ""
             error = error or "no image: empty image field"
         records.append(Record(index, record_id, prompt, shown, source, error))
+    return _unique_automatic_ids(records, automatic)
+
+
+def _unique_automatic_ids(records: list[Record], automatic: set[int]) -> list[Record]:
+    """Rename a made-up id that equals a real one (``"3"`` for row 3 when another row has id 3): the
+    made-up one gets ``#``-suffixes until unique. Deterministic, so a rerun finds the same ids."""
+    if not automatic:
+        return records
+    taken = {record.id for position, record in enumerate(records) if position not in automatic}
+    for position in sorted(automatic):
+        record = records[position]
+        new_id = record.id
+        while new_id in taken:
+            new_id += "#"
+        if new_id != record.id:
+            records[position] = _with(record, id=new_id)
+        taken.add(new_id)
     return records
 
 
 def _read_table(path: Path, *, base: Path | None, prompt_column: str | None = None,
                 image_column: str | None = None, id_column: str | None = None,
-                id_prefix: str = "", start: int = 0, shown_name: str | None = None) -> list[Record]:
+                id_prefix: str = "", start: int = 0, shown_name: str | None = None, need_prompt: bool = False,
+                encoding: str | None = None) -> list[Record]:
     where = shown_name or str(path)
     suffix = path.suffix.lower()
     blob_refs: dict[int, ParquetBlob] | None = None
     if suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    if not isinstance(row, dict):
-                        raise ValueError("not a JSON object")
-                except ValueError as err:
-                    row = {"__error__": f"bad input: {where} line {line_no} is not a JSON object ({err})"}
-                rows.append(row)
+        # split on "\n" only: U+2028 and friends may appear inside JSON strings
+        for line_no, line in enumerate(read_text(path, encoding=encoding, what="input").split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as err:
+                row = {"__error__": f"bad input: {where} line {line_no} is not a JSON object ({err})"}
+            rows.append(row)
+        if rows and all("__error__" in row for row in rows):
+            raise InvalidInputError(f"{where}: no line is a JSON object (first: {rows[0]['__error__']})")
         columns = list(dict.fromkeys(key for row in rows for key in row if key != "__error__"))
     elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise InvalidInputError(f"{where}: invalid JSON ({err})") from err
+        data = read_json(path, encoding=encoding, what="input")
         if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
             raise InvalidInputError(f"{where}: expected a JSON list of objects (or use .jsonl, one object a line)")
         rows = data
         columns = list(dict.fromkeys(key for row in rows for key in row))
     elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+        text = read_text(path, encoding=encoding, what="input")
+        try:
+            reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
             rows = list(reader)
-            columns = list(reader.fieldnames or [])
+        except csv.Error as err:
+            raise InvalidInputError(f"{where}: not a valid {suffix[1:].upper()} table ({err})") from err
+        columns = [name for name in (reader.fieldnames or []) if name is not None]
     elif suffix == ".parquet":
         rows, columns, blob_refs = _read_parquet_rows(path, image_column)
     else:
@@ -301,7 +348,7 @@ def _read_table(path: Path, *, base: Path | None, prompt_column: str | None = No
         raise InvalidInputError(f"{where}: the table is empty")
     return _rows_to_records(rows, base=base, where=where, prompt_column=prompt_column, image_column=image_column,
                             id_column=id_column, columns=columns, blob_refs=blob_refs, id_prefix=id_prefix,
-                            start=start)
+                            start=start, need_prompt=need_prompt)
 
 
 def _read_parquet_rows(path: Path, image_column: str | None) -> tuple[list[dict], list[str], dict[int, ParquetBlob]]:
@@ -336,11 +383,12 @@ def _read_parquet_rows(path: Path, image_column: str | None) -> tuple[list[dict]
     return rows, columns, refs
 
 
-def _read_folder(folder: Path, **columns: Any) -> list[Record]:
+def _read_folder(folder: Path, *, need_prompt: bool = False, encoding: str | None = None, **columns: Any
+                 ) -> list[Record]:
     for name in METADATA_FILES:
         if (folder / name).is_file():
             logger.info("using %s (imagefolder metadata)", folder / name)
-            return _read_table(folder / name, base=folder, **columns)
+            return _read_table(folder / name, base=folder, need_prompt=need_prompt, encoding=encoding, **columns)
     images = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
                     key=lambda p: p.relative_to(folder).as_posix())
     if not images:
@@ -348,20 +396,28 @@ def _read_folder(folder: Path, **columns: Any) -> list[Record]:
     records = []
     for index, image in enumerate(images):
         rel = image.relative_to(folder).as_posix()
-        prompt, error = _sidecar_prompt(image)
+        prompt, error = _sidecar_prompt(image, encoding) if need_prompt else (None, None)
         records.append(Record(index, rel, prompt, rel, str(image), error))
+    if need_prompt and all(record.prompt is None and "sidecar; pass --prompt" in (record.error or "")
+                           for record in records):
+        raise InvalidInputError(f"folder {str(folder)!r}: no image has a prompt (no IMAGE.txt / IMAGE.json "
+                                "sidecars, no metadata.jsonl/csv/parquet); pass --prompt to score every image "
+                                "against one prompt")
     return records
 
 
-def _sidecar_prompt(image: Path) -> tuple[str | None, str | None]:
+def _sidecar_prompt(image: Path, encoding: str | None = None) -> tuple[str | None, str | None]:
     text_file, json_file = image.with_suffix(".txt"), image.with_suffix(".json")
     if text_file.is_file():
-        return _prompt_value(text_file.read_text(encoding="utf-8").strip(), 0)
+        try:
+            return _prompt_value(read_text(text_file, encoding=encoding, what="prompt sidecar").strip(), 0)
+        except InvalidInputError as err:  # one unreadable sidecar is that row's error
+            return None, f"no prompt: {err}"
     if json_file.is_file():
         try:
-            data = json.loads(json_file.read_text(encoding="utf-8"))
-        except ValueError as err:
-            return None, f"no prompt: {json_file.name} is not valid JSON ({err})"
+            data = read_json(json_file, encoding=encoding, what="prompt sidecar")
+        except InvalidInputError as err:
+            return None, f"no prompt: {err}"
         if isinstance(data, dict):
             for key in PROMPT_COLUMNS:
                 if key in data:

@@ -93,6 +93,12 @@ def write_gallery(
     ``records`` (from :func:`~ImageReward.scoring.datasets.read_records`) lets it load embedded or
     relative images; without them only absolute paths and URLs are shown.
     """
+    from ..validation import check_float, check_positive_int
+
+    check_positive_int("per_prompt", per_prompt)
+    check_positive_int("max_prompts", max_prompts)
+    check_positive_int("thumb_size", thumb_size)
+    check_float("timeout", timeout, minimum=0.0, strict_minimum=True)
     by_id = {record.id: record for record in records} if records is not None else {}
     scored = [row for row in rows if row.get("score") is not None and not _is_nan(row["score"])]
     failed = [row for row in rows if row.get("error") is not None]

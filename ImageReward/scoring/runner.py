@@ -79,10 +79,12 @@ def distributed_context() -> DistributedContext:
 class _RecordImages(torch.utils.data.Dataset):
     """Runs in DataLoader workers: record -> ``(position, pixels or None, error or None)``."""
 
-    def __init__(self, records: Sequence[Record], configs: Sequence[PreprocessConfig], timeout: float) -> None:
+    def __init__(self, records: Sequence[Record], configs: Sequence[PreprocessConfig], timeout: float,
+                 exif_transpose: bool = True) -> None:
         self.records = records
         self.configs = tuple(configs)
         self.timeout = timeout
+        self.exif_transpose = exif_transpose
 
     def __len__(self) -> int:
         return len(self.records)
@@ -92,7 +94,8 @@ class _RecordImages(torch.utils.data.Dataset):
         if record.error:
             return position, None, record.error
         try:
-            return position, preprocess_image(load_record_image(record, timeout=self.timeout), self.configs), None
+            image = load_record_image(record, timeout=self.timeout, exif_transpose=self.exif_transpose)
+            return position, preprocess_image(image, self.configs), None
         except ImageRewardError as err:
             return position, None, str(err)
         except Exception as err:  # noqa: BLE001 - one bad image must not stop the run
@@ -161,14 +164,22 @@ def score_dataset(
     model_name: str | None = None,
     progress: bool = True,
     context: DistributedContext | None = None,
+    encoding: str | None = None,
 ) -> dict[str, Any]:
     """Score ``source`` (folder, table or ``hf://datasets/...``, see :func:`read_records`) into ``output``
     (``.jsonl`` or ``.parquet``), resuming a previous run into the same ``output``.
 
     Each row: ``index, id, prompt, image, score, error, model``; a row that could not be scored has
     ``score = None`` and the reason in ``error``. Returns a summary (counts, seconds, images/s, paths).
-    ``context`` defaults to :func:`distributed_context` (shards under ``accelerate launch``).
+    ``context`` defaults to :func:`distributed_context` (shards under ``accelerate launch``). ``encoding``:
+    the text encoding of ``source`` when not UTF-8 (see :func:`ImageReward.textio.read_text`).
+
+    Rows that ended in an error are retried by a rerun into the same ``output`` (each id appears once).
+    Bad arguments, a folder or a file in the way of ``output``, and mistakes in the whole input (see
+    :func:`~ImageReward.scoring.datasets.read_records`) raise :class:`InvalidInputError` before any row.
     """
+    _check_arguments(output, batch_size=batch_size, num_workers=num_workers, timeout=timeout, limit=limit,
+                     html=html, html_per_prompt=html_per_prompt, encoding=encoding)
     started = time.perf_counter()
     context = context or distributed_context()
     output = Path(output)
@@ -181,7 +192,7 @@ def score_dataset(
         marker.unlink()  # left by an earlier run: this run has not finished yet
     context.barrier()  # nobody starts before the output is cleared and stale markers are gone
     records = read_records(source, prompt=prompt, prompt_column=prompt_column, image_column=image_column,
-                           id_column=id_column, split=split, revision=revision)
+                           id_column=id_column, split=split, revision=revision, encoding=encoding)
     if limit is not None:
         records = records[:limit]
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +205,8 @@ def score_dataset(
 
     batch_size = batch_size or getattr(scorer, "default_batch_size", 8)
     loader = torch.utils.data.DataLoader(
-        _RecordImages(pending, preprocess_configs(scorer), timeout), batch_size=batch_size, shuffle=False,
+        _RecordImages(pending, preprocess_configs(scorer), timeout, getattr(scorer, "exif_transpose", True)),
+        batch_size=batch_size, shuffle=False,
         num_workers=num_workers, collate_fn=_collate, pin_memory=scorer.device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
     )
@@ -237,6 +249,25 @@ def score_dataset(
             summary["html"] = str(write_gallery(final, html, records=records, per_prompt=html_per_prompt,
                                                 timeout=timeout, title=f"{model} on {os.fspath(source)}"))
     return summary
+
+
+def _check_arguments(output: str | os.PathLike, *, batch_size: Any, num_workers: Any, timeout: Any, limit: Any,
+                     html: Any, html_per_prompt: Any, encoding: Any) -> None:
+    """The argument checks of :func:`score_dataset` (typed errors naming the argument)."""
+    from ..textio import check_encoding
+    from ..validation import check_float, check_non_negative_int, check_optional_int, check_positive_int
+    from .writers import check_output_path
+
+    check_output_path(output)
+    output_format(output)
+    check_optional_int("batch_size", batch_size)
+    check_non_negative_int("num_workers", num_workers)
+    check_float("timeout", timeout, minimum=0.0, strict_minimum=True)
+    check_optional_int("limit", limit)
+    check_positive_int("html_per_prompt", html_per_prompt)
+    check_encoding(encoding)
+    if html is not None:
+        check_output_path(html, "html")
 
 
 def _done_marker(output: Path, rank: int, world_size: int) -> Path:

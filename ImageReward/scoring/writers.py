@@ -25,8 +25,8 @@ from typing import Any, Iterable
 
 from ..errors import InvalidInputError
 
-__all__ = ["ROW_FIELDS", "Journal", "read_journal", "output_format", "parts_dir", "journal_path", "done_ids",
-           "read_output", "merge_outputs", "remove_outputs"]
+__all__ = ["ROW_FIELDS", "Journal", "read_journal", "output_format", "check_output_path", "parts_dir",
+           "journal_path", "done_ids", "read_output", "merge_outputs", "remove_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,23 @@ def output_format(output: str | os.PathLike) -> str:
     if suffix not in _FORMATS:
         raise InvalidInputError(f"output {os.fspath(output)!r}: name it .jsonl or .parquet")
     return _FORMATS[suffix]
+
+
+def check_output_path(output: str | os.PathLike, name: str = "output") -> Path:
+    """``output`` as a path a file can be written to: not a folder, no file among its parents. Raises
+    :class:`InvalidInputError` naming ``name`` before anything is scored."""
+    path = Path(output)
+    if path.is_dir():
+        raise InvalidInputError(f"{name} {os.fspath(output)!r} is a folder; name a file such as "
+                                f"{os.fspath(path / 'scores.jsonl')!r}")
+    if path.exists() and not path.is_file():
+        raise InvalidInputError(f"{name} {os.fspath(output)!r} is not a regular file (a pipe, socket or device)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidInputError(f"{name} {os.fspath(output)!r}: {str(parent)!r} is a file, not a folder")
+            break
+    return path
 
 
 def parts_dir(output: str | os.PathLike) -> Path:
@@ -151,15 +168,27 @@ def _all_rows(output: str | os.PathLike) -> list[dict]:
 
 
 def done_ids(output: str | os.PathLike, *, model: str | None = None) -> set[str]:
-    """Ids already written to ``output`` or its journals. With ``model``, rows written by another model
-    raise :class:`InvalidInputError` (resuming would mix two models' scores in one file)."""
+    """Ids already scored in ``output`` or its journals; rows that ended in an error are not done (a rerun
+    retries them, and the merge keeps the newer row). With ``model``, rows written by another model raise
+    :class:`InvalidInputError` (resuming would mix two models' scores in one file)."""
     ids: set[str] = set()
     for row in _all_rows(output):
         if model is not None and row.get("model") not in (None, model):
             raise InvalidInputError(f"{os.fspath(output)!r} holds scores from model {row.get('model')!r}, not "
                                     f"{model!r}: choose another output or pass --overwrite")
-        ids.add(str(row["id"]))
+        if row.get("error") is None:
+            ids.add(str(row["id"]))
     return ids
+
+
+def _latest_rows(rows: list[dict]) -> list[dict]:
+    """One row per id: the first scored row; an error row only until a later row (a retry) replaces it."""
+    chosen: dict[str, dict] = {}
+    for row in rows:
+        previous = chosen.get(str(row["id"]))
+        if previous is None or previous.get("error") is not None:
+            chosen[str(row["id"])] = row
+    return list(chosen.values())
 
 
 def merge_outputs(output: str | os.PathLike) -> int:
@@ -169,14 +198,10 @@ def merge_outputs(output: str | os.PathLike) -> int:
     fmt = output_format(output)
     folder = parts_dir(output)
     if fmt == "jsonl" and not folder.is_dir():
-        return len(read_journal(output, repair=True))  # a single-process journal: already the output
-    seen: set[str] = set()
-    rows = []
-    for row in _all_rows(output):
-        key = str(row["id"])
-        if key not in seen:
-            seen.add(key)
-            rows.append({field: row.get(field) for field in ROW_FIELDS})
+        journal = read_journal(output, repair=True)
+        if len({str(row["id"]) for row in journal}) == len(journal):
+            return len(journal)  # a single-process journal with one row per id: already the output
+    rows = [{field: row.get(field) for field in ROW_FIELDS} for row in _latest_rows(_all_rows(output))]
     rows.sort(key=lambda row: (row["index"] if row["index"] is not None else -1, row["id"]))
     tmp = output.with_name(output.name + ".tmp")
     if fmt == "jsonl":

@@ -11,15 +11,12 @@ import argparse
 import logging
 import sys
 
+from ImageReward.cli import OneLineParser, run_command
 from ImageReward.commands.train_rm import add_arguments, run
-from ImageReward.errors import ImageRewardError
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(run(parser.parse_args()))
-    except ImageRewardError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    args = parser.parse_args()
+    sys.exit(run_command(lambda: run(args), "train.py", verbose=True))
