@@ -16,10 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import CheckpointError
-
 __all__ = ["LORA_TARGETS", "add_lora", "lora_state_dict", "save_lora", "save_kohya_lora", "save_comfyui_lora",
-           "KOHYA_NAME", "COMFYUI_NAME", "trainable_state_dict", "save_trainable_state", "load_trainable_state"]
+           "KOHYA_NAME", "COMFYUI_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,38 +106,3 @@ def save_kohya_lora(unet: Any, path: str | os.PathLike) -> Path:
     kohya = {k: v.contiguous() for k, v in kohya.items()}
     save_file(kohya, str(path), metadata={"ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha)})
     return Path(path)
-
-
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (``requires_grad``), by module name, as contiguous CPU tensors in their own
-    dtype (float32 LoRA weights): what a LoRA run's checkpoint holds instead of the whole UNet."""
-    return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters() if param.requires_grad}
-
-
-def save_trainable_state(model: torch.nn.Module, path: str | os.PathLike) -> Path:
-    """Write :func:`trainable_state_dict` of ``model`` to a safetensors file."""
-    from safetensors.torch import save_file
-
-    save_file(trainable_state_dict(model), str(path))
-    return Path(path)
-
-
-def load_trainable_state(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Copy a :func:`save_trainable_state` file back into ``model``'s trainable parameters, bit for bit.
-
-    Raises ``CheckpointError`` naming the file and the missing, unexpected or mis-shaped keys (e.g. a
-    checkpoint of another LoRA rank)."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
-    misshaped = sorted(k for k in set(params) & set(state) if params[k].shape != state[k].shape)
-    if missing or unexpected or misshaped:
-        raise CheckpointError(f"{str(path)!r} does not match the trainable parameters: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}, mis-shaped {misshaped[:3]} "
-                              f"({len(missing)}/{len(unexpected)}/{len(misshaped)} in all)")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(state[name].to(param.device, param.dtype))

@@ -22,11 +22,12 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..scorer import Scorer
+from ..trainable_state import TRAINABLE_NAME, load_trainable, save_trainable
 from .compat import dtype_kwargs, make_pipeline_portable, quiet_torchvision_fallback
 from .config import ReFLConfig, ReFLConfigError
 from .data import BatchOrder, load_image_text, load_prompts
 from .families import Conditioning, get_family
-from .lora import add_lora, load_trainable_state, save_lora, save_trainable_state
+from .lora import add_lora, save_lora
 from .losses import refl_loss
 from .rewards import WeightedReward, as_reward
 from .rollout import (decode, draw_backprop_steps, draw_stop_index, initial_latents, rollout,
@@ -37,7 +38,6 @@ __all__ = ["ReFLTrainer", "find_checkpoint", "hub_model_id"]
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "refl_state.json"
-TRAINABLE_NAME = "trainable.safetensors"  # a LoRA run's checkpoint: the trainable weights only
 _TINY_UPDATE_PATIENCE = 10
 
 
@@ -395,7 +395,7 @@ class ReFLTrainer:
                 state["ema_optimization_step"] = self.ema.optimization_step
             if self.config.lora_rank:
                 unet = acc.unwrap_model(self.unet)
-                save_trainable_state(unet, tmp / TRAINABLE_NAME)  # what resume reads (exact, by parameter name)
+                save_trainable(unet, tmp)  # what resume reads (exact, by parameter name)
                 save_lora(self.family, unet, tmp / "lora", kohya=False)  # the diffusers file, for users
             (tmp / STATE_NAME).write_text(json.dumps(state))
         acc.wait_for_everyone()
@@ -427,7 +427,7 @@ class ReFLTrainer:
         for i in reversed(range(len(models))):
             if self.accelerator.unwrap_model(models[i]) is unet:
                 models.pop(i)
-        load_trainable_state(unet, path)
+        load_trainable(unet, input_dir)
 
     def _prune_checkpoints(self) -> None:
         limit = self.config.checkpoints_total_limit
