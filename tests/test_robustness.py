@@ -571,6 +571,24 @@ def test_refl_prompt_files_accept_bom_and_encoding(tmp_path, suffix):
     assert load_prompts(path, encoding="gbk") == texts
 
 
+
+def test_refl_encoding_option_reaches_the_prompt_reader(tmp_path):
+    """``refl.py --encoding gbk`` (users bring their own prompt files): the trainer reads them with it, before
+    any model loads; an unknown codec is a config error naming the option."""
+    pytest.importorskip("diffusers")
+    from ImageReward.refl.config import ReFLConfigError, parse_args
+    from ImageReward.refl.trainer import ReFLTrainer
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes((CHINESE + "\na dog\n").encode("gbk"))
+    base = ["--pretrained_model_name_or_path", str(tmp_path), "--train_data", str(path), "--grad_scale", "1"]
+    assert ReFLTrainer(parse_args(base + ["--encoding", "gbk"])).prompts == [CHINESE, "a dog"]
+    with pytest.raises(InvalidInputError, match="byte offset") as info:
+        ReFLTrainer(parse_args(base))
+    assert str(path) in str(info.value)
+    with pytest.raises(ReFLConfigError, match="--encoding"):
+        ReFLTrainer(parse_args(base + ["--encoding", "no-such-codec"]))
+
 def test_rm_training_readers_accept_bom_and_encoding(tmp_path):
     from ImageReward.rm_training.config import load_config
     from ImageReward.rm_training.data import read_groups
@@ -596,6 +614,26 @@ def test_rm_training_readers_accept_bom_and_encoding(tmp_path):
         read_groups(groups)
     assert read_groups(groups, encoding="gbk")[0]["prompt"] == CHINESE
 
+
+
+def test_rm_training_config_data_encoding_reaches_the_dataset_reader(tmp_path):
+    """``data_encoding: gbk`` in the training config: the trainer reads {train,valid,test}.json with it; an
+    unknown codec is refused when the config is read, naming the key."""
+    from ImageReward.rm_training.config import config_from_dict
+    from ImageReward.rm_training.trainer import _load_split
+
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name)
+    data = [{"id": "1", "prompt": CHINESE, "generations": ["a.png", "b.png"], "ranking": [1, 2]}]
+    (tmp_path / "train.json").write_bytes(json.dumps(data, ensure_ascii=False).encode("gbk"))
+    paths = {"data_base": str(tmp_path), "image_base": str(tmp_path / "images")}
+    cfg = config_from_dict({**paths, "data_encoding": "gbk"})
+    assert _load_split(cfg, "train", None, False)[0]["prompt"] == CHINESE
+    with pytest.raises(TextDecodeError, match="train.json"):
+        _load_split(config_from_dict(paths), "train", None, False)
+    with pytest.raises(InvalidInputError, match="data_encoding"):
+        config_from_dict({**paths, "data_encoding": "no-such-codec"})
 
 def test_model_configs_and_stats_accept_bom(tiny_model, model_dir, tmp_path):
     from ImageReward.scoring.calibration import ReferenceStats

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..errors import InvalidInputError
+from ..textio import check_encoding
 from ..resolve import parse_mix
 
 __all__ = ["ReFLConfig", "ReFLConfigError", "add_arguments", "build_parser", "config_from_namespace", "parse_args",
@@ -84,6 +85,8 @@ class ReFLConfig:
     image_column: str = _opt("image", "image column of --pretrain_data")
     max_train_samples: int | None = _opt(None, "use only the first N prompts after a seeded shuffle")
     cache_dir: str | None = _opt(None, "cache for Hub datasets and models")
+    encoding: str | None = _opt(None, "text encoding of --train_data / --pretrain_data when not UTF-8, e.g. gbk "
+                                      "(a byte-order mark is always honoured)")
     # pre-training regularisation (the paper's; absent from the original code)
     pretrain_data: str | None = _opt(None, "image-text file (JSON/JSONL/CSV with image paths) for the pre-training loss")
     pretrain_loss_weight: float = _opt(0.0, "weight of the noise-prediction loss (0 = off, the original)")
@@ -134,6 +137,10 @@ class ReFLConfig:
             raise ReFLConfigError(f"--{name}={getattr(self, name)!r}: expected {expected}")
 
         self._check_types()
+        try:
+            check_encoding(self.encoding, "--encoding")
+        except InvalidInputError as err:
+            raise ReFLConfigError(str(err)) from None
         if self.lr_warmup_steps < 0:
             bad("lr_warmup_steps", "an integer >= 0")
         if self.max_train_samples is not None and self.max_train_samples < 1:

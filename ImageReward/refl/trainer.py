@@ -87,12 +87,13 @@ class ReFLTrainer:
         self.family = get_family(config.model_family, config)
         self.prompts = load_prompts(config.train_data, caption_column=config.caption_column,
                                     dataset_name=config.dataset_name, dataset_config_name=config.dataset_config_name,
-                                    cache_dir=config.cache_dir, max_samples=config.max_train_samples, seed=config.seed)
+                                    cache_dir=config.cache_dir, max_samples=config.max_train_samples, seed=config.seed,
+                                    encoding=config.encoding)
         self.pretrain_examples = None
         if config.pretrain_data and config.pretrain_loss_weight > 0:
             self.pretrain_examples = load_image_text(config.pretrain_data, caption_column=config.caption_column,
                                                      image_column=config.image_column,
-                                                     image_base_dir=config.image_base_dir)
+                                                     image_base_dir=config.image_base_dir, encoding=config.encoding)
         self._reward_arg = reward if reward is not None else config.reward
         self._monitor_arg = monitor if monitor is not None else config.monitor_reward
         self.global_step = 0

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import InvalidInputError
+from ..textio import check_encoding
 
 __all__ = ["BLIPSection", "ImageRewardSection", "TrainOptions", "RMTrainConfig", "load_config", "config_from_dict",
            "apply_overrides", "BLIP_LARGE_URL"]
@@ -93,6 +94,7 @@ class RMTrainConfig:
     visual_base: str = "visualization"
     log_base: str = "log"
     data_base: str = "dataset"        # {train,valid,test}.json in the grouped format
+    data_encoding: str = ""           # text encoding of those files when not UTF-8, e.g. gbk ("" = UTF-8, BOM accepted)
     image_base: str = "images"        # root the `generations` paths are relative to
     pair_store_base: str = "pair_store_clip"  # accepted for compatibility; pairs are built on the fly
     BLIP: BLIPSection = field(default_factory=BLIPSection)
@@ -187,6 +189,7 @@ def _validate(cfg: RMTrainConfig) -> RMTrainConfig:
         raise InvalidInputError(f"config key 'train.lr' must be > 0, got {t.lr}")
     if t.num_workers < 0 or t.max_steps < 0:
         raise InvalidInputError("config keys 'train.num_workers' and 'train.max_steps' must be >= 0")
+    check_encoding(cfg.data_encoding or None, "config key 'data_encoding'")
     if cfg.BLIP.image_size % cfg.BLIP.patch_size:
         raise InvalidInputError(f"BLIP.image_size {cfg.BLIP.image_size} is not a multiple of BLIP.patch_size {cfg.BLIP.patch_size}")
     return cfg

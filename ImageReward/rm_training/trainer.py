@@ -95,7 +95,8 @@ def pair_loss(r_better: torch.Tensor, r_worse: torch.Tensor) -> torch.Tensor:
 
 def _load_split(cfg: RMTrainConfig, split: str, run_dir: Path | None, is_main: bool) -> list[dict[str, Any]]:
     path = Path(cfg.data_base) / f"{split}.json"
-    groups, missing = drop_missing_images(read_groups(path), cfg.image_base, source=str(path))
+    groups, missing = drop_missing_images(read_groups(path, encoding=cfg.data_encoding or None), cfg.image_base,
+                                           source=str(path))
     if missing and is_main and run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "missing_images.txt", "a") as handle:
