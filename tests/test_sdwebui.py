@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
+import torch
 from PIL import Image
 
 import ImageReward as RM
@@ -151,8 +154,11 @@ def test_filter_everything_gives_an_empty_gallery(webui, tmp_path):
     shim, plugin, _ = webui
     shim.shared.opts.return_grid = True
     processed = run_script(shim, plugin, make_p(shim, tmp_path), True, "1e9", True)
-    assert processed.images == [] and processed.infotexts == [] and processed.index_of_first_image == 0
-    assert "below the limit" in processed.info and "nothing to show" in processed.comments
+    # the reason reaches the UI (info, comments) and the API (infotexts[0] of Processed.js())
+    assert processed.images == [] and processed.index_of_first_image == 0
+    assert processed.infotexts == [processed.info] and "all 4 images scored below the limit" in processed.info
+    assert "none is shown" in processed.comments
+    assert json.loads(processed.js())["infotexts"][0] == processed.info
     assert len([s for s in shim.saved if not s["grid"]]) == 4  # generated samples are still saved, with scores
     assert all("ImageReward Score: " in s["info"] for s in shim.saved)
     processed.js()  # the WebUI serialises the result for the gallery: must not fail when empty
@@ -272,3 +278,45 @@ def test_extra_images_pass_through_and_interrupted_run(webui, tmp_path, monkeypa
     shim.shared.state.interrupted = True  # interrupted before any sample: nothing to score, no error
     processed = run_script(shim, plugin, make_p(shim, tmp_path), True, "0", True)
     assert processed.images == []
+
+
+def test_grid_shows_only_the_kept_samples_best_first(webui, tmp_path):
+    shim, plugin, _ = webui
+    shim.shared.opts.return_grid = True
+    shim.shared.opts.grid_save = True
+    baseline = run_script(shim, plugin, make_p(shim, tmp_path), False, "0", True)
+    best_first = [image.info["score"] for image in baseline.images[1:]]
+    shim.saved.clear()
+    processed = run_script(shim, plugin, make_p(shim, tmp_path), True, repr(best_first[1]), True)
+    grid, kept = processed.images[0], processed.images[1:]
+    assert processed.index_of_first_image == 1 and [im.info["score"] for im in kept] == best_first[:2]
+    expected = shim.images.image_grid(kept, 2)  # the WebUI's grid of exactly the kept samples, in order
+    assert grid.size == expected.size == (64, 32)
+    assert np.array_equal(np.asarray(grid), np.asarray(expected))
+    [grid_file] = [s["filename"] for s in shim.saved if s["grid"]]  # the saved grid is that grid too
+    with Image.open(grid_file) as png:
+        assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(expected))
+        assert "ImageReward Score" not in png.info["parameters"]
+    # one kept sample: no grid (grid_only_if_multiple), as the WebUI itself does for a single image
+    processed = run_script(shim, plugin, make_p(shim, tmp_path), True, repr(best_first[0]), True)
+    assert processed.index_of_first_image == 0 and len(processed.images) == 1
+
+
+def test_summary_goes_through_p_comment_as_the_real_host_needs(webui, tmp_path):
+    shim, plugin, _ = webui
+    p = make_p(shim, tmp_path)
+    processed = run_script(shim, plugin, p, True, "-1e9", True)
+    assert "0 of 4 images below the limit -1e+09 filtered out" in processed.comments
+    assert any("ImageReward Scores:" in c for c in p.comments)  # v1.10.1 ignores Processed(comments=...)
+
+
+def test_pt_written_by_current_torch_loads_under_the_webui_torch_load_patch(webui, tmp_path):
+    """The WebUI's modules/safe.py replaces torch.load; it refuses current torch's zip layout and returns None."""
+    from ImageReward.checkpoint import read_state_dict
+
+    path = tmp_path / "head.pt"
+    state = {"weight": torch.arange(6.0).reshape(2, 3), "bias": torch.zeros(2)}
+    torch.save(state, path)
+    assert torch.load(path) is None  # the shim is as strict as the host here
+    loaded = read_state_dict(path)
+    assert set(loaded) == {"weight", "bias"} and torch.equal(loaded["weight"], state["weight"])
