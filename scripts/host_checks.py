@@ -181,44 +181,47 @@ def clip_hf_cache(hf_home: Path) -> None:
 
 
 def random_sd_checkpoint(webui: Path, hf_home: Path, out: Path) -> None:
-    """A random-weight SD 1.x checkpoint in the single-file layout, from the WebUI's own v1-inference.yaml and
-    the ldm code in repositories/ (weights N(0, 0.02) in fp16; the noise-schedule buffers as the code sets them)."""
+    """A random-weight SD 1.x checkpoint in the single-file layout: the parameters of the WebUI's own
+    v1-inference.yaml model (ldm code in repositories/, built on the meta device: no memory, no init), drawn
+    N(0, 0.02) in fp16 (norm weights 1, biases 0). Buffers (noise schedule, position ids) are left out: the hosts
+    compute them and load checkpoints non-strictly. Peak memory: the 2.1 GB written."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
     import transformers
 
     sys.path.insert(0, str(webui / "repositories" / "stable-diffusion-stability-ai"))
+    from ldm.models.diffusion import ddpm
     from ldm.util import instantiate_from_config
 
-    os.environ["HF_HOME"] = str(hf_home)
-    transformers.CLIPTextModel.from_pretrained = classmethod(  # config only: the weights are random anyway
+    transformers.CLIPTextModel.from_pretrained = classmethod(  # config only: the weights are drawn below
         lambda cls, name, *a, **k: cls(transformers.CLIPTextConfig.from_pretrained(name)))
     tokens = transformers.CLIPTokenizer.from_pretrained("openai/clip-vit-large-patch14")("a photo of a cat")
     check(tokens["input_ids"][1:-1] == [320, 1125, 539, 320, 2368], "CLIP tokenizer in the local Hub cache",
           tokens["input_ids"])
     config = OmegaConf.load(webui / "configs" / "v1-inference.yaml")
-    skip = torch.nn.init.kaiming_uniform_, torch.nn.init.uniform_, torch.nn.init.normal_
-    for name in ("kaiming_uniform_", "uniform_", "normal_"):  # no slow random init: overwritten below
-        setattr(torch.nn.init, name, lambda tensor, *a, **k: tensor)
+    schedules = ddpm.DDPM.register_schedule, ddpm.LatentDiffusion.register_schedule
+
+    def no_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000, *args, **kwargs):
+        self.num_timesteps = int(timesteps)  # the schedule itself is numpy work the meta device cannot do
+
+    ddpm.DDPM.register_schedule = ddpm.LatentDiffusion.register_schedule = no_schedule
     try:
-        model = instantiate_from_config(config.model)
+        with torch.device("meta"):
+            model = instantiate_from_config(config.model)
     finally:
-        torch.nn.init.kaiming_uniform_, torch.nn.init.uniform_, torch.nn.init.normal_ = skip
+        ddpm.DDPM.register_schedule, ddpm.LatentDiffusion.register_schedule = schedules
     generator = torch.Generator().manual_seed(0)
-    params = {name for name, _ in model.named_parameters()}
     state = {}
-    for name, tensor in model.state_dict().items():
-        if name in params and tensor.is_floating_point():
-            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "norm_out.weight",
-                              "final_layer_norm.weight", "layer_norm1.weight", "layer_norm2.weight")):
-                value = torch.ones(tensor.shape, dtype=torch.float16)
-            elif name.endswith("bias"):
-                value = torch.zeros(tensor.shape, dtype=torch.float16)
-            else:
-                value = (torch.randn(tensor.shape, generator=generator) * 0.02).to(torch.float16)
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        is_norm = ("norm" in name and leaf == "weight" and param.ndim == 1)
+        if is_norm:
+            value = torch.ones(param.shape, dtype=torch.float16)
+        elif leaf == "bias":
+            value = torch.zeros(param.shape, dtype=torch.float16)
         else:
-            value = tensor.detach().clone()
-        state[name] = value.contiguous()
+            value = (torch.randn(param.shape, generator=generator) * 0.02).to(torch.float16)
+        state[name] = value
     del model
     save_file(state, str(out))
 
@@ -228,7 +231,7 @@ def run_webui(args: argparse.Namespace) -> str:
 
     webui, cache, work = Path(args.host_dir), Path(args.cache), Path(args.work)
     check("site-packages" in RM.__file__, "library imported from the venv, not the source tree", RM.__file__)
-    hf_home = cache / "hf-home"
+    hf_home = Path(os.environ.get("HF_HOME", cache / "hf-home"))  # set before huggingface_hub is imported
     if not (hf_home / "hub").is_dir():
         clip_hf_cache(hf_home)
     ckpt = cache / "sd15-random.safetensors"

@@ -21,6 +21,7 @@ mkdir -p "$CACHE"
 cleanup() { rm -rf "$WORK"; }
 trap cleanup EXIT
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export HF_HOME=$CACHE/hf-home  # the WebUI reads the CLIP tokenizer from this Hub cache (built by host_checks.py)
 unset PYTHONPATH
 PY=${PYTHON:-python3}
 status=0
