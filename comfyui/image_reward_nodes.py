@@ -180,6 +180,16 @@ def _device(choice: str) -> Any:
         return None  # the library's default: cuda when available
 
 
+class ManagedScorer(torch.nn.Module):
+    """A scorer as ComfyUI's ``ModelPatcher`` expects a model: a module with a plain, settable ``device``
+    attribute (the patcher writes it when it moves the weights; ``Scorer.device`` is read-only)."""
+
+    def __init__(self, scorer: Any) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.device = scorer.device
+
+
 def managed(scorer: Any, device: str) -> Any:
     """Inside ComfyUI: ``scorer`` in a ``ModelPatcher``, so ComfyUI's model management ("Unload models", memory
     pressure) can move it between the GPU and its offload device. Outside ComfyUI: ``scorer`` itself."""
@@ -189,18 +199,26 @@ def managed(scorer: Any, device: str) -> Any:
     except ImportError:
         return scorer
     load_device = model_management.get_torch_device() if device == "auto" else torch.device(device)
-    return comfy.model_patcher.ModelPatcher(scorer, load_device=load_device, offload_device=scorer.device)
+    return comfy.model_patcher.ModelPatcher(ManagedScorer(scorer), load_device=load_device,
+                                            offload_device=scorer.device)
 
 
-def activate(scorer: Any) -> Any:
-    """The ``Scorer`` behind a loader output, loaded onto its device through ComfyUI's model management."""
-    model = getattr(scorer, "model", scorer)
-    if model is not scorer:
-        import comfy.model_management as model_management
-
-        model_management.load_model_gpu(scorer)
+def scorer_of(output: Any) -> Any:
+    """The ``Scorer`` behind a loader output (a ``ModelPatcher`` inside ComfyUI, else the scorer itself)."""
+    holder = getattr(output, "model", None)
+    model = holder.scorer if isinstance(holder, ManagedScorer) else output
     if not isinstance(model, RM.Scorer):
         raise ValueError("scorer must come from the 'ImageReward: load scorer' node")
+    return model
+
+
+def activate(output: Any) -> Any:
+    """The ``Scorer`` behind a loader output, moved onto its device through ComfyUI's model management."""
+    model = scorer_of(output)
+    if model is not output:
+        import comfy.model_management as model_management
+
+        model_management.load_model_gpu(output)
     return model
 
 

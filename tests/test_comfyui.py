@@ -180,10 +180,11 @@ def test_lower_is_better_scorer(comfy):
 def test_loader_checkpoint_path_and_errors(comfy, tiny_dir):
     registry, _, loads = comfy
     half = registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="bfloat16")[0]
-    assert loads[-1] == ("ImageReward-v1.0", torch.bfloat16) and isinstance(half.model, RM.ImageReward)
+    scorer_of = registry.module.image_reward_nodes.scorer_of
+    assert loads[-1] == ("ImageReward-v1.0", torch.bfloat16) and isinstance(scorer_of(half), RM.ImageReward)
     local = registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="float32",
                          checkpoint_path=f"  {tiny_dir}  ")[0]
-    assert isinstance(local.model, RM.ImageReward) and loads[-1][0] == str(tiny_dir)
+    assert isinstance(scorer_of(local), RM.ImageReward) and loads[-1][0] == str(tiny_dir)
     with pytest.raises(ValueError, match="does not exist"):
         registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="float32",
                      checkpoint_path="/no/such/ImageReward.pt")
@@ -206,7 +207,7 @@ def test_scorer_takes_part_in_model_management_and_is_freed_with_the_node_cache(
     assert state.loaded == [patcher]  # loaded through comfy.model_management, so ComfyUI can unload it
     sys.modules["comfy.model_management"].unload_all_models()
     assert state.loaded == []
-    model = weakref.ref(patcher.model)
+    model = weakref.ref(registry.module.image_reward_nodes.scorer_of(patcher))
     del patcher
     gc.collect()
     assert model() is None
@@ -223,7 +224,8 @@ def test_weights_live_in_comfyui_models_folder(comfy, tiny_dir, monkeypatch):
     names = registry.NODE_CLASS_MAPPINGS["ImageRewardLoader"].INPUT_TYPES()["required"]["scorer"][0]
     assert names[-1] == "my-tuned/" and "ViT-L-14.pt" not in names and "my-tuned/config.json" not in names
     (patcher,) = registry.run("ImageRewardLoader", scorer="my-tuned/", device="cpu", dtype="float32")
-    assert isinstance(patcher.model, RM.ImageReward) and loads[-1][0] == str(root / "my-tuned")
+    scorer = registry.module.image_reward_nodes.scorer_of(patcher)
+    assert isinstance(scorer, RM.ImageReward) and loads[-1][0] == str(root / "my-tuned")
 
     # official weights are read from (and downloaded into) models/image_reward
     seen = {}

@@ -719,16 +719,20 @@ def install_comfy(monkeypatch: Any, device: str = "cpu") -> types.SimpleNamespac
         def __init__(self, model: Any, load_device: Any, offload_device: Any, size: int = 0,
                      weight_inplace_update: bool = False) -> None:
             self.model, self.load_device, self.offload_device = model, load_device, offload_device
+            if getattr(model, "device", None) is None:
+                model.device = offload_device  # as ComfyUI: the patcher writes ``model.device``
 
     def load_models_gpu(models: list, memory_required: int = 0, **kw: Any) -> None:
         for patcher in models:
             patcher.model.to(patcher.load_device)
+            patcher.model.device = patcher.load_device  # ComfyUI sets it after moving (model_patcher.load)
             if patcher not in state.loaded:
                 state.loaded.append(patcher)
 
     def unload_all_models() -> None:  # "Unload models": every loaded model back to its offload device
         for patcher in state.loaded:
             patcher.model.to(patcher.offload_device)
+            patcher.model.device = patcher.offload_device
         state.loaded.clear()
 
     class ExecutionBlocker:
