@@ -329,7 +329,23 @@ def run_webui(args: argparse.Namespace) -> str:
             check(len(got) == 2 and max(abs(a - b) for a, b in zip(got, ref)) <= 6e-5,
                   f"{name} scores = library scores", (got, ref))
 
-        # 6. the errors users see
+        # 6. "Unload Model From Memory" (a gradio button: called as the UI calls it)
+        status, config = http("GET", f"{base}/config")
+        button = next(c["id"] for c in config["components"]
+                      if re.search(r"imagereward.*_unload$", str(c.get("props", {}).get("elem_id", ""))))
+        fn_index = next(i for i, dep in enumerate(config["dependencies"])
+                        if any(t == button or (isinstance(t, list) and t[0] == button) for t in dep["targets"]))
+        unload = {"fn_index": fn_index, "data": [], "session_hash": "hosttest"}
+        status, first_unload = http("POST", f"{base}/run/predict", unload)
+        status2, second_unload = http("POST", f"{base}/run/predict", unload)
+        check(status == status2 == 200 and "ImageReward model unloaded" in str(first_unload)
+              and "No ImageReward model was loaded" in str(second_unload), "unload button frees the scorer",
+              (first_unload, second_unload))
+        status, result = txt2img(False, "0", True, str(tiny), save=False, batch=2, n_iter=1)
+        check(status == 200 and len(json.loads(result["info"])["infotexts"]) == 2, "scores again after unload",
+              result.get("info") if isinstance(result, dict) else result)
+
+        # 7. the errors users see
         status, result = txt2img(False, "0", True, "nope", save=False)
         check(status == 500 and "unknown scorer 'nope'" in str(result), "unknown scorer named in the API error",
               result)
