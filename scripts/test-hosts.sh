@@ -56,8 +56,8 @@ install_library() {
         echo "installing the library changed the host's packages:"; diff <(echo "$before") <(echo "$after") || true
         return 1
     fi
-    "$py" -c "import ImageReward, transformers, PIL; print('[test-hosts] ImageReward', ImageReward.__file__, \
-'transformers', transformers.__version__, 'Pillow', PIL.__version__)" >&2
+    (cd "$WORK" && "$py" -c "import ImageReward, transformers, PIL; print('[test-hosts] ImageReward', \
+ImageReward.__file__, 'transformers', transformers.__version__, 'Pillow', PIL.__version__)" >&2)
 }
 
 run_host() {  # NAME: one host, start to finish; prints its result line
