@@ -270,6 +270,9 @@ def run_webui(args: argparse.Namespace) -> str:
 
         # 1. scores, sorted, in infotexts and PNG info; equal to the library's score of the returned pixels
         status, result = txt2img(False, "0", True, str(tiny))
+        if status != 200:  # say what the host made of the script's arguments
+            _, info = http("GET", f"{base}/sdapi/v1/script-info")
+            print(json.dumps([s for s in info if s.get("name") == TITLE.lower()], indent=1), file=sys.stderr)
         check(status == 200, "txt2img with the script", result)
         info = json.loads(result["info"])
         first = info["index_of_first_image"]
@@ -355,6 +358,10 @@ def run_webui(args: argparse.Namespace) -> str:
         check("Error verifying pickled file" not in log, "the WebUI's safe unpickler never refused our files")
         elapsed = time.time() - started
     except BaseException:
+        log = host.text().splitlines()
+        for index, line in enumerate(log):  # errors while the WebUI built the script's UI, then the end of the log
+            if "Error creating UI" in line or "Error calling" in line or "Error loading script" in line:
+                print("\n".join(log[index:index + 40]), file=sys.stderr)
         print(host.tail(80), file=sys.stderr)
         raise
     finally:
