@@ -78,7 +78,7 @@ run_host() {  # NAME: one host, start to finish; prints its result line
     fi
     (cd "$WORK" && flock /tmp/ir-bigmem.lock "$venv_dir/bin/python" "$REPO/scripts/host_checks.py" "$name" \
         --host-dir "$tree" --cache "$CACHE" --work "$WORK") || status=1
-    log "$name: $((SECONDS - started)) s in all (installs included)"
+    log "$name: $((SECONDS - started)) s in all (installs and the wait for the memory lock included)"
 }
 
 case "$WHICH" in
