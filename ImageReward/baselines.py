@@ -1,4 +1,6 @@
-"""Baseline scorers ``"CLIP"``, ``"BLIP"`` and ``"Aesthetic"``, registered with :func:`ImageReward.load_score`.
+"""Baseline scorers ``"CLIP"``, ``"BLIP"`` and ``"Aesthetic"``: their files, their builders, and their
+registration (:func:`ImageReward.factory.register_scorer`, at the bottom of this file), which makes each name
+valid everywhere a model name is (``RM.load_scorer``, ``RM.load_score``, the CLI, eval, ReFL, the plugins).
 
 Where the weights come from (the first that exists wins; nothing touches the network when a file is
 already in ``download_root``, default ``~/.cache/ImageReward``):
@@ -10,7 +12,8 @@ already in ``download_root``, default ``~/.cache/ImageReward``):
   original's literal ``sac%2Blogos%2Bava1-l14-linearMSE.pth`` (LAION's URL), plus CLIP's image tower.
 
 All three are float32 unless ``dtype=torch.float16/bfloat16`` is asked for (the Aesthetic head stays
-float32). Importing this module is cheap: models and transformers are imported by the builders.
+float32). Importing this module is cheap (``ImageReward/resolve.py`` imports it, so the names are registered
+whenever the package is imported): the models and transformers are imported by the builders.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from typing import Any
 import torch
 
 from .errors import DownloadError
-from .factory import _place, register_scorer
-from .pretrained import PretrainedCfg, _offline, default_cache_dir, fetch
+from .factory import place_model, register_scorer
+from .pretrained import PretrainedCfg, default_cache_dir, fetch, offline
 
 __all__ = ["BASELINE_FILES", "CLIP_HUB", "CLIP_OPENAI", "BLIP_LARGE", "AESTHETIC_HEAD", "clip_weights_path",
            "build_clip", "build_blip", "build_aesthetic"]
@@ -83,7 +86,7 @@ def clip_weights_path(download_root: str | os.PathLike | None = None, *, revisio
     try:
         return fetch(CLIP_HUB, root, revision=revision)
     except DownloadError as hub_error:
-        if _offline():
+        if offline():
             raise DownloadError(f"{hub_error} (or put OpenAI's {CLIP_OPENAI.filename} there)") from hub_error
         logger.warning("Hub download of CLIP failed (%s); trying OpenAI's URL", hub_error)
         return fetch(CLIP_OPENAI, root)
@@ -103,7 +106,7 @@ def build_clip(device: str | torch.device | None = None, download_root: str | os
 
     path = _checkpoint_arg(kwargs, "checkpoint") or clip_weights_path(download_root)
     logger.info("loading CLIP from %s", path)
-    return _place(CLIPScorer.from_checkpoint(path), device, dtype)
+    return place_model(CLIPScorer.from_checkpoint(path), device, dtype)
 
 
 def build_blip(device: str | torch.device | None = None, download_root: str | os.PathLike | None = None,
@@ -117,7 +120,7 @@ def build_blip(device: str | torch.device | None = None, download_root: str | os
     logger.info("loading BLIP from %s", path)
     config = BLIPConfig(text=TextConfig.from_med_config(None, encoder_width=1024))
     scorer = BLIPITCScorer.from_state_dict(read_state_dict(path, nested_key="model"), config, source=os.fspath(path))
-    return _place(scorer, device, dtype)
+    return place_model(scorer, device, dtype)
 
 
 def build_aesthetic(device: str | torch.device | None = None, download_root: str | os.PathLike | None = None,
@@ -142,9 +145,12 @@ def build_aesthetic(device: str | torch.device | None = None, download_root: str
     if clip is not None:  # the shared tower already has its device and dtype
         scorer.mlp.to(scorer.device)
         return scorer.eval()
-    return _place(scorer, device, dtype, keep_fp32=("mlp",))
+    return place_model(scorer, device, dtype, keep_fp32=("mlp",))
 
 
-register_scorer("CLIP", build_clip)
-register_scorer("BLIP", build_blip)
-register_scorer("Aesthetic", build_aesthetic)
+register_scorer("CLIP", build_clip, files=BASELINE_FILES["CLIP"],
+                description="CLIP ViT-L/14 cosine similarity of prompt and image (OpenAI)")
+register_scorer("BLIP", build_blip, files=BASELINE_FILES["BLIP"],
+                description="BLIP ViT-L image-text contrastive (ITC) similarity (Salesforce)")
+register_scorer("Aesthetic", build_aesthetic, files=BASELINE_FILES["Aesthetic"],
+                description="LAION improved aesthetic predictor on CLIP ViT-L/14 (ignores the prompt)")

@@ -151,7 +151,7 @@ def build_from_state_dict(
     """``factory()`` built on the meta device (no memory, no random init) that adopts the checkpoint's tensors,
     loaded strictly by name. Allowed-missing keys get a value first: ``position_ids`` buffers are ``arange``,
     anything else comes from ``defaults(key, meta_tensor)``, and without it such a key is an error (nothing is
-    ever left uninitialised). Cast afterwards (``factory._place``): tensors keep the checkpoint's dtype.
+    ever left uninitialised). Cast afterwards (``factory.place_model``): tensors keep the checkpoint's dtype.
 
     >>> head = build_from_state_dict(lambda: nn.Linear(2, 1), {"weight": torch.ones(1, 2), "bias": torch.zeros(1)})
     >>> head.weight.tolist()

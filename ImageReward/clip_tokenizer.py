@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 
+from .tokenizer import check_prompts
+
 __all__ = ["CONTEXT_LENGTH", "SOT_TOKEN_ID", "EOT_TOKEN_ID", "clean_text", "load_clip_tokenizer", "clip_tokenize"]
 
 logger = logging.getLogger(__name__)
@@ -132,8 +134,6 @@ def clip_tokenize(prompts: Sequence[str] | str, context_length: int = CONTEXT_LE
     >>> clip_tokenize("a cat")[0, :4].tolist()
     [49406, 320, 2368, 49407]
     """
-    from .tokenizer import check_prompts
-
     items = check_prompts(prompts)
     rows = [_encode_one(prompt, context_length) for prompt in items]
     return torch.tensor(rows, dtype=torch.long).reshape(len(items), context_length)

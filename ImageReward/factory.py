@@ -1,8 +1,13 @@
-"""One factory: ``load`` (ImageReward checkpoints) and ``load_score`` (baseline scorers).
+"""The loaders behind the resolver: ``load`` (ImageReward checkpoints), ``load_score`` (registered scorers), the
+scorer registry, and device/dtype placement. Users and commands call :func:`ImageReward.load_scorer`
+(``ImageReward/resolve.py``), which decides which of these a name means.
 
 >>> import ImageReward as RM
 >>> RM.available_models()
 ['ImageReward-v1.0']
+
+Registering a scorer is one call, :func:`register_scorer` (see ``ImageReward/resolve.py`` for the recipe);
+the built-in baselines register themselves in ``ImageReward/baselines.py``.
 """
 
 from __future__ import annotations
@@ -10,39 +15,69 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from .checkpoint import read_state_dict
 from .errors import UnknownModelError
-from .pretrained import IMAGE_REWARD_MODELS, fetch
+from .models.blip import BLIPConfig, TextConfig
+from .models.image_reward import CONFIG_NAME, ImageReward
+from .pretrained import IMAGE_REWARD_MODELS, PretrainedCfg, fetch
 
-__all__ = ["load", "load_score", "available_models", "available_scores", "default_device", "register_scorer"]
+__all__ = ["load", "load_score", "available_models", "available_scores", "default_device", "place_model",
+           "register_scorer", "ScorerEntry", "scorer_entry", "locate_checkpoint", "checkpoint_file"]
 
 logger = logging.getLogger(__name__)
 
-# name -> builder(device, download_root, dtype, **kwargs) -> Scorer. Filled by ImageReward.baselines.
+# name -> builder(device=, download_root=, dtype=, **kwargs) -> Scorer, filled by register_scorer.
 _SCORERS: dict[str, Callable[..., Any]] = {}
+_ENTRIES: dict[str, "ScorerEntry"] = {}
 
 
-def register_scorer(name: str, builder: Callable[..., Any]) -> None:
-    """Make ``load_score(name)`` call ``builder(device=..., download_root=..., dtype=..., **kwargs)``."""
+@dataclass(frozen=True)
+class ScorerEntry:
+    """A registered scorer: its name, its builder, the files it needs (each a :class:`PretrainedCfg`, for
+    listings and download messages) and a one-line description."""
+
+    name: str
+    builder: Callable[..., Any]
+    files: tuple[PretrainedCfg, ...] = ()
+    description: str = ""
+
+
+def register_scorer(name: str, builder: Callable[..., Any], *, files: tuple[PretrainedCfg, ...] = (),
+                    description: str = "") -> ScorerEntry:
+    """Make ``name`` a scorer everywhere a model name is accepted (``load_scorer``, ``load_score``, the CLI,
+    eval, ReFL, the plugins): ``builder(device=..., download_root=..., dtype=..., **kwargs)`` returns a
+    :class:`~ImageReward.scorer.Scorer` in eval mode. Registering a name twice replaces the first entry.
+    A name must not contain ``,`` or end in ``:<number>`` (that is the weighted-mix syntax)."""
+    if not name or "," in name:
+        raise ValueError(f"scorer name {name!r} must be non-empty and contain no ','")
+    entry = ScorerEntry(name, builder, tuple(files), description)
     _SCORERS[name] = builder
+    _ENTRIES[name] = entry
+    return entry
 
 
-def _ensure_builtin_scorers() -> None:
-    from . import baselines  # noqa: F401  (registers CLIP, BLIP, Aesthetic on import)
+def scorer_entry(name: str) -> ScorerEntry:
+    """The registry entry of a registered scorer name (``UnknownModelError`` if there is none)."""
+    if name not in _SCORERS:
+        raise UnknownModelError(f"score {name!r} not found; available scores = {available_scores()}")
+    entry = _ENTRIES.get(name)
+    return entry if entry is not None and entry.builder is _SCORERS[name] else ScorerEntry(name, _SCORERS[name])
 
 
 def available_models() -> list[str]:
-    """Names accepted by :func:`load`."""
+    """Names of the registered ImageReward checkpoints (accepted by :func:`load`)."""
     return list(IMAGE_REWARD_MODELS)
 
 
 def available_scores() -> list[str]:
-    """Names accepted by :func:`load_score`."""
-    _ensure_builtin_scorers()
+    """Names of the registered scorers (accepted by :func:`load_score`): the built-in baselines and any
+    scorer registered since."""
     return list(_SCORERS)
 
 
@@ -51,8 +86,8 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _place(model: torch.nn.Module, device: str | torch.device | None, dtype: torch.dtype | None, *,
-           keep_fp32: tuple[str, ...] = ()) -> torch.nn.Module:
+def place_model(model: torch.nn.Module, device: str | torch.device | None, dtype: torch.dtype | None, *,
+                keep_fp32: tuple[str, ...] = ()) -> torch.nn.Module:
     """Move to ``device`` and cast to ``dtype``; submodules named in ``keep_fp32`` stay float32."""
     model.to(torch.device(device) if device is not None else default_device())
     if dtype is None or dtype == torch.float32:
@@ -67,7 +102,7 @@ def _place(model: torch.nn.Module, device: str | torch.device | None, dtype: tor
 
 
 def _place_image_reward(model, device, dtype):
-    _place(model, device, None)
+    place_model(model, device, None)
     if dtype is not None and dtype != torch.float32:
         model.set_image_dtype(dtype)
     return model
@@ -91,28 +126,12 @@ def load(
 
     >>> model = load("checkpoints/ImageReward.pt", device="cpu")   # doctest: +SKIP
     """
-    from .checkpoint import read_state_dict
-    from .models.blip import BLIPConfig, TextConfig
-    from .models.image_reward import CONFIG_NAME, ImageReward
-
-    if name in IMAGE_REWARD_MODELS:
-        path = fetch(IMAGE_REWARD_MODELS[name], download_root, revision=revision)
-    elif os.path.exists(os.fspath(name)):
-        path = Path(name)
-    else:
-        raise UnknownModelError(f"model {name!r} not found: not a registered name ({available_models()}) "
-                                "nor an existing file or folder")
-
-    if path.is_dir():
-        if not (path / CONFIG_NAME).is_file():
-            candidates = [p for p in ("model.safetensors", "ImageReward.pt") if (path / p).is_file()]
-            if not candidates:
-                raise UnknownModelError(f"folder {str(path)!r} holds neither {CONFIG_NAME} nor a checkpoint file")
-            path = path / candidates[0]
-        else:
-            model = ImageReward.from_pretrained(path)
-            logger.info("loaded ImageReward from %s", path)
-            return _place_image_reward(model, device, dtype)
+    path = locate_checkpoint(name, download_root, revision=revision)
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        model = ImageReward.from_pretrained(path)
+        logger.info("loaded ImageReward from %s", path)
+        return _place_image_reward(model, device, dtype)
+    path = checkpoint_file(path)
 
     if isinstance(med_config, Mapping):
         med = dict(med_config)
@@ -126,6 +145,30 @@ def load(
     return _place_image_reward(model, device, dtype)
 
 
+def locate_checkpoint(name: str | os.PathLike, download_root: str | os.PathLike | None = None, *,
+                      revision: str | None = None) -> Path:
+    """A registered checkpoint name (downloaded once into ``download_root``) or an existing local file or
+    folder -> its local path. Anything else raises :class:`UnknownModelError`."""
+    if isinstance(name, str) and name in IMAGE_REWARD_MODELS:
+        return fetch(IMAGE_REWARD_MODELS[name], download_root, revision=revision)
+    if os.path.exists(os.fspath(name)):
+        return Path(name)
+    raise UnknownModelError(f"model {os.fspath(name)!r} not found: not a registered name ({available_models()}) "
+                            "nor an existing file or folder")
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The weights file of a checkpoint path: the file itself, or inside a folder ``model.safetensors``
+    (written by ``save_pretrained``), else ``ImageReward.pt``."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    candidates = [path / name for name in ("model.safetensors", "ImageReward.pt") if (path / name).is_file()]
+    if not candidates:
+        raise UnknownModelError(f"folder {str(path)!r} holds neither {CONFIG_NAME} nor a checkpoint file")
+    return candidates[0]
+
+
 def load_score(
     name: str = "CLIP",
     device: str | torch.device | None = None,
@@ -134,11 +177,10 @@ def load_score(
     dtype: torch.dtype | None = None,
     **kwargs: Any,
 ):
-    """Load a baseline scorer (``"CLIP"``, ``"BLIP"``, ``"Aesthetic"``) with the same API as ImageReward.
+    """Load a registered scorer (``"CLIP"``, ``"BLIP"``, ``"Aesthetic"``, ...) with the same API as ImageReward.
 
     Files already in ``download_root`` (the original's names) are used without any network access.
     """
-    _ensure_builtin_scorers()
     if name not in _SCORERS:
         raise UnknownModelError(f"score {name!r} not found; available scores = {available_scores()}")
     return _SCORERS[name](device=device, download_root=download_root, dtype=dtype, **kwargs)

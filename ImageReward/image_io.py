@@ -20,7 +20,10 @@ from .errors import ImageLoadError, UnsupportedInputError
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, Any]
 
-__all__ = ["ImageLike", "load_image", "describe"]
+# File extensions taken for images when a folder is listed (score-dataset folders, benchmark generations).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+__all__ = ["ImageLike", "IMAGE_EXTENSIONS", "load_image", "describe"]
 
 
 def describe(item: Any, index: int | None = None) -> str:

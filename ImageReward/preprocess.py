@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .errors import InvalidInputError
+
 __all__ = ["CLIP_MEAN", "CLIP_STD", "PreprocessConfig", "preprocess_pil", "preprocess_tensor", "resized_size"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -69,8 +71,6 @@ def preprocess_tensor(pixels: torch.Tensor, config: PreprocessConfig = Preproces
     torch.Size([2, 3, 224, 224])
     """
     if pixels.ndim != 4 or pixels.shape[1] != 3:
-        from .errors import InvalidInputError
-
         raise InvalidInputError(f"expected pixels of shape [B, 3, H, W], got {tuple(pixels.shape)}")
     size = config.image_size
     height, width = pixels.shape[-2:]

@@ -2,7 +2,10 @@
 
 Each :class:`PretrainedCfg` says where a file lives (a Hugging Face Hub repo/file/revision, or a direct
 URL with its SHA-256), the file name it has in the download folder (the original's cache layout, so
-existing ``~/.cache/ImageReward`` folders are reused), its licence and its preprocessing.
+existing ``~/.cache/ImageReward`` folders are reused) and its licence. How the images are preprocessed is
+a property of the built scorer (``Scorer.preprocess_config``, read from the model's own config), not of the
+file. Scorers other than the ImageReward checkpoints list their files where they are registered
+(:func:`ImageReward.factory.register_scorer`).
 
 :func:`fetch` looks in the download folder first (no network at all when the file is there), then the
 Hub (``huggingface_hub``, which honours ``HF_HUB_OFFLINE``), then the URL. When nothing can be reached it
@@ -17,22 +20,22 @@ import os
 import shutil
 import tempfile
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .errors import DownloadError
-from .preprocess import PreprocessConfig
 
-__all__ = ["PretrainedCfg", "IMAGE_REWARD_MODELS", "default_cache_dir", "fetch", "download_url", "sha256_of"]
+__all__ = ["PretrainedCfg", "IMAGE_REWARD_MODELS", "default_cache_dir", "offline", "fetch", "fetch_hub_repo",
+           "download_url", "sha256_of"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PretrainedCfg:
-    """One named checkpoint file: its source, local name, checksum, licence and preprocessing."""
+    """One named checkpoint file: its source, local name, checksum and licence."""
 
     name: str
     filename: str
@@ -44,7 +47,6 @@ class PretrainedCfg:
     alt_filenames: tuple[str, ...] = ()
     license: str = ""
     description: str = ""
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def source(self) -> str:
         if self.hf_repo:
@@ -78,7 +80,8 @@ def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids network access (read at call time)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
@@ -103,7 +106,7 @@ def fetch(cfg: PretrainedCfg, download_root: str | os.PathLike | None = None, *,
     if cfg.hf_repo:
         return _fetch_from_hub(cfg, root, revision or cfg.revision)
     if cfg.url:
-        if _offline():
+        if offline():
             raise DownloadError(_missing_message(cfg, root, "HF_HUB_OFFLINE is set"))
         return download_url(cfg.url, root / cfg.filename, sha256=cfg.sha256)
     raise DownloadError(_missing_message(cfg, root, "no remote source is known"))
@@ -116,7 +119,7 @@ def _fetch_from_hub(cfg: PretrainedCfg, root: Path, revision: str | None) -> Pat
         path = hf_hub_download(repo_id=cfg.hf_repo, filename=cfg.hf_filename or cfg.filename,
                                revision=revision, local_dir=str(root))
     except Exception as err:  # offline mode, no route to the Hub, 404, ...
-        reason = "offline (HF_HUB_OFFLINE=1)" if _offline() else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        reason = "offline (HF_HUB_OFFLINE=1)" if offline() else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise DownloadError(_missing_message(cfg, root, reason)) from err
     path = Path(path)
     if cfg.sha256 and sha256_of(path) != cfg.sha256:
@@ -126,6 +129,33 @@ def _fetch_from_hub(cfg: PretrainedCfg, root: Path, revision: str | None) -> Pat
         shutil.move(str(path), final)
         path = final
     return path
+
+
+# The files a Hub repository may hold for ImageReward.load: a save_pretrained folder (config.json +
+# model.safetensors) or the original's single ImageReward.pt.
+HUB_CHECKPOINT_FILES = ("config.json", "model.safetensors", "ImageReward.pt")
+
+
+def fetch_hub_repo(repo_id: str, download_root: str | os.PathLike | None = None, *, revision: str | None = None
+                   ) -> Path:
+    """Download the checkpoint files of Hub repository ``repo_id`` (``HUB_CHECKPOINT_FILES`` only) into
+    ``download_root/hub/<owner>--<name>`` and return that folder. Raises
+    :class:`~ImageReward.errors.DownloadError` (offline, unknown repository, or no checkpoint in it)."""
+    from huggingface_hub import snapshot_download
+
+    root = Path(download_root) if download_root is not None else default_cache_dir()
+    folder = root / "hub" / repo_id.replace("/", "--")
+    try:
+        snapshot_download(repo_id=repo_id, revision=revision, local_dir=str(folder),
+                          allow_patterns=list(HUB_CHECKPOINT_FILES))
+    except Exception as err:  # offline mode, no route to the Hub, 404, ...
+        reason = "offline (HF_HUB_OFFLINE=1)" if offline() else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise DownloadError(f"could not get Hub repository {repo_id!r} ({reason}); download its "
+                            f"{' / '.join(HUB_CHECKPOINT_FILES)} into {folder}, or pass a local path") from err
+    if not any((folder / name).is_file() for name in HUB_CHECKPOINT_FILES[1:]):
+        raise DownloadError(f"Hub repository {repo_id!r} holds no ImageReward checkpoint "
+                            f"(expected one of {list(HUB_CHECKPOINT_FILES[1:])})")
+    return folder
 
 
 def download_url(url: str, destination: str | os.PathLike, *, sha256: str | None = None,

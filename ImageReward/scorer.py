@@ -1,4 +1,4 @@
-"""The one interface every scorer implements, and the batch engine they all share.
+"""The one interface every scorer implements; its batch path is the shared engine (``ImageReward/engine.py``).
 
 A scorer subclasses :class:`Scorer` and provides four small pieces:
 
@@ -8,22 +8,21 @@ A scorer subclasses :class:`Scorer` and provides four small pieces:
 * flags: ``higher_is_better``, ``is_differentiable``, ``uses_prompt``.
 
 Everything users call (``score``, ``inference_rank``, ``score_batch``, ``score_grad``) is written once,
-here: image loading with typed errors, PIL-exact preprocessing, batching, encoding each distinct image only
-once however many prompts it is paired with, stable ranking, and ``torch.inference_mode`` for the
-non-differentiable paths. Trainers, evaluation, the CLI and the plugins take *any* scorer.
+here: argument checks, image loading with typed errors, PIL-exact preprocessing, stable ranking. Batches go
+through :func:`ImageReward.engine.score_images` (read-ahead, each distinct image encoded once however many
+prompts it is paired with, ``torch.inference_mode``). Trainers, evaluation, the CLI and the plugins take *any*
+scorer.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .engine import score_images
 from .errors import InvalidInputError, UnsupportedInputError
 from .image_io import ImageLike, load_image
 from .preprocess import PreprocessConfig, preprocess_pil, preprocess_tensor
@@ -42,13 +41,6 @@ def rank_descending(rewards: torch.Tensor) -> list[int]:
     return ranks.tolist()
 
 
-def _image_key(item: Any) -> tuple:
-    """Identity of an image for de-duplication: the resolved path, or the Python object."""
-    if isinstance(item, (str, os.PathLike)):
-        return ("path", os.path.abspath(os.fspath(item)))
-    return ("object", id(item))
-
-
 def _as_image_list(images: Any, what: str = "images") -> list:
     if isinstance(images, (list, tuple)):
         items = list(images)
@@ -57,37 +49,6 @@ def _as_image_list(images: Any, what: str = "images") -> list:
     if not items:
         raise InvalidInputError(f"{what} is empty: pass at least one image")
     return items
-
-
-class _ImagePrefetcher:
-    """Decodes and preprocesses images in a small thread pool (Pillow releases the GIL), so that the next
-    batch is read while the model runs on this one, and the images of one batch are read in parallel. A bad
-    image raises its typed error when its batch is collected, as if read in the caller's thread."""
-
-    def __init__(self, scorer: "Scorer", items: list[tuple[int, Any]]) -> None:
-        self.scorer = scorer
-        self.workers = max(1, min(len(items), os.cpu_count() or 1, 8))
-        self.pool: ThreadPoolExecutor | None = None
-        self.pending: dict[int, Future] = {}
-
-    def __enter__(self) -> "_ImagePrefetcher":
-        if self.workers > 1:
-            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="imagereward-decode")
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def request(self, chunk: list[tuple[int, Any]]) -> None:
-        if self.pool is not None:
-            for position, item in chunk:
-                self.pending[position] = self.pool.submit(self.scorer.preprocess, item, index=position)
-
-    def collect(self, chunk: list[tuple[int, Any]]) -> torch.Tensor:
-        if self.pool is None:
-            return torch.stack([self.scorer.preprocess(item, index=position) for position, item in chunk])
-        return torch.stack([self.pending.pop(position).result() for position, _ in chunk])
 
 
 class Scorer(nn.Module):
@@ -153,42 +114,8 @@ class Scorer(nn.Module):
             raise InvalidInputError(
                 f"got {len(prompt_list)} prompts for {len(items)} images: pass one prompt, or one per image"
             )
-        batch_size = batch_size or self.default_batch_size
-        unique_index: dict[tuple, int] = {}
-        unique_items: list[tuple[int, Any]] = []  # (first position in input, item)
-        pair_image = []
-        for position, item in enumerate(items):
-            key = _image_key(item)
-            if key not in unique_index:
-                unique_index[key] = len(unique_items)
-                unique_items.append((position, item))
-            pair_image.append(unique_index[key])
-
-        rewards = torch.empty(len(items), dtype=torch.float32)
-        pairs_of_image: list[list[int]] = [[] for _ in unique_items]
-        for pair, image_id in enumerate(pair_image):
-            pairs_of_image[image_id].append(pair)
-
-        bar = tqdm(total=len(items), desc=f"scoring ({self.name})", unit="pair", disable=not progress)
-        with _ImagePrefetcher(self, unique_items) as images, torch.inference_mode():
-            images.request(unique_items[:batch_size])
-            for start in range(0, len(unique_items), batch_size):
-                chunk = unique_items[start : start + batch_size]
-                pixels = images.collect(chunk)
-                images.request(unique_items[start + batch_size : start + 2 * batch_size])  # decoded meanwhile
-                features = self.encode_images(pixels.to(self.device, self.input_dtype))
-                # every pair whose image is in this chunk: (pair index, row in `features`), prompts of similar
-                # length together so that padding can be trimmed per sub-batch
-                rows = [(pair, row) for row in range(len(chunk)) for pair in pairs_of_image[start + row]]
-                rows.sort(key=lambda item: len(prompt_list[item[0]]))
-                for sub in range(0, len(rows), batch_size):
-                    part = rows[sub : sub + batch_size]
-                    index = torch.tensor([row for _, row in part], device=features.device)
-                    scores = self.score_pairs([prompt_list[pair] for pair, _ in part], features, index)
-                    rewards[[pair for pair, _ in part]] = scores.float().cpu()
-                    bar.update(len(part))
-        bar.close()
-        return rewards
+        return score_images(self, prompt_list, items, batch_size=batch_size or self.default_batch_size,
+                            progress=progress)
 
     def score(self, prompt: str, image: ImageLike | Sequence[ImageLike], *, batch_size: int | None = None
               ) -> float | list[float]:

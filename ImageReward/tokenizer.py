@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from .errors import UnsupportedInputError
+
 __all__ = ["BLIP_MAX_LENGTH", "load_bert_tokenizer", "tokenize", "check_prompts"]
 
 logger = logging.getLogger(__name__)
@@ -45,8 +47,6 @@ def load_bert_tokenizer():
 
 def check_prompts(prompts: Sequence[str] | str) -> list[str]:
     """Validate prompts: each must be a ``str``. Returns them as a list."""
-    from .errors import UnsupportedInputError
-
     items = [prompts] if isinstance(prompts, str) else list(prompts)
     for index, prompt in enumerate(items):
         if not isinstance(prompt, str):

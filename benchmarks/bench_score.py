@@ -144,11 +144,11 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str
     n_prompts, n_images = (int(x) for x in shape.split("x"))
     dtype_name = "bf16" if mode.endswith("bf16") else "fp32"
     if mode.split("-")[0] in ("CLIP", "BLIP", "Aesthetic"):
-        from ImageReward.factory import _place
+        from ImageReward.factory import place_model
 
         name = mode.split("-")[0]
-        model = _place(build_baseline(name, quick), device, getattr(torch, "bfloat16" if dtype_name == "bf16" else "float32"),
-                       keep_fp32=("mlp",) if name == "Aesthetic" else ())
+        model = place_model(build_baseline(name, quick), device, getattr(torch, "bfloat16" if dtype_name == "bf16" else "float32"),
+                            keep_fp32=("mlp",) if name == "Aesthetic" else ())
     else:
         model = build_model(quick, dtype_name).to(device)
     all_images = sorted(str(p) for p in image_dir.glob("*.png"))
@@ -195,7 +195,7 @@ def main() -> int:
                         "each in a fresh process, and keep its best (evens out a machine whose speed drifts)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak rate (e.g. 989 for H100 SXM bf16 dense): "
-                        "adds a '% of peak' column")
+                        "adds a '%% of peak' column")
     parser.add_argument("--baselines", action="store_true", help="also run CLIP, BLIP and Aesthetic (1 prompt x 8)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--image-dir", help=argparse.SUPPRESS)

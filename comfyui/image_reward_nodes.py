@@ -141,32 +141,23 @@ def _offline() -> bool:
 
 
 def load_scorer(name: str, device: str = "auto", dtype: str = "float32") -> Any:
-    """A registered model, a baseline score, or a local checkpoint (a name in ``models/image_reward``, or a path
-    to a ``.pt``/``.safetensors`` file or ``save_pretrained`` folder). Weights come from ``models/image_reward``
-    and are downloaded there when missing. Raises ``ValueError`` for an unknown name, ``RuntimeError`` naming
-    every missing weight file when they cannot be had."""
+    """Anything ``RM.load_scorer`` accepts (a registered model or score, a weighted mix ``NAME[:WEIGHT],...``,
+    a local checkpoint file or ``save_pretrained`` folder, a Hub id), or a name listed from
+    ``models/image_reward``. Weights come from ``models/image_reward`` and are downloaded there when missing.
+    Raises ``RM.UnknownModelError`` (a ``ValueError``) for an unknown name, ``RuntimeError`` naming every
+    missing weight file when they cannot be had."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     torch_dtype = None if dtype == "float32" else _DTYPES[dtype]
     root = model_folder()
     local = os.path.join(root, name.rstrip("/")) if root and name in local_checkpoints() else None
-    path = local or (name if os.path.exists(name) else None)
-    registered = name in RM.available_models() or name in RM.available_scores()
-    if path is None and not registered:
-        raise ValueError(f"unknown scorer {name!r}: choose one of {scorer_names()} or give the path of a local "
-                         "ImageReward checkpoint")
-    if path is None and _offline() and missing_weights(name, root):
+    if local is None and _offline() and missing_weights(name, root):
         raise _missing_error(name, root, "HF_HUB_OFFLINE is set and the weights are not there")
-    logger.info("ImageReward: loading %s", path or name)
-    target = _device(device)
-    try:
-        if path is not None or name in RM.available_models():
-            model = RM.load(path or name, device=target, dtype=torch_dtype, download_root=root)
-        else:
-            model = RM.load_score(name, device=target, dtype=torch_dtype, download_root=root)
+    logger.info("ImageReward: loading %s", local or name)
+    try:  # the library's one resolver (names, mixes, paths, Hub ids)
+        return RM.load_scorer(local or name, device=_device(device), download_root=root, dtype=torch_dtype)
     except RM.DownloadError as err:
         raise _missing_error(name, root, str(err).split(". Download")[0]) from err
-    return model
 
 
 def _device(choice: str) -> Any:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import re
 import sys
 from typing import Any, Sequence
@@ -81,8 +80,9 @@ def _device() -> Any:
 
 
 def load_scorer(name: str) -> Any:
-    """The loaded scorer for ``name`` (a registered model, a baseline score, or a local checkpoint path),
-    reused from the previous run when the name is unchanged."""
+    """The loaded scorer for ``name`` (anything ``RM.load_scorer`` accepts: a registered model or score, a
+    weighted mix ``NAME[:WEIGHT],...``, a local checkpoint path, a Hub id), reused from the previous run when
+    the name is unchanged. An unknown name raises ``RM.UnknownModelError`` (a ``ValueError``)."""
     if RM is None:
         raise ImageRewardScriptError(_IMPORT_ERROR)
     name = (name or DEFAULT_SCORER).strip()
@@ -91,13 +91,7 @@ def load_scorer(name: str) -> Any:
         return cached
     unload_model()
     logger.info("ImageReward: loading %s", name)
-    if name in RM.available_models() or os.path.exists(name):
-        model = RM.load(name, device=_device())
-    elif name in RM.available_scores():
-        model = RM.load_score(name, device=_device())
-    else:
-        raise ImageRewardScriptError(f"unknown scorer {name!r}: choose one of {scorer_choices()} "
-                                     "or give the path of a local ImageReward checkpoint")
+    model = RM.load_scorer(name, device=_device())  # the library's one resolver (names, mixes, paths, Hub ids)
     setattr(shared, _SHARED_MODEL, model)
     setattr(shared, _SHARED_NAME, name)
     return model

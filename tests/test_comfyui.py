@@ -14,6 +14,8 @@ import ImageReward as RM
 from ImageReward import factory
 from webui_shim import Brightness, NodeRegistry, fake_sample, install_comfy, install_comfyui, save_tiny_image_reward
 
+UNPATCHED_LOAD = factory.load
+
 PACKAGE = Path(__file__).resolve().parents[1] / "comfyui"
 PROMPT = "a red fox in the snow"
 NODES = ("ImageRewardLoader", "ImageRewardScore", "ImageRewardRankFilter", "ImageRewardScoreToText",
@@ -67,6 +69,7 @@ def comfy(monkeypatch, tmp_path, tiny_dir):
         return real_load(tiny_dir if name == "ImageReward-v1.0" else name, device=device)
 
     monkeypatch.setattr(RM, "load", fake_load)
+    monkeypatch.setattr(factory, "load", fake_load)  # what RM.load_scorer (the plugins' resolver) calls
     monkeypatch.setitem(factory._SCORERS, "Brightness", lambda **kw: Brightness())
     monkeypatch.setitem(factory._SCORERS, "Darkness", lambda **kw: Brightness(higher_is_better=False))
     registry = NodeRegistry()
@@ -108,7 +111,7 @@ def test_score_rank_and_text_end_to_end(comfy, tiny_dir):
     images = make_images()
     scores, best = registry.run("ImageRewardScore", scorer=scorer, images=images, prompt=PROMPT, batch_size=3)
     values = scores["scores"]
-    reference = factory.load(str(tiny_dir), device="cpu")  # unpatched
+    reference = UNPATCHED_LOAD(str(tiny_dir), device="cpu")
     # the pixels SaveImage writes: a score here equals the CLI's score of the saved PNG
     assert values == pytest.approx(reference.score_batch(PROMPT, saveimage_pixels(images)).tolist(), abs=1e-5)
     assert best == max(values) and len(set(np.round(values, 4))) == 4

@@ -15,8 +15,8 @@ from PIL import Image
 from ImageReward.errors import DownloadError, InvalidInputError
 from ImageReward.eval.cache import ScoreCache, cached_scores, image_identity
 from ImageReward.eval.data import find_generations, load_imagerewarddb, load_test_json
-from ImageReward.eval.download import (ensure_benchmark_generations, ensure_test_images, ensure_test_json,
-                                       extract_archive_to, safe_extract_zip)
+from ImageReward.eval.download import ensure_benchmark_generations, ensure_test_images, ensure_test_json
+from ImageReward.preference.archives import extract_archive_to, safe_extract_zip
 
 
 def _png(path, seed=0, size=(12, 10)):
@@ -75,7 +75,7 @@ def test_load_test_json_joins_prefix_and_validates(tmp_path):
     assert item.images == ["imgs/a.png", "imgs/b.png"] and item.ranking == [2, 1]
     bad = [good[0], {"id": "2", "prompt": "p", "generations": ["a.png"], "ranking": [1, 2]}]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(InvalidInputError, match=r"item #1.*one rank per generation"):
+    with pytest.raises(InvalidInputError, match=r"\[1\].*one rank per generation"):
         load_test_json(tmp_path / "bad.json")
     (tmp_path / "missing.json").write_text(json.dumps([{"id": "3", "prompt": "p"}]))
     with pytest.raises(InvalidInputError, match=r"id '3'.*missing field"):

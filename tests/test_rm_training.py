@@ -18,8 +18,9 @@ from ImageReward.errors import CheckpointError, InvalidInputError
 from ImageReward.models.blip import BLIP, BLIPConfig, TextConfig, VisionConfig
 from ImageReward.preprocess import PreprocessConfig
 from ImageReward.rm_training.config import RMTrainConfig, config_from_dict, load_config
+from ImageReward.eval.metrics import pooled_pair_accuracy
 from ImageReward.rm_training.data import (PairDataset, ShardedEpochSampler, drop_missing_images, expand_pairs,
-                                          pooled_pair_accuracy, validate_groups)
+                                          validate_groups)
 from ImageReward.rm_training.model import build_model, freeze_layers, trainable_parameter_names
 from ImageReward.rm_training.trainer import lr_at
 
@@ -37,14 +38,15 @@ def test_pairs_skip_ties_and_put_lower_rank_first():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"prompt": "p", "generations": ["a"]}, "missing key"),
+    ({"prompt": "p", "generations": ["a"]}, "missing field"),
     ({"prompt": 3, "generations": ["a"], "ranking": [1]}, "'prompt' must be a string"),
     ({"prompt": "p", "generations": ["a", "b"], "ranking": [1]}, "2 generations but 1 ranking"),
-    ({"prompt": "p", "generations": ["a"], "ranking": ["1"]}, "list of integers"),
+    ({"prompt": "p", "generations": ["a"], "ranking": ["1"]}, "list of numbers"),
+    ({"prompt": "p", "generations": [], "ranking": []}, "non-empty list"),
 ])
 def test_group_validation_names_the_item(bad, message):
     with pytest.raises(InvalidInputError, match=message) as info:
-        validate_groups([{"prompt": "ok", "generations": [], "ranking": []}, bad], "train.json")
+        validate_groups([{"prompt": "ok", "generations": ["a"], "ranking": [1.5]}, bad], "train.json")
     assert "train.json[1]" in str(info.value)
 
 
@@ -255,7 +257,7 @@ def _make_mirror(root: Path) -> None:
 
 
 def test_imagerewarddb_fixture_through_the_converter(tmp_path, monkeypatch):
-    from ImageReward.rm_training import imagerewarddb as db
+    from ImageReward.preference import imagerewarddb as db
     from ImageReward.rm_training.data import read_groups
 
     mirror, root = tmp_path / "hub", tmp_path / "train"

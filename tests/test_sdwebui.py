@@ -17,6 +17,8 @@ import ImageReward as RM
 from ImageReward import factory
 from webui_shim import Brightness, install_webui, parse_generation_parameters, save_tiny_image_reward
 
+UNPATCHED_LOAD = factory.load
+
 PLUGIN = Path(__file__).resolve().parents[1] / "sdwebui" / "image_reward.py"
 TITLE = "ImageReward - generate human preference scores"
 PROMPT = "a red fox in the snow"
@@ -46,6 +48,7 @@ def webui(monkeypatch, tmp_path, tiny_dir):
         return real_load(tiny_dir if name == "ImageReward-v1.0" else name, device=device)
 
     monkeypatch.setattr(RM, "load", fake_load)
+    monkeypatch.setattr(factory, "load", fake_load)  # what RM.load_scorer (the plugins' resolver) calls
     monkeypatch.setitem(factory._SCORERS, "Brightness", lambda **kw: Brightness())
     monkeypatch.setitem(factory._SCORERS, "Darkness", lambda **kw: Brightness(higher_is_better=False))
     plugin = load_plugin()
@@ -97,7 +100,7 @@ def test_end_to_end_scores_infotexts_png_and_grid(webui, tmp_path, tiny_dir):
     assert grid.size == (64, 64) and "score" not in grid.info and "ImageReward Score" not in processed.infotexts[0]
 
     # every sample's score equals the library's own score for that image and prompt
-    reference = factory.load(str(tiny_dir), device="cpu")  # unpatched
+    reference = UNPATCHED_LOAD(str(tiny_dir), device="cpu")
     expected = [reference.score(PROMPT, image) for image in samples]
     got = [score_of(text) for text in processed.infotexts[1:]]
     assert got == pytest.approx(expected, abs=6e-5)  # written with 4 decimals

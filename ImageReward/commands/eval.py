@@ -15,9 +15,13 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from .score import load_scorer
+
 logger = logging.getLogger(__name__)
 
 ALL_SCORERS = ("ImageReward-v1.0", "CLIP", "BLIP", "Aesthetic")
+_LIST_HELP = ("items are separated by ',' (or by ';' when present); a comma list in which an item has a "
+              ":WEIGHT is one weighted mix, e.g. 'ImageReward-v1.0:1,Aesthetic:0.1'")
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pref.add_argument("--target-dir", "--target_dir", dest="target_dir", default="data/",
                       help="where test_<model>.json, eval_summary.json and report.html go")
     pref.add_argument("--model-type", "--model_type", dest="model_type", default="all",
-                      help="all (= ImageReward-v1.0, CLIP, BLIP, Aesthetic), a name, a local checkpoint, "
-                           "or a comma list")
+                      help="all (= ImageReward-v1.0, CLIP, BLIP, Aesthetic), a model name (registered, "
+                           "a local checkpoint, a Hub id), or a list of them; " + _LIST_HELP)
     pref.add_argument("--imagerewarddb-split", default=None, metavar="SPLIT",
                       help="evaluate on the ImageRewardDB split (e.g. test) instead of test.json")
     pref.add_argument("--imagerewarddb-root", default=None,
@@ -68,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="default (openjourney, sd2-1, dalle2, sd1-4, vd, cogview2), all (every subfolder), "
                             "or a comma list")
     bench.add_argument("--benchmark", default="ImageReward-v1.0, CLIP",
-                       help="scorers, comma separated: ImageReward-v1.0, CLIP, BLIP, Aesthetic or checkpoint paths")
+                       help="scorers: ImageReward-v1.0, CLIP, BLIP, Aesthetic, checkpoint paths, ...; " + _LIST_HELP)
     bench.add_argument("--human-ranking", default=None,
                        help="JSON file {model: rank} or 'model=rank,...' (1 = best); default: the paper's "
                             "human ranking of the six published models")
@@ -78,11 +82,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------ helpers
 def scorer_label(spec: str) -> str:
-    """A file-name-safe label: registered names unchanged, paths by their stem."""
-    if os.path.exists(spec):
-        stem = Path(spec.rstrip("/\\")).stem or "checkpoint"
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
-    return spec
+    """A file-name-safe label: registered names unchanged, paths by their stem, mixes and Hub ids with
+    every other character replaced by ``_`` (the resolver decides which is which)."""
+    from ImageReward.resolve import resolve
+
+    resolved = resolve(spec)
+    if resolved.kind in ("checkpoint", "scorer"):
+        return resolved.target
+    text = (Path(spec.rstrip("/\\")).stem or "checkpoint") if resolved.kind == "path" else spec
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
 def _device(args: argparse.Namespace) -> str | None:
@@ -94,8 +102,6 @@ def _device(args: argparse.Namespace) -> str | None:
 
 
 def _load(spec: str, args: argparse.Namespace):
-    from .score import load_scorer
-
     if args.rm_path is not None:
         Path(args.rm_path).expanduser().mkdir(parents=True, exist_ok=True)
     namespace = argparse.Namespace(model=spec, device=_device(args), dtype=args.dtype,
@@ -111,8 +117,21 @@ def _open_cache(args: argparse.Namespace, default_dir: str):
     return ScoreCache(args.cache or os.path.join(default_dir, "score_cache.sqlite"))
 
 
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+def _split(text: str, separator: str = ",") -> list[str]:
+    return [part.strip() for part in text.split(separator) if part.strip()]
+
+
+def scorer_specs(text: str) -> list[str]:
+    """The model strings of ``--model_type``/``--benchmark``: split on ``;`` when present, else on ``,``,
+    except that a comma list with a ``:WEIGHT`` on any item is one weighted mix."""
+    from ImageReward.resolve import parse_mix
+
+    if ";" in text:
+        return _split(text, ";")
+    items = _split(text)
+    if len(items) > 1 and any(parse_mix(item) is not None for item in items):
+        return [text.strip()]
+    return items
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -134,7 +153,7 @@ def run_preference(args: argparse.Namespace) -> int:
     stats = dataset_stats(items)
     print(f"{stats['prompts']} prompts, {stats['images']} images, {stats['strict_pairs']} pairs "
           f"({stats['human_ties']} human ties skipped)")
-    specs = list(ALL_SCORERS) if args.model_type == "all" else _split(args.model_type)
+    specs = list(ALL_SCORERS) if args.model_type == "all" else scorer_specs(args.model_type)
     os.makedirs(args.target_dir, exist_ok=True)
     cache = _open_cache(args, args.target_dir)
     results = []
@@ -208,7 +227,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     cache = _open_cache(args, args.result_dir)
     results = []
     try:
-        for spec in _split(args.benchmark):
+        for spec in scorer_specs(args.benchmark):
             label = scorer_label(spec)
             print(f"Loading {label} model...")
             model = _load(spec, args)

@@ -10,7 +10,9 @@ import sys
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a scorer."""
     parser.add_argument("--model", default="ImageReward-v1.0",
-                        help="ImageReward-v1.0, CLIP, BLIP, Aesthetic, or a local checkpoint file/folder")
+                        help="a registered name (ImageReward-v1.0, CLIP, BLIP, Aesthetic, ...), a weighted mix "
+                             "NAME[:WEIGHT],... (e.g. ImageReward-v1.0:1,Aesthetic:0.1), a local checkpoint "
+                             "file/folder, or a Hub id OWNER/NAME (first match wins, in that order)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--download-root", default=None, help="where checkpoints are cached (default ~/.cache/ImageReward)")
@@ -18,15 +20,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_scorer(args: argparse.Namespace):
-    """The scorer named by ``--model`` (ImageReward checkpoints via ``load``, baselines via ``load_score``)."""
+    """The scorer named by ``--model``, through the one resolver (:func:`ImageReward.load_scorer`)."""
     import torch
 
     import ImageReward as RM
 
     dtype = getattr(torch, args.dtype)
-    if args.model in RM.available_scores():
-        return RM.load_score(args.model, device=args.device, download_root=args.download_root, dtype=dtype)
-    return RM.load(args.model, device=args.device, download_root=args.download_root, dtype=dtype)
+    return RM.load_scorer(args.model, device=args.device, download_root=args.download_root, dtype=dtype)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -13,13 +13,15 @@
 from .benchmark import BenchmarkResult, evaluate_benchmark, write_benchmark_outputs
 from .cache import ScoreCache, cached_scores
 from .data import PreferenceItem, dataset_stats, find_generations, load_benchmark_prompts, load_imagerewarddb, load_test_json
-from .download import extract_archive_to, safe_extract_zip
-from .metrics import METRICS, MetricValue, PairCounts, accuracies, bootstrap_intervals, pair_counts, spearman_rho
+from ..preference.archives import extract_archive_to, safe_extract_zip
+from .metrics import (METRICS, MetricValue, PairCounts, accuracies, bootstrap_intervals, pair_counts,
+                      pooled_pair_accuracy, spearman_rho)
 from .preference import PreferenceResult, evaluate_preference, write_predictions
 from .report import benchmark_table, preference_table, write_preference_report
 
 __all__ = [
-    "METRICS", "MetricValue", "PairCounts", "pair_counts", "accuracies", "bootstrap_intervals", "spearman_rho",
+    "METRICS", "MetricValue", "PairCounts", "pair_counts", "accuracies", "pooled_pair_accuracy",
+    "bootstrap_intervals", "spearman_rho",
     "PreferenceItem", "load_test_json", "dataset_stats", "load_imagerewarddb", "load_benchmark_prompts",
     "find_generations", "safe_extract_zip", "extract_archive_to", "ScoreCache", "cached_scores",
     "PreferenceResult", "evaluate_preference", "write_predictions", "BenchmarkResult", "evaluate_benchmark",

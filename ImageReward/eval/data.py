@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -17,13 +16,15 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..errors import InvalidInputError
+from ..image_io import IMAGE_EXTENSIONS
+from ..preference.groups import read_json, validate_groups
+from ..preference.imagerewarddb import convert_split, hub_fetcher, local_fetcher, prepare_split
+from ..pretrained import default_cache_dir
 
 __all__ = ["PreferenceItem", "load_test_json", "parse_test_items", "dataset_stats", "load_imagerewarddb",
-           "load_benchmark_prompts", "find_generations", "IMAGE_EXTENSIONS"]
+           "load_benchmark_prompts", "find_generations"]
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
@@ -43,47 +44,20 @@ class PreferenceItem:
 
 def parse_test_items(raw: Any, *, img_prefix: str | os.PathLike | None = None, source: str = "test set"
                      ) -> list[PreferenceItem]:
-    """Validate a ``test.json``-style list (``id, prompt, generations, ranking``) into items."""
-    if not isinstance(raw, list):
-        raise InvalidInputError(f"{source}: expected a JSON list of objects, got {type(raw).__name__}")
+    """Validate a ``test.json``-style list (``id, prompt, generations, ranking``; the one validator,
+    :func:`ImageReward.preference.groups.validate_groups`) into items; image paths are ``img_prefix/<generation>``."""
     items = []
-    for index, entry in enumerate(raw):
-        where = f"{source}: item #{index}"
-        if not isinstance(entry, dict):
-            raise InvalidInputError(f"{where}: expected an object with id, prompt, generations, ranking")
-        missing = [key for key in ("prompt", "generations", "ranking") if key not in entry]
-        if missing:
-            raise InvalidInputError(f"{where} (id {entry.get('id')!r}): missing field(s) {missing}")
-        generations, ranking = entry["generations"], entry["ranking"]
-        if not isinstance(entry["prompt"], str):
-            raise InvalidInputError(f"{where}: prompt must be a string")
-        if not isinstance(generations, list) or not all(isinstance(g, str) for g in generations) or not generations:
-            raise InvalidInputError(f"{where}: generations must be a non-empty list of image paths")
-        if not isinstance(ranking, list) or len(ranking) != len(generations):
-            raise InvalidInputError(f"{where}: ranking must be a list with one rank per generation "
-                                    f"({len(generations)}), got {ranking!r}")
-        if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in ranking):
-            raise InvalidInputError(f"{where}: ranking values must be numbers (lower = better), got {ranking!r}")
+    for index, entry in enumerate(validate_groups(raw, source)):
+        generations = list(entry["generations"])
         images = [os.path.join(img_prefix, g) if img_prefix is not None else g for g in generations]
         items.append(PreferenceItem(id=str(entry.get("id", index)), prompt=entry["prompt"],
-                                    generations=list(generations), ranking=list(ranking), images=images))
+                                    generations=generations, ranking=list(entry["ranking"]), images=images))
     return items
-
-
-def _read_json(path: str | os.PathLike, what: str) -> Any:
-    """Parse a JSON file; a missing or malformed file is an :class:`InvalidInputError` naming ``what``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"{what} {str(path)!r} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"{what} {str(path)!r} is not valid JSON: {err}") from err
 
 
 def load_test_json(path: str | os.PathLike, *, img_prefix: str | os.PathLike | None = None) -> list[PreferenceItem]:
     """Read the original ``test.json`` format; image paths are ``img_prefix/<generation>``."""
-    return parse_test_items(_read_json(path, "test set"), img_prefix=img_prefix, source=str(path))
+    return parse_test_items(read_json(path, "test set"), img_prefix=img_prefix, source=str(path))
 
 
 def dataset_stats(items: Sequence[PreferenceItem]) -> dict[str, int]:
@@ -102,14 +76,11 @@ def load_imagerewarddb(split: str = "test", root: str | os.PathLike | None = Non
                        verify: bool = True) -> list[PreferenceItem]:
     """The ImageRewardDB ``split`` as preference items, read directly from ``metadata-<split>.parquet`` and
     the ``images/<split>/*.zip`` archives through the one ImageRewardDB reader
-    (:mod:`ImageReward.rm_training.imagerewarddb`; the dataset's loading script no longer runs on current
+    (:mod:`ImageReward.preference.imagerewarddb`; the dataset's loading script no longer runs on current
     ``datasets``). ``root`` defaults to ``~/.cache/ImageReward/ImageRewardDB``; with ``download=False`` the
     files must already be there. Missing/corrupt images are skipped with a warning (``verify``).
     Needs ``pyarrow``.
     """
-    from ..pretrained import default_cache_dir
-    from ..rm_training.imagerewarddb import hub_fetcher, local_fetcher, prepare_split, convert_split
-
     root = Path(root) if root is not None else default_cache_dir() / "ImageRewardDB"
     fetch = hub_fetcher(root=root) if download else local_fetcher(root)
     rows = prepare_split(split, root, fetch=fetch)
@@ -123,7 +94,7 @@ def load_imagerewarddb(split: str = "test", root: str | os.PathLike | None = Non
 # ------------------------------------------------------------------------------------------- benchmark
 def load_benchmark_prompts(path: str | os.PathLike) -> list[dict[str, str]]:
     """The benchmark prompt list: JSON ``[{"id": ..., "prompt": ...}, ...]``."""
-    raw = _read_json(path, "benchmark prompts")
+    raw = read_json(path, "benchmark prompts")
     if not isinstance(raw, list) or not all(isinstance(e, dict) and "id" in e and isinstance(e.get("prompt"), str)
                                             for e in raw):
         raise InvalidInputError(f"{path}: expected a JSON list of {{'id', 'prompt'}} objects")

@@ -1,26 +1,22 @@
-"""Evaluation data on disk: safe zip extraction and the downloads of the original's test data.
+"""Evaluation data on disk: the downloads of the original's test data (archives are extracted by the one
+safe extractor, :mod:`ImageReward.preference.archives`).
 
 Every download goes through the one downloader (:mod:`ImageReward.pretrained`): Hub files via
 ``huggingface_hub`` (cached, resumable, honours ``HF_HUB_OFFLINE``), other URLs via
-:func:`~ImageReward.pretrained.download_url` (streamed to a temporary file, renamed when complete). Archives
-are extracted into a temporary folder next to the target and renamed into place only when complete, so an
-interrupted run never leaves a half-extracted folder that looks finished.
+:func:`~ImageReward.pretrained.download_url` (streamed to a temporary file, renamed when complete).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import stat
-import tempfile
-import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ..errors import DownloadError, InvalidInputError
-from ..pretrained import _offline, download_url
+from ..preference.archives import extract_archive_to
+from ..pretrained import download_url, offline
 
-__all__ = ["safe_extract_zip", "extract_archive_to", "ensure_test_json", "ensure_test_images",
+__all__ = ["ensure_test_json", "ensure_test_images",
            "ensure_benchmark_prompts", "ensure_benchmark_generations", "TEST_JSON_URL", "BENCHMARK_PROMPTS_URL",
            "BENCHMARK_GENERATIONS", "DEFAULT_BENCHMARK_MODELS"]
 
@@ -45,74 +41,8 @@ BENCHMARK_GENERATIONS: dict[str, tuple[str, str]] = {
 DEFAULT_BENCHMARK_MODELS: tuple[str, ...] = ("openjourney", "sd2-1", "dalle2", "sd1-4", "vd", "cogview2")
 
 
-def _check_member(info: zipfile.ZipInfo, archive: str) -> PurePosixPath:
-    name = info.filename.replace("\\", "/")
-    path = PurePosixPath(name)
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode):
-        raise InvalidInputError(f"{archive}: entry {info.filename!r} is a symbolic link; refusing to extract")
-    if path.is_absolute() or name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in path.parts:
-        raise InvalidInputError(f"{archive}: entry {info.filename!r} would be written outside the target folder")
-    return path
-
-
-def safe_extract_zip(archive: str | os.PathLike, destination: str | os.PathLike) -> list[Path]:
-    """Extract ``archive`` into ``destination``; refuse absolute paths, ``..``, drive letters and symlinks.
-
-    Every entry is checked before anything is written. Returns the extracted file paths.
-
-    >>> safe_extract_zip("test_images.zip", "data")   # doctest: +SKIP
-    """
-    archive = os.fspath(archive)
-    destination = Path(destination).resolve()
-    try:
-        handle = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as err:
-        raise InvalidInputError(f"{archive}: not a readable zip archive ({err})") from err
-    written = []
-    with handle:
-        members = [(info, _check_member(info, archive)) for info in handle.infolist()]
-        for info, path in members:
-            target = destination.joinpath(*path.parts).resolve()
-            if target != destination and destination not in target.parents:
-                raise InvalidInputError(f"{archive}: entry {info.filename!r} escapes {destination}")
-        for info, path in members:
-            target = destination.joinpath(*path.parts)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with handle.open(info) as source, open(target, "wb") as out:
-                shutil.copyfileobj(source, out, 1 << 20)
-            written.append(target)
-    return written
-
-
-def extract_archive_to(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Extract ``archive`` so that its content ends up in the folder ``target``.
-
-    An archive holding a single top-level folder (``test_images/...``) has that folder renamed to
-    ``target``; otherwise its entries go directly into ``target``. Extraction happens in a temporary
-    sibling folder which is renamed at the end, so ``target`` appears only when complete.
-    """
-    target = Path(target)
-    if target.exists():
-        raise InvalidInputError(f"{target} already exists; remove it to extract {archive} again")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".extracting", dir=target.parent))
-    try:
-        safe_extract_zip(archive, staging)
-        entries = [p for p in staging.iterdir() if p.name != "__MACOSX"]
-        source = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
-        os.replace(source, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 def _need_download(path: Path, what: str, url: str) -> None:
-    if _offline():
+    if offline():
         raise DownloadError(f"{what} not found at {path} and HF_HUB_OFFLINE is set: download {url} "
                             f"to {path}, or pass its local path")
 

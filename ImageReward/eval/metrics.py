@@ -28,8 +28,8 @@ import numpy as np
 
 from ..errors import InvalidInputError
 
-__all__ = ["METRICS", "PairCounts", "pair_counts", "accuracies", "bootstrap_intervals", "spearman_rho",
-           "average_ranks", "MetricValue"]
+__all__ = ["METRICS", "PairCounts", "pair_counts", "accuracies", "pooled_pair_accuracy", "bootstrap_intervals",
+           "spearman_rho", "average_ranks", "MetricValue"]
 
 METRICS: tuple[str, ...] = ("original", "tie-half", "ties-dropped", "per-prompt")
 
@@ -123,6 +123,19 @@ def accuracies(counts: Sequence[PairCounts]) -> dict[str, float]:
     """
     matrix = _count_matrix(counts)
     return {name: float(_ratio(num.sum(), den.sum())) for name, (num, den) in matrix.items()}
+
+
+def pooled_pair_accuracy(rankings: Sequence[Sequence[float]], rewards: Sequence[Sequence[float]]
+                         ) -> tuple[float, int]:
+    """The ``original`` metric and its number of pairs, from per-prompt rankings and rewards: over all non-tie
+    pairs of every prompt, the fraction the rewards order strictly the same way (model ties count as wrong),
+    pooled over prompts. Returns ``(accuracy, pairs)``; ``nan`` accuracy without pairs.
+
+    >>> pooled_pair_accuracy([[1, 2, 3]], [[0.9, 0.5, 0.7]])
+    (0.6666666666666666, 3)
+    """
+    counts = [pair_counts(ranking, scores) for ranking, scores in zip(rankings, rewards)]
+    return accuracies(counts)["original"], int(sum(c.original[1] for c in counts))
 
 
 def bootstrap_intervals(counts: Sequence[PairCounts], *, n_boot: int = 1000, seed: int = 0,

@@ -13,10 +13,10 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import load_state_dict_strict, read_state_dict, strip_prefix
+from ..checkpoint import build_from_state_dict, load_state_dict_strict, read_state_dict, strip_prefix
 from ..preprocess import PreprocessConfig
 from ..scorer import Scorer
-from .clip import clip_config, clip_image_embeds
+from .clip import HF_IGNORED_KEYS, clip_config, clip_image_embeds
 from .image_reward import RewardHead
 
 __all__ = ["AestheticScorer"]
@@ -53,9 +53,6 @@ class AestheticScorer(Scorer):
         """The CLIP image tower from ``hparams`` (loaded from ``vision_state`` in transformers' names when
         given, else random) and a fresh head."""
         from transformers import CLIPVisionModelWithProjection
-
-        from ..checkpoint import build_from_state_dict
-        from .clip import HF_IGNORED_KEYS
 
         config = clip_config(hparams).vision_config
         config._attn_implementation = "sdpa"

@@ -13,9 +13,10 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_state_dict_strict
+from ..checkpoint import build_from_state_dict, load_state_dict_strict
 from ..preprocess import PreprocessConfig
 from ..scorer import Scorer
+from ..tokenizer import tokenize
 from .blip import BLIP, BLIPConfig
 from .clip import unique_rows
 
@@ -51,8 +52,6 @@ class BLIPITCScorer(Scorer):
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], config: BLIPConfig | None = None, *,
                         source: str = "checkpoint") -> "BLIPITCScorer":
         """Build straight from a ``BLIP_Pretrain`` state dict (no random init first), strictly by name."""
-        from ..checkpoint import build_from_state_dict
-
         config = config or BLIPConfig()
         blip = build_from_state_dict(lambda: BLIP(config), state_dict, allow_missing=("text_encoder.embeddings.position_ids",),
                            allow_unexpected=BLIP_PRETRAIN_UNUSED_KEYS, source=source)
@@ -78,8 +77,6 @@ class BLIPITCScorer(Scorer):
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalised ITC text features ``[N, 256]`` (float32), text encoder without cross-attention."""
-        from ..tokenizer import tokenize
-
         input_ids, attention_mask = tokenize(prompts)
         # padding is masked out (weight exp(-10000) == 0): drop the columns every prompt pads
         end = int(attention_mask.sum(dim=1).max())

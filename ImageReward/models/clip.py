@@ -15,8 +15,12 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import build_from_state_dict, read_state_dict
+from ..clip_tokenizer import EOT_TOKEN_ID, clip_tokenize
+from ..errors import CheckpointError
 from ..preprocess import PreprocessConfig
 from ..scorer import Scorer
+from .clip_convert import _count_layers, openai_hparams, openai_to_hf, read_openai_clip
 
 __all__ = ["VIT_L_14", "clip_config", "tiny_clip_hparams", "build_clip_model", "load_clip_weights",
            "clip_image_embeds", "unique_rows", "CLIPScorer"]
@@ -66,8 +70,6 @@ def build_clip_model(config, state_dict: Mapping[str, torch.Tensor] | None = Non
     (transformers' key names) without a random init first."""
     from transformers import CLIPModel
 
-    from ..checkpoint import build_from_state_dict
-
     if state_dict is None:
         return CLIPModel(config).eval()
     return build_from_state_dict(lambda: CLIPModel(config), state_dict, allow_missing=HF_IGNORED_KEYS,
@@ -78,9 +80,6 @@ def load_clip_weights(path: str | os.PathLike, *, vision_only: bool = False) -> 
     """Read CLIP weights from OpenAI's format (``.pt`` TorchScript archive or state dict) or transformers'
     (``.safetensors``/``.bin`` with ``vision_model.*`` keys). Returns ``(hparams, state dict in
     transformers' names)``; ``vision_only`` keeps the image tower and its projection."""
-    from ..checkpoint import read_state_dict
-    from .clip_convert import openai_hparams, openai_to_hf, read_openai_clip
-
     path = os.fspath(path)
     if path.endswith(".safetensors") or path.endswith(".bin"):
         state = read_state_dict(path)
@@ -95,9 +94,6 @@ def load_clip_weights(path: str | os.PathLike, *, vision_only: bool = False) -> 
 
 
 def _hf_hparams(state: Mapping[str, torch.Tensor], source: str) -> dict[str, int]:
-    from ..errors import CheckpointError
-    from .clip_convert import _count_layers
-
     try:
         patch = state["vision_model.embeddings.patch_embedding.weight"]
         positions = state["vision_model.embeddings.position_embedding.weight"].shape[0]
@@ -162,8 +158,6 @@ class CLIPScorer(Scorer):
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalised text embeddings ``[N, 768]`` (float32)."""
-        from ..clip_tokenizer import EOT_TOKEN_ID, clip_tokenize
-
         input_ids = clip_tokenize(prompts, self.model.config.text_config.max_position_embeddings)
         # The feature is read at the first EOT and attention is causal, so the padding after the longest
         # prompt's EOT cannot change it: drop it (same numbers, far less work than 77 positions).

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..checkpoint import read_state_dict, strip_prefix
 from ..errors import CheckpointError
 
 __all__ = ["read_openai_clip", "read_torchscript_tensors", "is_torchscript_archive", "openai_hparams", "openai_to_hf"]
@@ -135,8 +136,6 @@ def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]
 def read_openai_clip(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """OpenAI CLIP weights from a TorchScript archive (the published ``ViT-L-14.pt``) or a plain
     ``torch.save`` state dict, in OpenAI's key names (fp16 tensors stay fp16)."""
-    from ..checkpoint import read_state_dict, strip_prefix
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")

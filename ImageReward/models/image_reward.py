@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import build_from_state_dict, load_state_dict_strict, read_state_dict, strip_prefix
+from ..preprocess import PreprocessConfig
 from ..scorer import Scorer
 from ..tokenizer import tokenize
 from .blip import BLIP, BLIPConfig
@@ -78,8 +79,6 @@ class ImageReward(Scorer):
 
     @property
     def preprocess_config(self):  # type: ignore[override]
-        from ..preprocess import PreprocessConfig
-
         return PreprocessConfig(image_size=self.config.vision.image_size)
 
     @property

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..errors import InvalidInputError
+from ..resolve import parse_mix
 
 __all__ = ["ReFLConfig", "ReFLConfigError", "add_arguments", "build_parser", "config_from_namespace", "parse_args",
            "parse_reward_spec"]
@@ -181,32 +182,19 @@ class ReFLConfig:
 
 
 def parse_reward_spec(spec: str, *, option: str = "reward") -> list[tuple[str, float]]:
-    """``"ImageReward-v1.0:1.0,Aesthetic:0.1"`` -> ``[("ImageReward-v1.0", 1.0), ("Aesthetic", 0.1)]``.
-
-    A missing weight is 1. Names may be local folders; a Windows drive letter is not mistaken for a weight.
+    """``"ImageReward-v1.0:1.0,Aesthetic:0.1"`` -> ``[("ImageReward-v1.0", 1.0), ("Aesthetic", 0.1)]``: the
+    resolver's mix syntax (:func:`ImageReward.resolve.parse_mix`); a single name is a mix of one, weight 1.
 
     >>> parse_reward_spec("ImageReward-v1.0,Aesthetic:0.1")
     [('ImageReward-v1.0', 1.0), ('Aesthetic', 0.1)]
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ReFLConfigError(f"--{option}: expected 'NAME[:WEIGHT],...', got {spec!r}")
-    parts: list[tuple[str, float]] = []
-    for item in spec.split(","):
-        item = item.strip()
-        name, weight = item, 1.0
-        if ":" in item:
-            head, _, tail = item.rpartition(":")
-            try:
-                weight = float(tail)
-                name = head.strip()
-            except ValueError:
-                name = item  # a path with a colon, no weight
-        if not name:
-            raise ReFLConfigError(f"--{option}: empty scorer name in {spec!r}")
-        if weight == 0 or weight != weight:
-            raise ReFLConfigError(f"--{option}: weight of {name!r} must be a non-zero number, got {weight}")
-        parts.append((name, weight))
-    return parts
+    try:
+        parts = parse_mix(spec)
+    except InvalidInputError as err:
+        raise ReFLConfigError(f"--{option}: {err}") from err
+    return parts if parts is not None else [(spec.strip(), 1.0)]
 
 
 def _arg_type(hint: Any) -> tuple[Any, bool]:

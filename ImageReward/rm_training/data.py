@@ -1,102 +1,34 @@
-"""Grouped preference data, pair expansion, and the DataLoader side (decoding happens in the workers).
+"""The DataLoader side of reward-model training: grouped preference data (format, validator and pair
+expansion live in :mod:`ImageReward.preference.groups`, shared with evaluation) -> pairs -> decoded pixels
+in the workers, and the resumable sampler.
 
-Grouped format (the original ``data/test.json``): a JSON list of
-``{"id": str, "prompt": str, "generations": [relative image paths], "ranking": [int per image]}``;
-lower rank = better, ties allowed, values need not be dense.
-
->>> groups = [{"id": "p", "prompt": "a cat", "generations": ["a.png", "b.png", "c.png"], "ranking": [2, 1, 2]}]
->>> [(p.better, p.worse) for p in expand_pairs(groups)]
-[(1, 0), (1, 2)]
+>>> sampler = ShardedEpochSampler(10, num_replicas=2, rank=1, shuffle=False)
+>>> list(sampler)
+[1, 3, 5, 7, 9]
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..errors import ImageLoadError, InvalidInputError
+from ..errors import ImageLoadError
 from ..image_io import load_image
+from ..preference.groups import Pair, expand_pairs, read_groups, validate_groups, write_groups
 from ..preprocess import PreprocessConfig, preprocess_pil
+from ..tokenizer import tokenize
 
+# Pair, validate_groups, read_groups, write_groups and expand_pairs are imported from the preference package
+# (listed here because the trainer and train/ scripts reach them through this module).
 __all__ = ["Pair", "validate_groups", "read_groups", "write_groups", "expand_pairs", "drop_missing_images",
-           "PairDataset", "collate_pairs", "ShardedEpochSampler", "pooled_pair_accuracy"]
+           "PairDataset", "collate_pairs", "ShardedEpochSampler"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One non-tie comparison: indices into ``group.generations``; ``better`` has the lower rank value."""
-
-    group: int
-    better: int
-    worse: int
-
-
-def validate_groups(groups: Any, source: str = "groups") -> list[dict[str, Any]]:
-    """Check the grouped format; raise :class:`InvalidInputError` naming the bad item and what was expected."""
-    if not isinstance(groups, list):
-        raise InvalidInputError(f"{source}: expected a JSON list of prompt groups, got {type(groups).__name__}")
-    for index, group in enumerate(groups):
-        where = f"{source}[{index}]"
-        if not isinstance(group, Mapping):
-            raise InvalidInputError(f"{where}: expected an object with id/prompt/generations/ranking")
-        missing = [k for k in ("prompt", "generations", "ranking") if k not in group]
-        if missing:
-            raise InvalidInputError(f"{where} (id {group.get('id')!r}): missing key(s) {missing}")
-        if not isinstance(group["prompt"], str):
-            raise InvalidInputError(f"{where}: 'prompt' must be a string")
-        gens, ranks = group["generations"], group["ranking"]
-        if not isinstance(gens, list) or not all(isinstance(g, str) for g in gens):
-            raise InvalidInputError(f"{where}: 'generations' must be a list of image paths")
-        if not isinstance(ranks, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
-            raise InvalidInputError(f"{where}: 'ranking' must be a list of integers (lower = better)")
-        if len(gens) != len(ranks):
-            raise InvalidInputError(f"{where}: {len(gens)} generations but {len(ranks)} ranking entries")
-    return groups
-
-
-def read_groups(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read and validate a grouped JSON file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"dataset file {str(path)!r} does not exist (run train/src/make_dataset.py first)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InvalidInputError(f"dataset file {str(path)!r} is not valid JSON: {err}") from err
-    return validate_groups(data, str(path))
-
-
-def write_groups(groups: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Write groups as JSON atomically (a partial file never appears under the final name)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_suffix(path.suffix + ".part")
-    temp.write_text(json.dumps(list(groups), indent=1, ensure_ascii=False))
-    os.replace(temp, path)
-    return path
-
-
-def expand_pairs(groups: Sequence[Mapping[str, Any]]) -> list[Pair]:
-    """Every pair ``i < j`` of a prompt with different ranks; ``better`` = the lower rank value. Ties skipped."""
-    pairs = []
-    for g, group in enumerate(groups):
-        ranks = group["ranking"]
-        for i in range(len(ranks)):
-            for j in range(i + 1, len(ranks)):
-                if ranks[i] < ranks[j]:
-                    pairs.append(Pair(g, i, j))
-                elif ranks[j] < ranks[i]:
-                    pairs.append(Pair(g, j, i))
-    return pairs
 
 
 def drop_missing_images(groups: list[dict[str, Any]], image_root: str | os.PathLike, *, source: str = "dataset"
@@ -126,8 +58,6 @@ class PairDataset(Dataset):
 
     def __init__(self, groups: Sequence[Mapping[str, Any]], pairs: Sequence[Pair], image_root: str | os.PathLike,
                  preprocess: PreprocessConfig) -> None:
-        from ..tokenizer import tokenize
-
         self.pairs = list(pairs)
         self.image_root = Path(image_root)
         self.preprocess = preprocess
@@ -200,22 +130,3 @@ class ShardedEpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, len(self._indices()) - self.start)
-
-
-def pooled_pair_accuracy(rankings: Sequence[Sequence[int]], rewards: Sequence[Sequence[float]]) -> tuple[float, int]:
-    """The original ``test.py`` metric: over all non-tie pairs of every prompt, the fraction ordered strictly
-    the same way by the rewards (predicted ties count as wrong), pooled over prompts. Returns ``(acc, pairs)``.
-
-    >>> pooled_pair_accuracy([[1, 2, 3]], [[0.9, 0.5, 0.7]])
-    (0.6666666666666666, 3)
-    """
-    correct = total = 0
-    for ranks, scores in zip(rankings, rewards):
-        for i in range(len(ranks)):
-            for j in range(i + 1, len(ranks)):
-                if ranks[i] == ranks[j]:
-                    continue
-                total += 1
-                better, worse = (i, j) if ranks[i] < ranks[j] else (j, i)
-                correct += scores[better] > scores[worse]
-    return (correct / total if total else float("nan")), total

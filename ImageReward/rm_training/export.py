@@ -16,10 +16,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..engine import score_pixels
 from ..errors import ImageLoadError
+from ..eval.metrics import pooled_pair_accuracy
 from ..image_io import load_image
 from ..models.image_reward import ImageReward
-from ..preprocess import preprocess_pil
+from ..preprocess import PreprocessConfig, preprocess_pil
 
 __all__ = ["group_rewards", "test_accuracy", "reference_stats", "export_model"]
 
@@ -27,16 +29,13 @@ logger = logging.getLogger(__name__)
 
 
 class _ImageDataset(Dataset):
-    """Every generation of every group: ``(group, index, ids, mask, pixels, ok)``, decoded in workers."""
+    """Every generation of every group: ``(group, index, pixels, ok)``, decoded in DataLoader workers."""
 
-    def __init__(self, groups: Sequence[Mapping[str, Any]], image_root: str | os.PathLike, image_size: int) -> None:
-        from ..preprocess import PreprocessConfig
-        from ..tokenizer import tokenize
-
+    def __init__(self, groups: Sequence[Mapping[str, Any]], image_root: str | os.PathLike,
+                 preprocess: PreprocessConfig) -> None:
         self.items = [(g, i) for g, group in enumerate(groups) for i in range(len(group["generations"]))]
         self.paths = [[Path(image_root) / p for p in group["generations"]] for group in groups]
-        self.preprocess = PreprocessConfig(image_size=image_size)
-        self.ids, self.mask = tokenize([group["prompt"] for group in groups]) if groups else (None, None)
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.items)
@@ -49,44 +48,41 @@ class _ImageDataset(Dataset):
             logger.warning("skipping unreadable image %s (%s)", self.paths[g][i], err)
             size = self.preprocess.image_size
             pixels, ok = torch.zeros(3, size, size), False
-        return g, i, self.ids[g], self.mask[g], pixels, ok
+        return g, i, pixels, ok
 
 
-@torch.no_grad()
 def group_rewards(model: ImageReward, groups: Sequence[Mapping[str, Any]], image_root: str | os.PathLike, *,
                   batch_size: int = 16, num_workers: int = 0) -> list[list[float]]:
-    """Rewards (with the model's current mean/std) of every generation, per group; ``nan`` = unreadable."""
+    """Rewards (with the model's current mean/std) of every generation, per group; ``nan`` = unreadable.
+    Images are decoded in DataLoader workers and scored by the one batch engine (``engine.score_pixels``)."""
     was_training = model.training
     model.eval()
-    device = model.device
-    dataset = _ImageDataset(groups, image_root, model.config.vision.image_size)
+    dataset = _ImageDataset(groups, image_root, model.preprocess_config)
     out = [[math.nan] * len(group["generations"]) for group in groups]
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    for g, i, ids, mask, pixels, ok in loader:
-        embeds = model.encode_images(pixels.to(device, model.input_dtype))
-        cls = model.text_features(ids.to(device), mask.to(device), embeds)
-        rewards = model.reward_from_features(cls.float()).float().cpu()
-        for gg, ii, reward, good in zip(g.tolist(), i.tolist(), rewards.tolist(), ok.tolist()):
-            if good:
-                out[gg][ii] = reward
-    model.train(was_training)
+    try:
+        for g, i, pixels, ok in loader:
+            keep = [k for k, good in enumerate(ok.tolist()) if good]
+            if not keep:
+                continue
+            prompts = [groups[int(g[k])]["prompt"] for k in keep]
+            rewards = score_pixels(model, prompts, pixels[keep], list(range(len(keep))))
+            for k, reward in zip(keep, rewards.tolist()):
+                out[int(g[k])][int(i[k])] = reward
+    finally:
+        model.train(was_training)
     return out
 
 
 def test_accuracy(model: ImageReward, groups: Sequence[Mapping[str, Any]], image_root: str | os.PathLike, *,
                   batch_size: int = 16, num_workers: int = 0) -> tuple[float, int]:
     """The original ``test.py`` accuracy (non-tie pairs pooled over prompts, predicted ties wrong), computed
-    with the evaluation package's ``pair_counts``/``accuracies`` ("original" metric). Returns ``(acc, pairs)``.
+    with the evaluation package's :func:`~ImageReward.eval.metrics.pooled_pair_accuracy`. Returns ``(acc, pairs)``.
     Unreadable images are left out of their prompt's pairs."""
-    from ..eval.metrics import accuracies, pair_counts
-
     rewards = group_rewards(model, groups, image_root, batch_size=batch_size, num_workers=num_workers)
-    counts = []
-    for group, scores in zip(groups, rewards):
-        keep = [k for k, s in enumerate(scores) if not math.isnan(s)]
-        counts.append(pair_counts([group["ranking"][k] for k in keep], [scores[k] for k in keep]))
-    pairs = int(sum(c.original[1] for c in counts))
-    return accuracies(counts)["original"], pairs
+    keep = [[k for k, score in enumerate(scores) if not math.isnan(score)] for scores in rewards]
+    return pooled_pair_accuracy([[group["ranking"][k] for k in kk] for group, kk in zip(groups, keep)],
+                                [[scores[k] for k in kk] for scores, kk in zip(rewards, keep)])
 
 
 def reference_stats(model: ImageReward, groups: Sequence[Mapping[str, Any]], image_root: str | os.PathLike, *,

@@ -16,10 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..baselines import BLIP_LARGE
 from ..checkpoint import load_state_dict_strict, read_state_dict
+from ..factory import checkpoint_file
 from ..models.blip import BLIP, BLIPConfig, TextConfig, VisionConfig, interpolate_pos_embed
 from ..models.image_reward import ImageReward
 from ..pretrained import PretrainedCfg, fetch
+from ..resolve import checkpoint_path
 
 __all__ = ["blip_config_for", "load_blip_pretrain", "build_model", "freeze_layers",
            "trainable_parameter_names", "PairRewardModel"]
@@ -52,10 +55,8 @@ def blip_config_for(vit: str, image_size: int = 224, patch_size: int = 16, med_c
 
 def _resolve_file(source: str, download_root: str | os.PathLike | None) -> Path:
     if source.startswith(("http://", "https://")):
-        from ..baselines import BLIP_LARGE as cfg  # the registry entry of model_large.pth (one downloader)
-
-        if source == cfg.url:
-            return fetch(cfg, download_root)
+        if source == BLIP_LARGE.url:  # the registry entry of model_large.pth (one downloader)
+            return fetch(BLIP_LARGE, download_root)
         name = source.rstrip("/").rsplit("/", 1)[-1]
         return fetch(PretrainedCfg(name=name, filename=name, url=source), download_root)
     return Path(source)
@@ -76,14 +77,9 @@ def load_blip_pretrain(blip: BLIP, source: str, download_root: str | os.PathLike
 
 
 def _load_image_reward(model: ImageReward, source: str, download_root: str | os.PathLike | None) -> None:
-    from ..pretrained import IMAGE_REWARD_MODELS
-
-    if source in IMAGE_REWARD_MODELS:
-        path = fetch(IMAGE_REWARD_MODELS[source], download_root)
-    else:
-        path = Path(source)
-        if path.is_dir():
-            path = path / "model.safetensors"
+    """``source``: anything the resolver reads as an ImageReward checkpoint (registered name, local file or
+    folder, Hub id)."""
+    path = checkpoint_file(checkpoint_path(source, download_root))
     model.load_checkpoint_state(read_state_dict(path), source=str(path))
     model.mean, model.std = 0.0, 1.0  # train on raw head outputs; export recomputes the normalisation
     logger.info("initialised from ImageReward checkpoint %s", path)

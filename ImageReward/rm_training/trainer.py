@@ -31,8 +31,8 @@ from ..errors import InvalidInputError
 from ..models.blip import BLIPConfig
 from ..preprocess import PreprocessConfig
 from .config import RMTrainConfig, TrainOptions
-from .data import (PairDataset, ShardedEpochSampler, collate_pairs, drop_missing_images, expand_pairs,
-                   read_groups)
+from .data import PairDataset, ShardedEpochSampler, collate_pairs, drop_missing_images, expand_pairs, read_groups
+from .export import export_model, reference_stats, test_accuracy
 from .model import PairRewardModel, blip_config_for, build_model
 
 __all__ = ["TrainResult", "lr_at", "pair_loss", "train_reward_model", "find_latest_state"]
@@ -347,8 +347,6 @@ class _Run:
         if not finished:
             self.acc.end_training()
             return result
-        from .export import export_model, reference_stats, test_accuracy
-
         model = self.acc.unwrap_model(self.net).model
         best = self.run_dir / "best"
         if (best / "model.safetensors").is_file():

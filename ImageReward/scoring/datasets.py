@@ -26,14 +26,13 @@ from typing import Any, Iterable
 
 from PIL import Image
 
-from ..errors import ImageLoadError, InvalidInputError, UnsupportedInputError
-from ..image_io import load_image
+from ..errors import DownloadError, ImageLoadError, InvalidInputError, UnsupportedInputError
+from ..image_io import IMAGE_EXTENSIONS, load_image
 
 __all__ = ["Record", "ParquetBlob", "read_records", "load_record_image", "IMAGE_EXTENSIONS", "parse_hub_uri"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TABLE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 PROMPT_COLUMNS = ("prompt", "caption", "text", "prompt_text")
 IMAGE_COLUMNS = ("image", "image_path", "img_path", "path", "file_name", "filename", "file", "url", "image_url", "img")
@@ -398,8 +397,6 @@ def _hub_list_files(repo_id: str, revision: str | None) -> list[str]:
         folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
                                         allow_patterns=["*.parquet"], local_files_only=True))
     except Exception as err:  # noqa: BLE001
-        from ..errors import DownloadError
-
         raise DownloadError(f"dataset {repo_id!r} is neither reachable on the Hub nor in the local cache ({err})") from err
     return [p.relative_to(folder).as_posix() for p in folder.rglob("*.parquet")]
 

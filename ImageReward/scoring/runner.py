@@ -1,8 +1,9 @@
 """``score_dataset``: score every (prompt, image) of a dataset into a resumable JSONL/Parquet file.
 
-Decoding and preprocessing run in DataLoader workers (``num_workers``) while the main process runs the
-scorer's own ``encode_images`` + ``score_pairs`` under ``torch.inference_mode``; within a batch each
-distinct image is encoded once (and ImageReward reuses its cross-attention work across its pairs). Under
+Decoding and preprocessing run in DataLoader workers (``num_workers``) while the main process hands each batch
+to the one batch engine (:func:`ImageReward.engine.score_pixels`): within a batch each distinct image is
+encoded once (and ImageReward reuses its cross-attention work across its pairs). Any scorer works, a weighted
+mix included. Under
 ``accelerate launch`` every process scores the rows with ``index % world_size == rank`` into its own journal
 and the main process merges them at the end.
 
@@ -25,8 +26,9 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..engine import dedupe, preprocess_configs, preprocess_image, score_pixels, stack_pixels
 from ..errors import ImageRewardError
-from ..preprocess import PreprocessConfig, preprocess_pil
+from ..preprocess import PreprocessConfig
 from .datasets import Record, load_record_image, read_records
 from .writers import (Journal, done_ids, journal_path, merge_outputs, output_format, parts_dir, read_output,
                       remove_outputs)
@@ -77,9 +79,9 @@ def distributed_context() -> DistributedContext:
 class _RecordImages(torch.utils.data.Dataset):
     """Runs in DataLoader workers: record -> ``(position, pixels or None, error or None)``."""
 
-    def __init__(self, records: Sequence[Record], config: PreprocessConfig, timeout: float) -> None:
+    def __init__(self, records: Sequence[Record], configs: Sequence[PreprocessConfig], timeout: float) -> None:
         self.records = records
-        self.config = config
+        self.configs = tuple(configs)
         self.timeout = timeout
 
     def __len__(self) -> int:
@@ -90,7 +92,7 @@ class _RecordImages(torch.utils.data.Dataset):
         if record.error:
             return position, None, record.error
         try:
-            return position, preprocess_pil(load_record_image(record, timeout=self.timeout), self.config), None
+            return position, preprocess_image(load_record_image(record, timeout=self.timeout), self.configs), None
         except ImageRewardError as err:
             return position, None, str(err)
         except Exception as err:  # noqa: BLE001 - one bad image must not stop the run
@@ -111,7 +113,8 @@ def _image_key(record: Record) -> Any:
 
 
 def _score_batch(scorer: Any, batch: list, records: Sequence[Record], model: str) -> list[dict[str, Any]]:
-    """Rows for one DataLoader batch, in batch order; distinct images are encoded once."""
+    """Rows for one DataLoader batch, in batch order, through the one batch engine (distinct images are
+    encoded once). A typed error of the scorer is pinned on the row(s) at fault, never raised."""
     rows: dict[int, dict[str, Any]] = {}
     good = []
     for position, pixels, error in batch:
@@ -120,21 +123,11 @@ def _score_batch(scorer: Any, batch: list, records: Sequence[Record], model: str
         else:
             good.append((position, pixels))
     if good:
-        unique: dict[Any, int] = {}
-        stack, which = [], []
-        for position, pixels in good:
-            key = _image_key(records[position])
-            if key not in unique:
-                unique[key] = len(stack)
-                stack.append(pixels)
-            which.append(unique[key])
+        first, image_index = dedupe([_image_key(records[position]) for position, _ in good])
         prompts = [records[position].prompt for position, _ in good]
         try:
-            with torch.inference_mode():
-                pixels_in = torch.stack(stack).to(scorer.device, scorer.input_dtype, non_blocking=True)
-                features = scorer.encode_images(pixels_in)
-                index = torch.tensor(which, device=features.device)
-                scores = scorer.score_pairs(prompts, features, index).float().cpu().tolist()
+            pixels_in = stack_pixels([good[k][1] for k in first])
+            scores = score_pixels(scorer, prompts, pixels_in, image_index).tolist()
             for (position, _), score in zip(good, scores):
                 rows[position] = _row(records[position], float(score), None, model)
         except ImageRewardError as err:  # bad input for the scorer (not a crash): find the row(s) at fault
@@ -201,7 +194,7 @@ def score_dataset(
 
     batch_size = batch_size or getattr(scorer, "default_batch_size", 8)
     loader = torch.utils.data.DataLoader(
-        _RecordImages(pending, scorer.preprocess_config, timeout), batch_size=batch_size, shuffle=False,
+        _RecordImages(pending, preprocess_configs(scorer), timeout), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, collate_fn=_collate, pin_memory=scorer.device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
     )

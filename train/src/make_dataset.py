@@ -6,7 +6,7 @@ Run from train/:
     python src/make_dataset.py --mirror /data/ImageRewardDB --root /data/ImageRewardDB   # an existing copy
 
 Images stay on disk as they are (decoded by the training DataLoader workers); missing or corrupt ones are
-listed in dataset/bad_images.txt and left out. All logic lives in ImageReward.rm_training.imagerewarddb.
+listed in dataset/bad_images.txt and left out. All logic lives in ImageReward.preference.imagerewarddb.
 """
 
 import argparse
@@ -15,7 +15,7 @@ import logging
 import sys
 
 from ImageReward.errors import ImageRewardError
-from ImageReward.rm_training.imagerewarddb import IMAGEREWARDDB_REPO, SCALES, hub_fetcher, local_fetcher, make_dataset
+from ImageReward.preference.imagerewarddb import IMAGEREWARDDB_REPO, SCALES, hub_fetcher, local_fetcher, make_dataset
 
 
 def main() -> int:

@@ -1,5 +1,6 @@
 """ImageRewardDB (``THUDM/ImageRewardDB``) read directly from its parquet metadata and image archives, and
-converted to the grouped training format ``{id, prompt, generations, ranking}``.
+converted to the grouped preference format ``{id, prompt, generations, ranking}`` (:mod:`.groups`), for both
+evaluation (``eval-preference --imagerewarddb-split``) and reward-model training (``make_dataset``).
 
 The dataset's loading script no longer runs on ``datasets`` >= 4, so we fetch ``metadata-<split>.parquet``
 and ``images/<split>/<split>_<k>.zip`` with ``huggingface_hub`` (cached; honours ``HF_HUB_OFFLINE``), extract
@@ -18,7 +19,10 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import DownloadError, InvalidInputError
+from ..errors import DownloadError, ImageLoadError, InvalidInputError
+from ..image_io import load_image
+from .archives import extract_archive_to
+from .groups import expand_pairs, read_groups, write_groups
 
 __all__ = ["IMAGEREWARDDB_REPO", "SPLITS", "SCALES", "read_metadata", "archive_part", "select_parts",
            "prepare_split", "convert_split", "make_dataset", "hub_fetcher", "local_fetcher"]
@@ -118,8 +122,6 @@ def prepare_split(split: str, root: str | os.PathLike, *, scale: str | None = No
                   fetch: Fetcher | None = None) -> list[dict[str, Any]]:
     """Fetch the metadata and the needed archives of ``split`` (``train``/``valid``/``test``) into ``root``
     and extract them once. Returns the metadata rows of the chosen archives. Re-runs reuse what is there."""
-    from ..eval.download import extract_archive_to  # the one safe zip extractor
-
     if split not in SPLITS:
         raise InvalidInputError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     name = SPLITS[split]
@@ -146,9 +148,6 @@ def convert_split(rows: Sequence[dict[str, Any]], root: str | os.PathLike, *, im
     ``verify`` undecodable ones, are logged with their paths, appended to ``bad_images`` and left out.
     Prompts left with fewer than two distinct ranks (no pairs) are dropped, with a count in the log.
     """
-    from ..image_io import load_image
-    from ..errors import ImageLoadError
-
     root = Path(root)
     base = Path(image_base) if image_base is not None else root / "images"
     bad = bad_images if bad_images is not None else []
@@ -188,8 +187,6 @@ def make_dataset(root: str | os.PathLike, out: str | os.PathLike, *, scale: str 
     >>> make_dataset(".", "dataset", scale="1k")  # doctest: +SKIP
     {'train': {'prompts': 1000, 'images': ..., 'pairs': ..., 'skipped_images': ...}, ...}
     """
-    from .data import expand_pairs, read_groups, write_groups
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, dict[str, int]] = {}

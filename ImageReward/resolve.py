@@ -1,0 +1,190 @@
+"""Where a name becomes a scorer: the one resolver behind every command, the trainers and the plugins.
+
+>>> import ImageReward as RM
+>>> RM.load_scorer("ImageReward-v1.0:1,Aesthetic:0.1", device="cpu")   # doctest: +SKIP
+>>> resolve("CLIP").kind
+'scorer'
+
+A model string is read in this order; the first rule that applies wins, in every entry point (``imagereward
+score/rank/score-dataset``, ``eval-preference``/``eval-benchmark``, ReFL ``--reward``/``--monitor_reward``,
+reward-model training's ``preload_path``, the WebUI script and the ComfyUI loader):
+
+1. a registered ImageReward checkpoint (``available_models()``: ``ImageReward-v1.0``), downloaded once;
+2. a registered scorer (``available_scores()``: ``CLIP``, ``BLIP``, ``Aesthetic``, ...);
+3. a weighted mix ``NAME[:WEIGHT],...`` (a ``,``, or a name ending in ``:<number>``; a missing weight is 1),
+   each part resolved by rules 1, 2, 4, 5 into a :class:`~ImageReward.models.mix.WeightedReward` whose value
+   is ``sum_i w_i * s_i``;
+4. an existing local file (``.pt``/``.pth``/``.safetensors``) or folder (``save_pretrained`` output), loaded
+   as an ImageReward checkpoint;
+5. a Hugging Face Hub id ``OWNER/NAME`` (no file extension) of a repository holding an ImageReward checkpoint.
+
+So a folder named ``CLIP`` in the working directory does *not* shadow the CLIP scorer; write ``./CLIP`` for the
+folder. Anything else raises :class:`~ImageReward.errors.UnknownModelError` before any weights are read.
+:func:`available_scorers` lists every name of rules 1 and 2.
+
+Registering a new scorer is one call, in the module that builds it (see ``ImageReward/baselines.py``)::
+
+    from ImageReward.factory import place_model, register_scorer
+    from ImageReward.pretrained import PretrainedCfg, fetch
+
+    PICKSCORE = PretrainedCfg(name="PickScore", filename="pickscore.safetensors",
+                              hf_repo="yuvalkirstain/PickScore_v1", hf_filename="model.safetensors",
+                              revision="<40-hex commit>", license="MIT")
+
+    def build_pickscore(device=None, download_root=None, dtype=None, **kwargs):
+        path = kwargs.pop("checkpoint", None) or fetch(PICKSCORE, download_root)
+        return place_model(PickScorer.from_checkpoint(path), device, dtype)   # a Scorer subclass
+
+    register_scorer("PickScore", build_pickscore, files=(PICKSCORE,), description="...")
+
+and one import line, in the block "built-in scorers" below, of the module that holds that call (so the name
+exists as soon as ``ImageReward`` is imported; models and heavy libraries are imported inside the builder).
+The name then works in ``RM.load_scorer``, ``RM.load_score``, mixes, every command, ReFL and both plugins,
+and is listed by ``available_scores()`` / ``available_scorers()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import factory
+from .errors import InvalidInputError, UnknownModelError
+from .models.mix import WeightedReward
+from .pretrained import fetch_hub_repo
+from .scorer import Scorer
+
+# built-in scorers: each module registers its names with factory.register_scorer when imported
+from . import baselines  # noqa: F401, I001  (CLIP, BLIP, Aesthetic)
+
+__all__ = ["Resolved", "resolve", "load_scorer", "checkpoint_path", "available_scorers", "parse_mix",
+           "CHECKPOINT_EXTENSIONS"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+_WEIGHT_SUFFIX = re.compile(r"^(?P<name>.*):\s*(?P<weight>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)$")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a model string means, decided without reading weights or touching the network.
+
+    ``kind``: ``"checkpoint"`` (registered ImageReward checkpoint), ``"scorer"`` (registered scorer),
+    ``"mix"``, ``"path"`` (local file or folder) or ``"hub"`` (Hub repository id). ``target``: the name,
+    path or repository id; ``parts``: for a mix, ``((Resolved, weight), ...)``."""
+
+    spec: str
+    kind: str
+    target: str
+    parts: tuple[tuple["Resolved", float], ...] = ()
+
+
+def available_scorers() -> list[str]:
+    """Every registered name: the ImageReward checkpoints, then the registered scorers."""
+    models = factory.available_models()
+    return models + [name for name in factory.available_scores() if name not in models]
+
+
+def parse_mix(spec: str) -> list[tuple[str, float]] | None:
+    """``"ImageReward-v1.0:1,Aesthetic:0.1"`` -> ``[("ImageReward-v1.0", 1.0), ("Aesthetic", 0.1)]``; ``None``
+    when ``spec`` is not a mix (no ``,`` and no ``:<number>`` suffix). A Windows drive letter or a path with a
+    colon is not mistaken for a weight. Raises :class:`InvalidInputError` for an empty name or a weight that
+    is zero or not finite.
+
+    >>> parse_mix("ImageReward-v1.0,Aesthetic:0.1")
+    [('ImageReward-v1.0', 1.0), ('Aesthetic', 0.1)]
+    >>> parse_mix("CLIP") is None
+    True
+    """
+    text = spec.strip()
+    if "," not in text and not _WEIGHT_SUFFIX.match(text):
+        return None
+    parts: list[tuple[str, float]] = []
+    for item in text.split(","):
+        item = item.strip()
+        match = _WEIGHT_SUFFIX.match(item)
+        name, weight = (match["name"].strip(), float(match["weight"])) if match else (item, 1.0)
+        if not name:
+            raise InvalidInputError(f"mix {spec!r}: empty scorer name (expected 'NAME[:WEIGHT],...')")
+        if weight == 0 or weight != weight or weight in (float("inf"), float("-inf")):
+            raise InvalidInputError(f"mix {spec!r}: weight of {name!r} must be a non-zero finite number, got {weight}")
+        parts.append((name, weight))
+    return parts
+
+
+def _is_hub_id(spec: str) -> bool:
+    return bool(_HUB_ID.match(spec)) and not spec.lower().endswith(CHECKPOINT_EXTENSIONS)
+
+
+def resolve(spec: str | os.PathLike, *, allow_mix: bool = True) -> Resolved:
+    """Apply the documented order to ``spec`` (see the module docstring). Raises
+    :class:`~ImageReward.errors.UnknownModelError` naming ``spec`` and what it could have been,
+    :class:`~ImageReward.errors.InvalidInputError` for a malformed or nested mix."""
+    if isinstance(spec, os.PathLike):
+        return Resolved(os.fspath(spec), "path", os.fspath(spec))
+    if not isinstance(spec, str) or not spec.strip():
+        raise UnknownModelError(f"unknown scorer {spec!r}: expected a model name, a mix NAME[:WEIGHT],..., "
+                                "a local checkpoint path or a Hub id")
+    text = spec.strip()
+    if text in factory.available_models():
+        return Resolved(text, "checkpoint", text)
+    if text in factory.available_scores():
+        return Resolved(text, "scorer", text)
+    mix = parse_mix(text)
+    if mix is not None:
+        if not allow_mix:
+            raise InvalidInputError(f"{spec!r}: a mix cannot be nested inside another mix")
+        return Resolved(text, "mix", text, tuple((resolve(name, allow_mix=False), w) for name, w in mix))
+    if os.path.exists(text):
+        return Resolved(text, "path", text)
+    if _is_hub_id(text):
+        return Resolved(text, "hub", text)
+    raise UnknownModelError(
+        f"unknown scorer {text!r}: not a registered checkpoint {factory.available_models()}, not a registered "
+        f"scorer {factory.available_scores()}, not a mix 'NAME[:WEIGHT],...', and no such file or folder "
+        "(it does not exist) nor a Hub id OWNER/NAME")
+
+
+def load_scorer(spec: str | os.PathLike | Resolved, device: str | torch.device | None = None,
+                download_root: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None,
+                revision: str | None = None) -> Scorer:
+    """The scorer ``spec`` names (order in the module docstring), in eval mode on ``device`` (default: cuda
+    when available), weights cached in ``download_root`` (default ``~/.cache/ImageReward``). ``dtype``
+    float16/bfloat16 runs the image side in that precision. ``revision`` applies to a Hub id or a registered
+    checkpoint. Raises ``UnknownModelError``, ``InvalidInputError``, ``DownloadError``, ``CheckpointError``.
+
+    >>> load_scorer("CLIP", device="cpu", dtype=torch.bfloat16)   # doctest: +SKIP
+    """
+    resolved = spec if isinstance(spec, Resolved) else resolve(spec)
+    if resolved.kind == "mix":
+        scorers = [load_scorer(part, device, download_root, dtype=dtype, revision=revision)
+                   for part, _ in resolved.parts]
+        return WeightedReward(scorers, [w for _, w in resolved.parts], [part.target for part, _ in resolved.parts])
+    if resolved.kind == "scorer":
+        return factory.load_score(resolved.target, device=device, download_root=download_root, dtype=dtype)
+    target: Any = resolved.target
+    if resolved.kind == "hub":
+        logger.info("%r is a Hub id: fetching its checkpoint", target)
+        target = os.fspath(fetch_hub_repo(target, download_root, revision=revision))
+    return factory.load(target, device=device, download_root=download_root, revision=revision, dtype=dtype)
+
+
+def checkpoint_path(spec: str | os.PathLike, download_root: str | os.PathLike | None = None, *,
+                    revision: str | None = None) -> Path:
+    """The local file or folder of an ImageReward checkpoint named by rules 1, 4 or 5 (for code that loads
+    the weights into a model it built itself, e.g. reward-model training's ``preload_path``). A scorer name
+    or a mix raises :class:`InvalidInputError`."""
+    resolved = resolve(spec)
+    if resolved.kind in ("scorer", "mix"):
+        raise InvalidInputError(f"{resolved.spec!r} is a {resolved.kind}, not an ImageReward checkpoint")
+    if resolved.kind == "hub":
+        return fetch_hub_repo(resolved.target, download_root, revision=revision)
+    return factory.locate_checkpoint(resolved.target, download_root, revision=revision)
