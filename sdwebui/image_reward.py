@@ -37,6 +37,8 @@ BUILTIN_SCORES = ("CLIP", "BLIP", "Aesthetic")
 # --no-deps so that the WebUI's pinned packages (transformers 4.30.2, pydantic 1, Pillow 9.5.0) stay as they are.
 INSTALL_COMMAND = (f'"{sys.executable}" -m pip install --no-deps /path/to/ImageReward  (the folder of this '
                    "project's pyproject.toml)")
+SCRIPT_ARGS = ("filter_out_low_scores", "lower_score_limit", "sort_by_score", "scorer_name")  # ui()'s controls
+SCRIPT_DEFAULTS = (False, "0", True, DEFAULT_SCORER)  # their initial values
 _SHARED_MODEL = "image_reward_model"  # attribute of modules.shared: survives script reloads, as in the original
 _SHARED_NAME = "image_reward_model_name"
 _PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # the WebUI's key: value
@@ -157,6 +159,39 @@ def keep_order(scores: Sequence[float], limit: float | None, sort_by_score: bool
     return order
 
 
+def script_arguments(args: Sequence[Any]) -> tuple[bool, Any, bool, str]:
+    """``(filter_out_low_scores, lower_score_limit, sort_by_score, scorer_name)`` from the values the WebUI passes
+    to ``run``: those of the 4 controls ``Script.ui`` returns, in order. The original plugin's 2 arguments
+    (filter, limit) are accepted, with a warning, and the defaults for the rest (sort on, ImageReward-v1.0).
+
+    Fewer than 2 values means the WebUI did not register the script's controls (``ui`` failed in the host, see its
+    log for "Error calling: .../image_reward.py/ui"), so the choices made in the UI or sent as the API's
+    ``script_args`` cannot reach the script: that raises ``ImageRewardScriptError`` rather than running with
+    defaults the user did not choose, as does a value of the wrong type (the API's ``script_args`` too short,
+    so that the WebUI filled the rest from the next script's controls)."""
+    names = ", ".join(SCRIPT_ARGS)
+    if len(args) < 2 or len(args) > len(SCRIPT_ARGS):
+        message = (f"ImageReward script: the WebUI passed {len(args)} values to run(), expected {len(SCRIPT_ARGS)} "
+                   f"({names}). ")
+        if len(args) < 2:
+            message += ("Its UI controls were not registered, so the settings chosen cannot reach the script: "
+                        "look for 'Error calling' or 'Error creating UI' with image_reward.py in the WebUI's log.")
+        logger.error(message)
+        raise ImageRewardScriptError(message)
+    if len(args) < len(SCRIPT_ARGS):
+        logger.warning("ImageReward script: %d of its %d arguments given (%s); the rest take their defaults "
+                       "(sort by score, scorer %s)", len(args), len(SCRIPT_ARGS), names, DEFAULT_SCORER)
+    filter_out, limit, sort, scorer = (*args, *SCRIPT_DEFAULTS[len(args):])
+    checks = ((0, filter_out, (bool,), "true or false"), (2, sort, (bool,), "true or false"),
+              (3, scorer, (str, type(None)), "scorer name or checkpoint path"))
+    for position, value, kinds, expected in checks:
+        if not isinstance(value, kinds):
+            raise ImageRewardScriptError(
+                f"ImageReward script argument {position} ({SCRIPT_ARGS[position]}) must be a {expected}, got "
+                f"{value!r}: the API's script_args are [{names}], e.g. [false, \"0\", true, \"{DEFAULT_SCORER}\"]")
+    return filter_out, limit, sort, scorer or DEFAULT_SCORER
+
+
 def _pick(values: Sequence[Any] | None, order: Sequence[int]) -> list[Any] | None:
     if values is None or len(values) < (max(order) + 1 if order else 0):
         return None
@@ -180,14 +215,15 @@ class Script(scripts.Script):
             gr.Markdown("Tip: the scorer is loaded on the first run, which takes a while; later runs reuse it.")
             with gr.Row():
                 with gr.Column():
-                    filter_out = gr.Checkbox(value=False, label="Filter out images with low scores",
+                    filter_out = gr.Checkbox(value=SCRIPT_DEFAULTS[0], label="Filter out images with low scores",
                                              elem_id=self.elem_id("filter"))
-                    limit = gr.Textbox(value="0", label="Lower score limit", elem_id=self.elem_id("limit"))
+                    limit = gr.Textbox(value=SCRIPT_DEFAULTS[1], label="Lower score limit",
+                                       elem_id=self.elem_id("limit"))
                 with gr.Column():
-                    sort = gr.Checkbox(value=True, label="Sort images by score (best first)",
+                    sort = gr.Checkbox(value=SCRIPT_DEFAULTS[2], label="Sort images by score (best first)",
                                        elem_id=self.elem_id("sort"))
-                    scorer = gr.Dropdown(choices=scorer_choices(), value=DEFAULT_SCORER, allow_custom_value=True,
-                                         label="Scorer (or path of a local ImageReward checkpoint)",
+                    scorer = gr.Dropdown(choices=scorer_choices(), value=SCRIPT_DEFAULTS[3],
+                                         allow_custom_value=True, label="Scorer (or path of a local ImageReward checkpoint)",
                                          elem_id=self.elem_id("scorer"))
             gr.Markdown("ImageReward-v1.0 takes about 1,600 MB of (GPU) memory while loaded.")
             status = gr.Markdown("")
@@ -195,12 +231,13 @@ class Script(scripts.Script):
             unload.click(fn=unload_model, inputs=[], outputs=[status])
         return [filter_out, limit, sort, scorer]
 
-    def run(self, p: StableDiffusionProcessing, filter_out_low_scores: bool = False,
-            lower_score_limit: Any = "0", sort_by_score: bool = True,
-            scorer_name: str = DEFAULT_SCORER) -> Processed:
-        """Generate with ``p``, then score every sample and return the annotated, filtered, sorted gallery."""
+    def run(self, p: StableDiffusionProcessing, *args: Any) -> Processed:
+        """Generate with ``p``, then score every sample and return the annotated, filtered, sorted gallery.
+
+        ``args`` are the values of the controls ``ui`` returned (see ``script_arguments``)."""
         if RM is None:
             raise ImageRewardScriptError(_IMPORT_ERROR)
+        filter_out_low_scores, lower_score_limit, sort_by_score, scorer_name = script_arguments(args)
         limit = parse_limit(lower_score_limit) if filter_out_low_scores else None
         model = load_scorer(scorer_name)  # before generating: a bad name fails fast
 

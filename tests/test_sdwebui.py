@@ -182,6 +182,71 @@ def test_bad_limit_ignored_when_not_filtering_and_old_two_argument_api(webui, tm
     assert len(processed.images) == 4
 
 
+def api_run(shim, plugin, p, request_script_args, *, ui_fails=False):
+    """``POST /sdapi/v1/txt2img`` with ``script_name=TITLE``: the script, then another selectable script after it
+    (as Prompt matrix follows image_reward.py in the WebUI), args built by the API's ``init_script_args``."""
+    class Following(shim.scripts.Script):
+        def title(self):
+            return "Prompt matrix"
+
+        def ui(self, is_img2img):
+            return [shim.gradio.Checkbox(value=False), shim.gradio.Checkbox(value=False)]
+
+    class Broken(plugin.Script):
+        def ui(self, is_img2img):
+            raise TypeError("unexpected keyword argument")  # what an older gradio would say
+
+    runner = shim.scripts.ScriptRunner([Broken if ui_fails else plugin.Script, Following])
+    p.scripts, p.script_args = runner, runner.api_args(TITLE, request_script_args)
+    return runner, runner.run(p, *p.script_args)
+
+
+def test_api_script_args_reach_run(webui, tmp_path):
+    shim, plugin, loads = webui
+    _, processed = api_run(shim, plugin, make_p(shim, tmp_path), [True, "0.5", False, "Brightness"])
+    brightness = [score_of(t, "Brightness Score") for t in processed.infotexts]
+    assert len(brightness) >= 1 and all(b >= 0.5 for b in brightness) and loads == []
+
+
+def test_script_without_controls_fails_instead_of_running_with_defaults(webui, tmp_path):
+    """A ui() that fails in the host leaves the script no controls: the API's script_args never reach run(), which
+    must say so rather than load the default ImageReward-v1.0 (a 1.7 GB download the user did not ask for)."""
+    shim, plugin, loads = webui
+    with pytest.raises(plugin.ImageRewardScriptError, match="passed 0 values.*not registered.*Error calling"):
+        api_run(shim, plugin, make_p(shim, tmp_path), [False, "0", True, "Brightness"], ui_fails=True)
+    assert loads == [] and shim.saved == []  # nothing loaded, nothing generated
+
+
+def test_ui_failure_is_reported_like_the_webui(webui):
+    shim, plugin, _ = webui
+
+    class Broken(plugin.Script):
+        def ui(self, is_img2img):
+            raise TypeError("unexpected keyword argument")
+
+    runner = shim.scripts.ScriptRunner([Broken])
+    [script] = runner.selectable_scripts
+    assert script.args_from == script.args_to == 1 and script.controls is None
+    assert len(runner.ui_errors) == 1 and "Error calling" in runner.ui_errors[0]
+
+
+def test_short_api_script_args_are_an_error_naming_the_argument(webui, tmp_path):
+    """The original plugin's 2 script_args through the API: the WebUI fills the rest from the next script's
+    controls (False, False), which must not become "sort off, default scorer"."""
+    shim, plugin, loads = webui
+    with pytest.raises(plugin.ImageRewardScriptError, match=r"argument 3 \(scorer_name\).*got False"):
+        api_run(shim, plugin, make_p(shim, tmp_path), [True, "-1e9"])
+    assert loads == [] and shim.saved == []
+
+
+@pytest.mark.parametrize("args", [(), (True,), (True, "0", True, "Brightness", "extra")])
+def test_wrong_number_of_run_arguments(webui, tmp_path, args):
+    shim, plugin, loads = webui
+    with pytest.raises(plugin.ImageRewardScriptError, match=f"passed {len(args)} values to run\\(\\), expected 4"):
+        plugin.Script().run(make_p(shim, tmp_path), *args)
+    assert loads == []
+
+
 def test_model_reuse_unload_twice_and_reload(webui, tmp_path):
     shim, plugin, loads = webui
     run_script(shim, plugin, make_p(shim, tmp_path, n_iter=1), False, "0", True)

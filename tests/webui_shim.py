@@ -220,13 +220,20 @@ class ScriptRunner:
             elif visibility:
                 self.selectable_scripts.append(script)
             self.scripts.append(script)
+        self.ui_errors: list[str] = []  # the "Error calling: <file>/ui" reports the WebUI prints
         for script in self.alwayson_scripts + self.selectable_scripts:
             script.name = script.title().lower()
-            controls = script.ui(is_img2img) or []
-            script.args_from = len(self.inputs)
+            script.args_from = script.args_to = len(self.inputs)  # as create_script_ui, before calling ui()
+            try:  # modules.scripts.wrap_call: a failing ui() is reported and leaves the script without controls
+                controls = script.ui(is_img2img)
+            except Exception as err:
+                self.ui_errors.append(f"Error calling: {script.filename or type(script).__name__}/ui: {err!r}")
+                controls = None
+            script.controls = controls
+            if controls is None:
+                continue
             self.inputs.extend(controls)
             script.args_to = len(self.inputs)
-            script.controls = controls
 
     def default_args(self) -> list[Any]:
         return [0] + [component.value for component in self.inputs[1:]]
@@ -239,6 +246,18 @@ class ScriptRunner:
         args[0] = index + 1
         for offset, value in enumerate(values):
             args[script.args_from + offset] = value
+        return args
+
+    def api_args(self, title: str, request_script_args: list[Any]) -> list[Any]:
+        """What ``POST /sdapi/v1/txt2img`` passes to ``run`` for ``script_name=title``: the API's
+        ``init_script_args``, which puts the request's ``script_args`` in place of the script's slice of the
+        default args (``args[args_from:args_to] = script_args``, so a list of another length shifts the scripts
+        after it, and a script without controls gets none of them)."""
+        args = self.default_args()
+        index = [s.title().lower() for s in self.selectable_scripts].index(title.lower())
+        script = self.selectable_scripts[index]
+        args[script.args_from:script.args_to] = list(request_script_args)
+        args[0] = index + 1
         return args
 
     def _each(self, hook: str, p: Any, *extra: Any, **kw: Any) -> None:
