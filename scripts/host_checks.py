@@ -354,6 +354,9 @@ def run_webui(args: argparse.Namespace) -> str:
               result)
         status, result = txt2img(True, "abc", True, str(tiny), save=False)
         check("Lower score limit must be a number" in str(result), "bad limit named in the API error", result)
+        status, result = txt2img(True, "-1e9", save=False)  # the original plugin's 2 script_args
+        check(status == 500 and "argument 3 (scorer_name)" in str(result),
+              "2 script_args (shifted onto the next script's slots) named in the API error", result)
         log = host.text()
         check("Error verifying pickled file" not in log, "the WebUI's safe unpickler never refused our files")
         elapsed = time.time() - started
