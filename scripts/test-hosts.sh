@@ -81,9 +81,15 @@ run_host() {  # NAME: one host, start to finish; prints its result line
     log "$name: $((SECONDS - started)) s in all (installs and the wait for the memory lock included)"
 }
 
-case "$WHICH" in
-    webui|comfyui) run_host "$WHICH" ;;
-    all) run_host comfyui; run_host webui ;;
-    *) echo "usage: $0 [webui|comfyui|all]" >&2; exit 2 ;;
-esac
-exit $status
+main() {
+    case "$WHICH" in
+        webui|comfyui) run_host "$WHICH" ;;
+        all) run_host comfyui; run_host webui ;;
+        *) echo "usage: $0 [webui|comfyui|all]" >&2; exit 2 ;;
+    esac
+    exit $status
+}
+# bash reads a script as it runs it: editing this file during a (long) run used to end that run with a syntax
+# error ("line 89: syntax error near unexpected token ';;'"). Everything above only defines things, and this last
+# line is parsed before anything runs, so a run finishes the version it started with.
+main "$@"
