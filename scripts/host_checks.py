@@ -30,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a cat"
 TITLE = "ImageReward - generate human preference scores"
+RANDOM_SD_CHECKPOINT = "sd15-random-v2.safetensors"  # v2: random biases (a cached v1 made the WebUI produce NaNs)
 CHECKS: list[str] = []
 
 
@@ -183,7 +184,7 @@ def clip_hf_cache(hf_home: Path) -> None:
 def random_sd_checkpoint(webui: Path, hf_home: Path, out: Path) -> None:
     """A random-weight SD 1.x checkpoint in the single-file layout: the parameters of the WebUI's own
     v1-inference.yaml model (ldm code in repositories/, built on the meta device: no memory, no init), drawn
-    N(0, 0.02) in fp16 (norm weights 1, biases 0). Buffers (noise schedule, position ids) are left out: the hosts
+    N(0, 0.02) in fp16 (norm weights 1). Buffers (noise schedule, position ids) are left out: the hosts
     compute them and load checkpoints non-strictly. Peak memory: the 2.1 GB written."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
@@ -217,9 +218,8 @@ def random_sd_checkpoint(webui: Path, hf_home: Path, out: Path) -> None:
         is_norm = ("norm" in name and leaf == "weight" and param.ndim == 1)
         if is_norm:
             value = torch.ones(param.shape, dtype=torch.float16)
-        elif leaf == "bias":
-            value = torch.zeros(param.shape, dtype=torch.float16)
-        else:
+        else:  # biases too: with zero biases the empty prompt's CLIP output has mean exactly 0, and the WebUI's
+            # prompt-emphasis renormalisation (z * mean / new mean) turns it into NaN ("NaNs in Unet")
             value = (torch.randn(param.shape, generator=generator) * 0.02).to(torch.float16)
         state[name] = value
     del model
@@ -234,7 +234,7 @@ def run_webui(args: argparse.Namespace) -> str:
     hf_home = Path(os.environ.get("HF_HOME", cache / "hf-home"))  # set before huggingface_hub is imported
     if not (hf_home / "hub").is_dir():
         clip_hf_cache(hf_home)
-    ckpt = cache / "sd15-random.safetensors"
+    ckpt = cache / RANDOM_SD_CHECKPOINT
     if not ckpt.is_file():
         started = time.time()
         random_sd_checkpoint(webui, hf_home, ckpt.with_suffix(".part"))
@@ -384,7 +384,7 @@ def run_comfyui(args: argparse.Namespace) -> str:
     check(set(workflows) == {"score_filter_save.json", "txt2img_score_filter.json"}, "example workflows shipped",
           sorted(workflows))
     tiny = tiny_image_reward(comfy / "models" / "image_reward" / "tiny-ir")
-    ckpt = cache / "sd15-random.safetensors"
+    ckpt = cache / RANDOM_SD_CHECKPOINT
     if ckpt.is_file():
         (comfy / "models" / "checkpoints" / "v1-5-pruned-emaonly.safetensors").symlink_to(ckpt)
 
