@@ -84,6 +84,13 @@ class Host:
             time.sleep(2)
         raise RuntimeError(f"host not up after {timeout:.0f} s; log:\n{self.tail()}")
 
+    def wait_for_log(self, text: str, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while text not in self.text():
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{text!r} not in the host's log after {timeout:.0f} s:\n{self.tail()}")
+            time.sleep(1)
+
     def tail(self, n: int = 60) -> str:
         self.log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -256,6 +263,10 @@ def run_webui(args: argparse.Namespace) -> str:
     started = time.time()
     try:
         host.wait_for(f"{base}/sdapi/v1/scripts", 600)
+        # The API answers before it is ready: Api.__init__ adds its routes to the running server, then builds the
+        # default script args by calling every script's ui(); a txt2img before that gets none of its script_args
+        # (run() receives 0 values). The WebUI prints "Startup time" once everything is set up.
+        host.wait_for_log("Startup time:", 300)
         status, scripts = http("GET", f"{base}/sdapi/v1/scripts")
         check(TITLE.lower() in scripts["txt2img"] and TITLE.lower() in scripts["img2img"],
               "script listed for txt2img and img2img", scripts)

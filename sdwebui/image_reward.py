@@ -159,7 +159,7 @@ def keep_order(scores: Sequence[float], limit: float | None, sort_by_score: bool
     return order
 
 
-def script_arguments(args: Sequence[Any]) -> tuple[bool, Any, bool, str]:
+def script_arguments(args: Sequence[Any], why_missing: str | None = None) -> tuple[bool, Any, bool, str]:
     """``(filter_out_low_scores, lower_score_limit, sort_by_score, scorer_name)`` from the values the WebUI passes
     to ``run``: those of the 4 controls ``Script.ui`` returns, in order. The original plugin's 2 arguments
     (filter, limit) are accepted, with a warning, and the defaults for the rest (sort on, ImageReward-v1.0).
@@ -168,12 +168,15 @@ def script_arguments(args: Sequence[Any]) -> tuple[bool, Any, bool, str]:
     log for "Error calling: .../image_reward.py/ui"), so the choices made in the UI or sent as the API's
     ``script_args`` cannot reach the script: that raises ``ImageRewardScriptError`` rather than running with
     defaults the user did not choose, as does a value of the wrong type (the API's ``script_args`` too short,
-    so that the WebUI filled the rest from the next script's controls)."""
+    so that the WebUI filled the rest from the next script's controls). ``why_missing``, when the caller knows
+    why values are missing (an API request sent while the WebUI was still starting), replaces that guess."""
     names = ", ".join(SCRIPT_ARGS)
-    if len(args) < 2 or len(args) > len(SCRIPT_ARGS):
+    if why_missing or len(args) < 2 or len(args) > len(SCRIPT_ARGS):
         message = (f"ImageReward script: the WebUI passed {len(args)} values to run(), expected {len(SCRIPT_ARGS)} "
                    f"({names}). ")
-        if len(args) < 2:
+        if why_missing:
+            message += why_missing
+        elif len(args) < 2:
             message += ("Its UI controls were not registered, so the settings chosen cannot reach the script: "
                         "look for 'Error calling' or 'Error creating UI' with image_reward.py in the WebUI's log.")
         logger.error(message)
@@ -237,7 +240,13 @@ class Script(scripts.Script):
         ``args`` are the values of the controls ``ui`` returned (see ``script_arguments``)."""
         if RM is None:
             raise ImageRewardScriptError(_IMPORT_ERROR)
-        filter_out_low_scores, lower_score_limit, sort_by_score, scorer_name = script_arguments(args)
+        all_args, slots = len(getattr(p, "script_args", None) or ()), getattr(self, "args_to", None)
+        early = None
+        if isinstance(slots, int) and all_args < slots:  # the API's default script args were not built yet
+            early = (f"The WebUI's script args hold {all_args} values, fewer than this script's slots "
+                     f"{self.args_from}..{slots}: an API request sent before the WebUI finished starting gets none "
+                     "of its script_args (wait for 'Startup time' in the WebUI's output, then retry).")
+        filter_out_low_scores, lower_score_limit, sort_by_score, scorer_name = script_arguments(args, early)
         limit = parse_limit(lower_score_limit) if filter_out_low_scores else None
         model = load_scorer(scorer_name)  # before generating: a bad name fails fast
 

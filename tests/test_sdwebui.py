@@ -182,7 +182,7 @@ def test_bad_limit_ignored_when_not_filtering_and_old_two_argument_api(webui, tm
     assert len(processed.images) == 4
 
 
-def api_run(shim, plugin, p, request_script_args, *, ui_fails=False):
+def api_run(shim, plugin, p, request_script_args, *, ui_fails=False, api_ready=True):
     """``POST /sdapi/v1/txt2img`` with ``script_name=TITLE``: the script, then another selectable script after it
     (as Prompt matrix follows image_reward.py in the WebUI), args built by the API's ``init_script_args``."""
     class Following(shim.scripts.Script):
@@ -196,8 +196,19 @@ def api_run(shim, plugin, p, request_script_args, *, ui_fails=False):
         def ui(self, is_img2img):
             raise TypeError("unexpected keyword argument")  # what an older gradio would say
 
-    runner = shim.scripts.ScriptRunner([Broken if ui_fails else plugin.Script, Following])
-    p.scripts, p.script_args = runner, runner.api_args(TITLE, request_script_args)
+    class AlwaysOn(shim.scripts.Script):  # the WebUI's always-on scripts (seed, refiner...) come first
+        def title(self):
+            return "Refiner"
+
+        def show(self, is_img2img):
+            return shim.AlwaysVisible
+
+        def ui(self, is_img2img):
+            return [shim.gradio.Checkbox(value=False), shim.gradio.Dropdown(value=""), shim.gradio.Slider(value=0.8)]
+
+    classes = [AlwaysOn, Broken if ui_fails else plugin.Script, Following]
+    runner = shim.scripts.ScriptRunner(classes, always_visible=shim.AlwaysVisible)
+    p.scripts, p.script_args = runner, runner.api_args(TITLE, request_script_args, api_ready=api_ready)
     return runner, runner.run(p, *p.script_args)
 
 
@@ -215,6 +226,14 @@ def test_script_without_controls_fails_instead_of_running_with_defaults(webui, t
     with pytest.raises(plugin.ImageRewardScriptError, match="passed 0 values.*not registered.*Error calling"):
         api_run(shim, plugin, make_p(shim, tmp_path), [False, "0", True, "Brightness"], ui_fails=True)
     assert loads == [] and shim.saved == []  # nothing loaded, nothing generated
+
+
+def test_api_request_before_the_webui_is_ready_is_an_error(webui, tmp_path):
+    """The API's routes answer before its default script args exist: such a request's script_args are lost."""
+    shim, plugin, loads = webui
+    with pytest.raises(plugin.ImageRewardScriptError, match="passed 0 values.*before the WebUI finished starting"):
+        api_run(shim, plugin, make_p(shim, tmp_path), [False, "0", True, "Brightness"], api_ready=False)
+    assert loads == [] and shim.saved == []
 
 
 def test_ui_failure_is_reported_like_the_webui(webui):

@@ -248,12 +248,14 @@ class ScriptRunner:
             args[script.args_from + offset] = value
         return args
 
-    def api_args(self, title: str, request_script_args: list[Any]) -> list[Any]:
+    def api_args(self, title: str, request_script_args: list[Any], *, api_ready: bool = True) -> list[Any]:
         """What ``POST /sdapi/v1/txt2img`` passes to ``run`` for ``script_name=title``: the API's
         ``init_script_args``, which puts the request's ``script_args`` in place of the script's slice of the
         default args (``args[args_from:args_to] = script_args``, so a list of another length shifts the scripts
-        after it, and a script without controls gets none of them)."""
-        args = self.default_args()
+        after it, and a script without controls gets none of them). ``api_ready=False``: a request answered
+        while ``Api.__init__`` was still building its default args (the routes are live before), which start
+        from ``[]``."""
+        args = self.default_args() if api_ready else []
         index = [s.title().lower() for s in self.selectable_scripts].index(title.lower())
         script = self.selectable_scripts[index]
         args[script.args_from:script.args_to] = list(request_script_args)
