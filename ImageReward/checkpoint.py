@@ -2,9 +2,13 @@
 
 ``read_state_dict`` never unpickles arbitrary objects: ``.pt``/``.pth``/``.bin`` files go through
 ``torch.load(weights_only=True)`` and a file that would need to run code is refused with
-:class:`~ImageReward.errors.CheckpointError`. ``load_state_dict_strict`` loads by name and refuses any
-missing, unexpected or mis-shaped key except those the caller allows *by name* (fnmatch patterns); the
-allowed-and-ignored keys are logged, never silently dropped.
+:class:`~ImageReward.errors.CheckpointError`. The loader is called as ``torch.serialization.load``, not
+``torch.load``: host applications replace the ``torch.load`` attribute (the AUTOMATIC1111 WebUI's
+``modules/safe.py`` swaps in its own unpickler, which refuses the zip layout current torch writes and returns
+``None``), while ``weights_only=True`` already gives the safety such patches exist for.
+
+``load_state_dict_strict`` loads by name and refuses any missing, unexpected or mis-shaped key except those
+the caller allows *by name* (fnmatch patterns); the allowed-and-ignored keys are logged, never silently dropped.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ def read_state_dict(path: str | os.PathLike, *, nested_key: str | None = None) -
         except Exception as err:  # safetensors raises its own SafetensorError / OSError
             raise CheckpointError(f"cannot read safetensors checkpoint {str(path)!r}: {err}") from err
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.serialization.load(path, map_location="cpu", weights_only=True)  # immune to host patches
     except Exception as err:
         text = str(err)
         if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:

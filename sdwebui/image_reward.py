@@ -1,12 +1,16 @@
 """ImageReward script for the AUTOMATIC1111 Stable Diffusion WebUI.
 
 Install: put the ``ImageReward`` library into the WebUI's Python (``<webui>/venv/bin/python -m pip install
-<path to this project>``), then copy this file into ``stable-diffusion-webui/scripts/`` and restart.
+--no-deps <path to this project>``: the WebUI's pinned packages stay as they are), then copy this file into
+``stable-diffusion-webui/scripts/`` and restart.
 Pick "ImageReward - generate human preference scores" in the *Script* dropdown of txt2img or img2img.
 
 After the WebUI generates, every sample (never the grid) is scored in batches by the chosen scorer, the
 score is written into the image's infotext (``..., ImageReward Score: 0.1234``) and so into the PNG info of
-the saved file, images below the limit are optionally filtered out, and the rest are sorted best first.
+the saved file, images below the limit are optionally filtered out, and the rest are sorted best first; the
+grid (when the WebUI makes one) is rebuilt from the images shown, in their order. The summary goes to
+``p.comment`` (v1.10.1 ignores ``Processed(comments=...)``); when every image is filtered out, the reason is the
+run's info text, which the API returns as ``info.infotexts[0]``.
 The model stays loaded between runs until "Unload Model From Memory" is pressed. This file is an adapter:
 all scoring is done by the installed ``ImageReward`` package, and nothing is ever pip-installed here.
 """
@@ -22,14 +26,19 @@ from typing import Any, Sequence
 
 import gradio as gr
 from modules import images, scripts, shared
-from modules.processing import Processed, StableDiffusionProcessing, process_images
+from modules.processing import Processed, StableDiffusionProcessing, create_infotext, process_images
 
 logger = logging.getLogger(__name__)
 
 TITLE = "ImageReward - generate human preference scores"
 DEFAULT_SCORER = "ImageReward-v1.0"
 BUILTIN_SCORES = ("CLIP", "BLIP", "Aesthetic", "HPSv2", "HPSv2.1", "PickScore")
-INSTALL_COMMAND = f'"{sys.executable}" -m pip install "image-reward>=2.0.0.dev0"'
+# PyPI's "image-reward" is the original 1.x, which this script cannot use: install from the source tree, with
+# --no-deps so that the WebUI's pinned packages (transformers 4.30.2, pydantic 1, Pillow 9.5.0) stay as they are.
+INSTALL_COMMAND = (f'"{sys.executable}" -m pip install --no-deps /path/to/ImageReward  (the folder of this '
+                   "project's pyproject.toml)")
+SCRIPT_ARGS = ("filter_out_low_scores", "lower_score_limit", "sort_by_score", "scorer_name")  # ui()'s controls
+SCRIPT_DEFAULTS = (False, "0", True, DEFAULT_SCORER)  # their initial values
 _SHARED_MODEL = "image_reward_model"  # attribute of modules.shared: survives script reloads, as in the original
 _SHARED_NAME = "image_reward_model_name"
 _PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # the WebUI's key: value
@@ -139,6 +148,53 @@ def _score_key(model: Any) -> str:
     return f"{label} Score"
 
 
+def keep_order(scores: Sequence[float], limit: float | None, sort_by_score: bool, higher_is_better: bool = True
+               ) -> list[int]:
+    """Indices of the samples to show: those at least as good as ``limit`` (all when None), best first when
+    ``sort_by_score`` (stable: ties keep generation order), else in generation order."""
+    sign = 1.0 if higher_is_better else -1.0
+    order = [i for i in range(len(scores)) if limit is None or sign * scores[i] >= sign * limit]
+    if sort_by_score:
+        order.sort(key=lambda i: sign * scores[i], reverse=True)
+    return order
+
+
+def script_arguments(args: Sequence[Any], why_missing: str | None = None) -> tuple[bool, Any, bool, str]:
+    """``(filter_out_low_scores, lower_score_limit, sort_by_score, scorer_name)`` from the values the WebUI passes
+    to ``run``: those of the 4 controls ``Script.ui`` returns, in order. The original plugin's 2 arguments
+    (filter, limit) are accepted, with a warning, and the defaults for the rest (sort on, ImageReward-v1.0).
+
+    Fewer than 2 values means the WebUI did not register the script's controls (``ui`` failed in the host, see its
+    log for "Error calling: .../image_reward.py/ui"), so the choices made in the UI or sent as the API's
+    ``script_args`` cannot reach the script: that raises ``ImageRewardScriptError`` rather than running with
+    defaults the user did not choose, as does a value of the wrong type (the API's ``script_args`` too short,
+    so that the WebUI filled the rest from the next script's controls). ``why_missing``, when the caller knows
+    why values are missing (an API request sent while the WebUI was still starting), replaces that guess."""
+    names = ", ".join(SCRIPT_ARGS)
+    if why_missing or len(args) < 2 or len(args) > len(SCRIPT_ARGS):
+        message = (f"ImageReward script: the WebUI passed {len(args)} values to run(), expected {len(SCRIPT_ARGS)} "
+                   f"({names}). ")
+        if why_missing:
+            message += why_missing
+        elif len(args) < 2:
+            message += ("Its UI controls were not registered, so the settings chosen cannot reach the script: "
+                        "look for 'Error calling' or 'Error creating UI' with image_reward.py in the WebUI's log.")
+        logger.error(message)
+        raise ImageRewardScriptError(message)
+    if len(args) < len(SCRIPT_ARGS):
+        logger.warning("ImageReward script: %d of its %d arguments given (%s); the rest take their defaults "
+                       "(sort by score, scorer %s)", len(args), len(SCRIPT_ARGS), names, DEFAULT_SCORER)
+    filter_out, limit, sort, scorer = (*args, *SCRIPT_DEFAULTS[len(args):])
+    checks = ((0, filter_out, (bool,), "true or false"), (2, sort, (bool,), "true or false"),
+              (3, scorer, (str, type(None)), "scorer name or checkpoint path"))
+    for position, value, kinds, expected in checks:
+        if not isinstance(value, kinds):
+            raise ImageRewardScriptError(
+                f"ImageReward script argument {position} ({SCRIPT_ARGS[position]}) must be a {expected}, got "
+                f"{value!r}: the API's script_args are [{names}], e.g. [false, \"0\", true, \"{DEFAULT_SCORER}\"]")
+    return filter_out, limit, sort, scorer or DEFAULT_SCORER
+
+
 def _pick(values: Sequence[Any] | None, order: Sequence[int]) -> list[Any] | None:
     if values is None or len(values) < (max(order) + 1 if order else 0):
         return None
@@ -162,14 +218,15 @@ class Script(scripts.Script):
             gr.Markdown("Tip: the scorer is loaded on the first run, which takes a while; later runs reuse it.")
             with gr.Row():
                 with gr.Column():
-                    filter_out = gr.Checkbox(value=False, label="Filter out images with low scores",
+                    filter_out = gr.Checkbox(value=SCRIPT_DEFAULTS[0], label="Filter out images with low scores",
                                              elem_id=self.elem_id("filter"))
-                    limit = gr.Textbox(value="0", label="Lower score limit", elem_id=self.elem_id("limit"))
+                    limit = gr.Textbox(value=SCRIPT_DEFAULTS[1], label="Lower score limit",
+                                       elem_id=self.elem_id("limit"))
                 with gr.Column():
-                    sort = gr.Checkbox(value=True, label="Sort images by score (best first)",
+                    sort = gr.Checkbox(value=SCRIPT_DEFAULTS[2], label="Sort images by score (best first)",
                                        elem_id=self.elem_id("sort"))
-                    scorer = gr.Dropdown(choices=scorer_choices(), value=DEFAULT_SCORER, allow_custom_value=True,
-                                         label="Scorer (or path of a local ImageReward checkpoint)",
+                    scorer = gr.Dropdown(choices=scorer_choices(), value=SCRIPT_DEFAULTS[3],
+                                         allow_custom_value=True, label="Scorer (or path of a local ImageReward checkpoint)",
                                          elem_id=self.elem_id("scorer"))
             gr.Markdown("ImageReward-v1.0 takes about 1,600 MB of (GPU) memory while loaded.")
             status = gr.Markdown("")
@@ -177,28 +234,36 @@ class Script(scripts.Script):
             unload.click(fn=unload_model, inputs=[], outputs=[status])
         return [filter_out, limit, sort, scorer]
 
-    def run(self, p: StableDiffusionProcessing, filter_out_low_scores: bool = False,
-            lower_score_limit: Any = "0", sort_by_score: bool = True,
-            scorer_name: str = DEFAULT_SCORER) -> Processed:
-        """Generate with ``p``, then score every sample and return the annotated, filtered, sorted gallery."""
+    def run(self, p: StableDiffusionProcessing, *args: Any) -> Processed:
+        """Generate with ``p``, then score every sample and return the annotated, filtered, sorted gallery.
+
+        ``args`` are the values of the controls ``ui`` returned (see ``script_arguments``)."""
         if RM is None:
             raise ImageRewardScriptError(_IMPORT_ERROR)
+        all_args, slots = len(getattr(p, "script_args", None) or ()), getattr(self, "args_to", None)
+        early = None
+        if isinstance(slots, int) and all_args < slots:  # the API's default script args were not built yet
+            early = (f"The WebUI's script args hold {all_args} values, fewer than this script's slots "
+                     f"{self.args_from}..{slots}: an API request sent before the WebUI finished starting gets none "
+                     "of its script_args (wait for 'Startup time' in the WebUI's output, then retry).")
+        filter_out_low_scores, lower_score_limit, sort_by_score, scorer_name = script_arguments(args, early)
         limit = parse_limit(lower_score_limit) if filter_out_low_scores else None
         model = load_scorer(scorer_name)  # before generating: a bad name fails fast
 
-        do_not_save = p.do_not_save_samples
+        do_not_save, do_not_save_grid = p.do_not_save_samples, p.do_not_save_grid
         save_samples = bool(getattr(shared.opts, "samples_save", True)) and not do_not_save
         p.do_not_save_samples = True  # saved below, once the score is in the infotext
+        p.do_not_save_grid = True  # made below from the kept samples, in their final order
         try:
             proc = process_images(p)
         finally:
-            p.do_not_save_samples = do_not_save
+            p.do_not_save_samples, p.do_not_save_grid = do_not_save, do_not_save_grid
         return self._score(p, proc, model, limit, sort_by_score, save_samples)
 
     # the part after generation, split out for readability
     def _score(self, p: StableDiffusionProcessing, proc: Processed, model: Any, limit: float | None,
                sort_by_score: bool, save_samples: bool) -> Processed:
-        first = int(getattr(proc, "index_of_first_image", 0) or 0)
+        first = int(getattr(proc, "index_of_first_image", 0) or 0)  # 0 unless another script added a grid
         all_images = list(proc.images)
         n_samples = len(all_images) - first
         prompts_all = list(getattr(proc, "all_prompts", None) or [])
@@ -227,45 +292,65 @@ class Script(scripts.Script):
         if save_samples:
             self._save(p, proc, samples, sample_texts)
 
-        better = (lambda s: s) if getattr(model, "higher_is_better", True) else (lambda s: -s)
-        order = list(range(n_samples))
-        if limit is not None:
-            order = [i for i in order if better(scores[i]) >= better(limit)]
-        if sort_by_score:
-            order.sort(key=lambda i: better(scores[i]), reverse=True)  # stable: ties keep generation order
-
+        order = keep_order(scores, limit, sort_by_score, getattr(model, "higher_is_better", True))
         message = f"{key}s: " + ", ".join(f"{scores[i]:.4f}" for i in order)
         if limit is not None:
             dropped = n_samples - len(order)
             message = f"{message} ({dropped} of {n_samples} images below the limit {limit:g} filtered out)"
         if not order:
-            message = f"{key}: all {n_samples} images scored below the limit {limit:g}; nothing to show."
+            message = (f"{key}: all {n_samples} images scored below the limit {limit:g}, so none is shown "
+                       f"(scores: {', '.join(f'{s:.4f}' for s in scores)}; the samples were saved as usual)")
         logger.info("ImageReward: %s", message)
+        p.comment(message)  # the WebUI shows p.comments under the gallery; Processed(comments=...) is ignored
 
         kept = [samples[i] for i in order]
         kept_texts = [sample_texts[i] for i in order]
-        grid = all_images[:first] if kept else []
-        grid_texts = (infotexts[:first] if aligned else [g.info.get("parameters", "") for g in grid]) if kept else []
-        extras = all_images[first + n_samples:] if kept else []
-        extra_texts = (infotexts[first + n_samples:] if aligned else [x.info.get("parameters", "") for x in extras]
-                       ) if kept else []
-        out_texts = grid_texts + kept_texts + extra_texts
-        comments = "\n".join(c for c in (getattr(proc, "comments", "") or "", message) if c)
         seeds = _pick(getattr(proc, "all_seeds", None), order)
+        prompts_kept = _pick(prompts_all, order)
+        negatives_kept = _pick(getattr(proc, "all_negative_prompts", None), order)
+        grid, grid_text = self._grid(p, kept, seeds, prompts_kept)
+        extras = all_images[first + n_samples:]
+        extra_texts = infotexts[first + n_samples:] if aligned else [x.info.get("parameters", "") for x in extras]
+        out_images = grid + kept + (extras if kept else [])
+        out_texts = grid_text + kept_texts + (extra_texts if kept else [])
+        if not out_images:  # the API and the UI show infotexts[0] / info: say why there is nothing
+            out_texts = [message]
         return Processed(
             p,
-            images_list=grid + kept + extras,
+            images_list=out_images,
             seed=seeds[0] if seeds else proc.seed,
-            info=out_texts[0] if out_texts else message,
+            info=out_texts[0],
             subseed=getattr(proc, "subseed", None),
-            all_prompts=_pick(prompts_all, order) or None,
-            all_negative_prompts=_pick(getattr(proc, "all_negative_prompts", None), order) or None,
+            all_prompts=prompts_kept or None,
+            all_negative_prompts=negatives_kept or None,
             all_seeds=seeds or None,
             all_subseeds=_pick(getattr(proc, "all_subseeds", None), order) or None,
             index_of_first_image=len(grid),
             infotexts=out_texts,
-            comments=comments,
         )
+
+    @staticmethod
+    def _grid(p: StableDiffusionProcessing, kept: list[Any], seeds: list[Any] | None,
+              prompts: list[str] | None) -> tuple[list[Any], list[str]]:
+        """The grid of the kept samples in their final order, made and saved as ``process_images`` would have
+        (``return_grid`` / ``grid_save`` / ``grid_only_if_multiple``); ``([], [])`` when there is none."""
+        opts = shared.opts
+        wanted = getattr(opts, "return_grid", False) or getattr(opts, "grid_save", False)
+        too_few = len(kept) < 2 and getattr(opts, "grid_only_if_multiple", True)
+        if p.do_not_save_grid or not wanted or too_few or not kept:
+            return [], []
+        grid = images.image_grid(kept, p.batch_size)
+        seeds = seeds or [getattr(p, "seed", -1)] * len(kept)
+        prompts = prompts or [p.prompt] * len(kept)
+        text = create_infotext(p, prompts, seeds, seeds, use_main_prompt=True)
+        if getattr(opts, "grid_save", False):
+            images.save_image(grid, p.outpath_grids, "grid", seeds[0], prompts[0], opts.grid_format, info=text,
+                              short_filename=not getattr(opts, "grid_extended_filename", False), p=p, grid=True)
+        if not getattr(opts, "return_grid", False):
+            return [], []
+        if getattr(opts, "enable_pnginfo", True):
+            grid.info["parameters"] = text
+        return [grid], [text]
 
     @staticmethod
     def _save(p: StableDiffusionProcessing, proc: Processed, samples: list[Any], texts: list[str]) -> None:

@@ -18,7 +18,21 @@ UNPATCHED_LOAD = factory.load
 
 PACKAGE = Path(__file__).resolve().parents[1] / "comfyui"
 PROMPT = "a red fox in the snow"
-NODES = ("ImageRewardLoader", "ImageRewardScore", "ImageRewardRankFilter", "ImageRewardScoreToText")
+NODES = ("ImageRewardLoader", "ImageRewardScore", "ImageRewardRankFilter", "ImageRewardScoreToText",
+         "ImageRewardShowScores")
+# ComfyUI 0.3.64 core nodes the shipped example workflows use, with their required inputs
+CORE_NODES = {"LoadImage": {"image"}, "EmptyImage": {"width", "height", "batch_size", "color"},
+              "ImageBatch": {"image1", "image2"}, "SaveImage": {"images", "filename_prefix"},
+              "CheckpointLoaderSimple": {"ckpt_name"}, "CLIPTextEncode": {"text", "clip"},
+              "EmptyLatentImage": {"width", "height", "batch_size"}, "VAEDecode": {"samples", "vae"},
+              "KSampler": {"model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                           "latent_image", "denoise"}}
+CORE_OUTPUT_NODES = {"SaveImage", "PreviewImage"}
+
+
+def saveimage_pixels(images: torch.Tensor) -> list[np.ndarray]:
+    """What ComfyUI's SaveImage writes: ``np.clip(255. * i.cpu().numpy(), 0, 255).astype(np.uint8)``."""
+    return [np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8) for image in images]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +75,9 @@ def comfy(monkeypatch, tmp_path, tiny_dir):
     registry = NodeRegistry()
     path = install_package(tmp_path)
     registry.module = registry.load_custom_node(path)
+    official = tmp_path / "ComfyUI" / "models" / "image_reward" / "ImageReward.pt"
+    official.parent.mkdir(parents=True, exist_ok=True)
+    official.write_bytes(b"")  # "present" for the offline check; fake_load maps the name to the tiny model
     yield registry, state, loads
     _unload_modules(str(path).replace(".", "_x_"))
 
@@ -95,8 +112,8 @@ def test_score_rank_and_text_end_to_end(comfy, tiny_dir):
     scores, best = registry.run("ImageRewardScore", scorer=scorer, images=images, prompt=PROMPT, batch_size=3)
     values = scores["scores"]
     reference = UNPATCHED_LOAD(str(tiny_dir), device="cpu")
-    pil_like = [(np.round(img.numpy() * 255)).astype(np.uint8) for img in images]
-    assert values == pytest.approx(reference.score_batch(PROMPT, pil_like).tolist(), abs=1e-5)
+    # the pixels SaveImage writes: a score here equals the CLI's score of the saved PNG
+    assert values == pytest.approx(reference.score_batch(PROMPT, saveimage_pixels(images)).tolist(), abs=1e-5)
     assert best == max(values) and len(set(np.round(values, 4))) == 4
     assert scores["label"] == "ImageReward Score" and scores["higher_is_better"] is True
     assert [bar.current for bar in state.progress] == [4]  # progress reported to ComfyUI
@@ -115,7 +132,7 @@ def test_score_rank_and_text_end_to_end(comfy, tiny_dir):
 
 
 def test_rank_filter_edge_cases(comfy):
-    registry, _, _ = comfy
+    registry, state, _ = comfy
     (scorer,) = registry.run("ImageRewardLoader", scorer="Brightness", device="cpu", dtype="float32")
     images = make_images(seeds=(5, 6, 7, 8, 9))
     scores, best = registry.run("ImageRewardScore", scorer=scorer, images=images, prompt="")
@@ -140,8 +157,11 @@ def test_rank_filter_edge_cases(comfy):
     out, kept, count = rank(use_min_score=True, min_score=limit)
     assert count == 3 and kept["scores"] == [values[i] for i in order[:3]]
     out, kept, count = rank(use_min_score=True, min_score=1.0 + max(values))  # everything filtered
-    assert count == 0 and out.shape == (0, 32, 32, 3) and kept["scores"] == []
+    # ComfyUI's "no output": SaveImage / PreviewImage downstream are skipped silently instead of crashing
+    assert isinstance(out, state.ExecutionBlocker) and out.message is None
+    assert count == 0 and kept["scores"] == []
     assert registry.run("ImageRewardScoreToText", scores=kept, precision=4, separator="newline") == ("",)
+    assert registry.run("ImageRewardShowScores", scores=kept, precision=4) == ("Brightness Score: no image",)
 
     with pytest.raises(ValueError, match="2 scores for 5 images"):
         rank(scores={"scores": values[:2]})
@@ -160,16 +180,14 @@ def test_lower_is_better_scorer(comfy):
     assert kept["scores"] == sorted(scores["scores"])[:2]
 
 
-def test_loader_reuse_checkpoint_path_and_errors(comfy, tiny_dir):
+def test_loader_checkpoint_path_and_errors(comfy, tiny_dir):
     registry, _, loads = comfy
-    first = registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="float32")[0]
-    again = registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="float32")[0]
-    assert again is first and len(loads) == 1  # reused, not reloaded
     half = registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="bfloat16")[0]
-    assert half is not first and loads[-1] == ("ImageReward-v1.0", torch.bfloat16)
+    scorer_of = registry.module.image_reward_nodes.scorer_of
+    assert loads[-1] == ("ImageReward-v1.0", torch.bfloat16) and isinstance(scorer_of(half), RM.ImageReward)
     local = registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="float32",
                          checkpoint_path=f"  {tiny_dir}  ")[0]
-    assert isinstance(local, RM.ImageReward) and loads[-1][0] == str(tiny_dir)
+    assert isinstance(scorer_of(local), RM.ImageReward) and loads[-1][0] == str(tiny_dir)
     with pytest.raises(ValueError, match="does not exist"):
         registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="float32",
                      checkpoint_path="/no/such/ImageReward.pt")
@@ -177,6 +195,117 @@ def test_loader_reuse_checkpoint_path_and_errors(comfy, tiny_dir):
         registry.run("ImageRewardLoader", scorer="nope", device="cpu", dtype="float32")
     with pytest.raises(ValueError, match="unknown scorer 'nope'"):
         registry.module.image_reward_nodes.load_scorer("nope", "cpu")
+
+
+def test_scorer_takes_part_in_model_management_and_is_freed_with_the_node_cache(comfy):
+    """"Unload models" moves the scorer to its offload device; once ComfyUI drops the loader's cached output
+    ("Free model and node cache") nothing else holds it: no module-level cache keeps ~1.5 GB alive."""
+    import gc
+    import weakref
+
+    registry, state, _ = comfy
+    (patcher,) = registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="auto", dtype="float32")
+    assert patcher.offload_device == torch.device("cpu") and patcher.load_device == torch.device("cpu")
+    registry.run("ImageRewardScore", scorer=patcher, images=make_images(seeds=(1,)), prompt=PROMPT)
+    assert state.loaded == [patcher]  # loaded through comfy.model_management, so ComfyUI can unload it
+    sys.modules["comfy.model_management"].unload_all_models()
+    assert state.loaded == []
+    model = weakref.ref(registry.module.image_reward_nodes.scorer_of(patcher))
+    del patcher
+    gc.collect()
+    assert model() is None
+
+
+def test_weights_live_in_comfyui_models_folder(comfy, tiny_dir, monkeypatch):
+    registry, _, loads = comfy
+    folder_paths = sys.modules["folder_paths"]
+    root = Path(folder_paths.models_dir) / "image_reward"
+    assert folder_paths.get_folder_paths("image_reward")[0] == str(root)  # registered at import
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tiny_dir, root / "my-tuned")
+    (root / "ViT-L-14.pt").write_bytes(b"")  # an official weight file is not offered as a checkpoint
+    names = registry.NODE_CLASS_MAPPINGS["ImageRewardLoader"].INPUT_TYPES()["required"]["scorer"][0]
+    assert names[-1] == "my-tuned/" and "ViT-L-14.pt" not in names and "my-tuned/config.json" not in names
+    (patcher,) = registry.run("ImageRewardLoader", scorer="my-tuned/", device="cpu", dtype="float32")
+    scorer = registry.module.image_reward_nodes.scorer_of(patcher)
+    assert isinstance(scorer, RM.ImageReward) and loads[-1][0] == str(root / "my-tuned")
+
+    # official weights are read from (and downloaded into) models/image_reward
+    seen = {}
+    monkeypatch.setitem(factory._SCORERS, "Brightness",
+                        lambda download_root=None, **kw: seen.setdefault("root", download_root) and Brightness())
+    registry.run("ImageRewardLoader", scorer="Brightness", device="cpu", dtype="float32")
+    assert seen["root"] == str(root)
+
+
+def test_missing_weights_offline_are_all_named_at_once(comfy, monkeypatch):
+    registry, _, loads = comfy
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = Path(sys.modules["folder_paths"].models_dir) / "image_reward"
+    (root / "ImageReward.pt").unlink()
+    with pytest.raises(RuntimeError) as err:
+        registry.run("ImageRewardLoader", scorer="Aesthetic", device="cpu", dtype="float32")
+    message = str(err.value)
+    assert "ViT-L-14.pt" in message and "sac+logos+ava1-l14-linearMSE.pth" in message and str(root) in message
+    assert "download_root" not in message  # no such node input
+    with pytest.raises(RuntimeError, match=r"ImageReward\.pt  \(from https://huggingface.co/THUDM/ImageReward"):
+        registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="float32")
+    assert loads == []  # refused before any loading or network attempt
+
+
+def test_scores_to_text_for_file_names_and_show_scores(comfy):
+    registry, _, _ = comfy
+    scores = {"scores": [0.12345, -1.5], "label": "ImageReward Score", "higher_is_better": True}
+    (text,) = registry.run("ImageRewardScoreToText", scores=scores, precision=3, separator="newline",
+                           filename_safe=True)
+    assert text == "ImageReward_Score_0.123_ImageReward_Score_-1.500"
+    (text,) = registry.run("ImageRewardScoreToText", scores=scores, precision=2, separator="space", label="IR",
+                           filename_safe=True)
+    assert text == "IR_0.12_IR_-1.50"
+    shown = registry.run("ImageRewardShowScores", scores=scores, precision=2)
+    assert shown == ("ImageReward Score: 0.12\nImageReward Score: -1.50",)
+    assert registry.ui == {"text": [shown[0]], "scores": [0.12345, -1.5]}
+    assert registry.NODE_CLASS_MAPPINGS["ImageRewardShowScores"].OUTPUT_NODE is True
+
+
+def test_images_become_the_uint8_pixels_saveimage_writes(comfy):
+    registry, _, _ = comfy
+    nodes = registry.module.image_reward_nodes
+    images = make_images(seeds=(1, 2, 3)) * 1.02 - 0.01  # a little outside 0..1, as VAE output can be
+    arrays = nodes.images_to_arrays(images, 1, 3)
+    assert [a.dtype for a in arrays] == [np.uint8, np.uint8] and arrays[0].shape == (32, 32, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, saveimage_pixels(images)[1:]))
+
+
+def test_example_workflows_are_valid_api_prompts(comfy):
+    """Every shipped workflow: API format, known node types, our nodes' inputs valid, and an output node."""
+    import json
+
+    registry, _, _ = comfy
+    workflows = sorted((PACKAGE / "example_workflows").glob("*.json"))
+    assert [w.name for w in workflows] == ["score_filter_save.json", "txt2img_score_filter.json"]
+    for path in workflows:
+        prompt = json.loads(path.read_text())
+        outputs = 0
+        for node_id, node in prompt.items():
+            kind, inputs = node["class_type"], node["inputs"]
+            for value in inputs.values():  # links point at existing nodes
+                if isinstance(value, list):
+                    assert value[0] in prompt, (path.name, node_id, value)
+            if kind in registry.NODE_CLASS_MAPPINGS:
+                cls = registry.NODE_CLASS_MAPPINGS[kind]
+                spec = cls.INPUT_TYPES()
+                assert set(spec["required"]) <= set(inputs), (path.name, kind)
+                assert set(inputs) <= set(spec["required"]) | set(spec.get("optional", {})), (path.name, kind)
+                for name, value in inputs.items():
+                    entry = {**spec["required"], **spec.get("optional", {})}[name]
+                    if isinstance(entry[0], list) and not isinstance(value, list):
+                        assert value in entry[0], (path.name, kind, name, value)
+                outputs += bool(getattr(cls, "OUTPUT_NODE", False))
+            else:
+                assert set(CORE_NODES[kind]) <= set(inputs), (path.name, kind)
+                outputs += kind in CORE_OUTPUT_NODES
+        assert outputs >= 2, path.name  # an image output and the scores
 
 
 def test_score_node_rejects_bad_inputs_and_honours_interrupt(comfy):
@@ -202,7 +331,8 @@ def test_missing_library_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ImageReward", None)
     path = install_package(tmp_path, "copy")
     try:
-        with pytest.raises(ImportError, match="pip install"):
+        with pytest.raises(ImportError, match="pip install --no-deps") as err:
             NodeRegistry().load_custom_node(path)
+        assert "image-reward>=" not in str(err.value)  # PyPI's image-reward is the original 1.x
     finally:
         _unload_modules(str(path).replace(".", "_x_"))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
+import torch
 from PIL import Image
 
 import ImageReward as RM
@@ -154,8 +157,11 @@ def test_filter_everything_gives_an_empty_gallery(webui, tmp_path):
     shim, plugin, _ = webui
     shim.shared.opts.return_grid = True
     processed = run_script(shim, plugin, make_p(shim, tmp_path), True, "1e9", True)
-    assert processed.images == [] and processed.infotexts == [] and processed.index_of_first_image == 0
-    assert "below the limit" in processed.info and "nothing to show" in processed.comments
+    # the reason reaches the UI (info, comments) and the API (infotexts[0] of Processed.js())
+    assert processed.images == [] and processed.index_of_first_image == 0
+    assert processed.infotexts == [processed.info] and "all 4 images scored below the limit" in processed.info
+    assert "none is shown" in processed.comments
+    assert json.loads(processed.js())["infotexts"][0] == processed.info
     assert len([s for s in shim.saved if not s["grid"]]) == 4  # generated samples are still saved, with scores
     assert all("ImageReward Score: " in s["info"] for s in shim.saved)
     processed.js()  # the WebUI serialises the result for the gallery: must not fail when empty
@@ -174,6 +180,90 @@ def test_bad_limit_ignored_when_not_filtering_and_old_two_argument_api(webui, tm
     assert len(run_script(shim, plugin, make_p(shim, tmp_path), False, "abc").images) == 4
     processed = plugin.Script().run(make_p(shim, tmp_path), True, "-1e9")  # the original's 2 script args
     assert len(processed.images) == 4
+
+
+def api_run(shim, plugin, p, request_script_args, *, ui_fails=False, api_ready=True):
+    """``POST /sdapi/v1/txt2img`` with ``script_name=TITLE``: the script, then another selectable script after it
+    (as Prompt matrix follows image_reward.py in the WebUI), args built by the API's ``init_script_args``."""
+    class Following(shim.scripts.Script):
+        def title(self):
+            return "Prompt matrix"
+
+        def ui(self, is_img2img):
+            return [shim.gradio.Checkbox(value=False), shim.gradio.Checkbox(value=False)]
+
+    class Broken(plugin.Script):
+        def ui(self, is_img2img):
+            raise TypeError("unexpected keyword argument")  # what an older gradio would say
+
+    class AlwaysOn(shim.scripts.Script):  # the WebUI's always-on scripts (seed, refiner...) come first
+        def title(self):
+            return "Refiner"
+
+        def show(self, is_img2img):
+            return shim.AlwaysVisible
+
+        def ui(self, is_img2img):
+            return [shim.gradio.Checkbox(value=False), shim.gradio.Dropdown(value=""), shim.gradio.Slider(value=0.8)]
+
+    classes = [AlwaysOn, Broken if ui_fails else plugin.Script, Following]
+    runner = shim.scripts.ScriptRunner(classes, always_visible=shim.AlwaysVisible)
+    p.scripts, p.script_args = runner, runner.api_args(TITLE, request_script_args, api_ready=api_ready)
+    return runner, runner.run(p, *p.script_args)
+
+
+def test_api_script_args_reach_run(webui, tmp_path):
+    shim, plugin, loads = webui
+    _, processed = api_run(shim, plugin, make_p(shim, tmp_path), [True, "0.5", False, "Brightness"])
+    brightness = [score_of(t, "Brightness Score") for t in processed.infotexts]
+    assert len(brightness) >= 1 and all(b >= 0.5 for b in brightness) and loads == []
+
+
+def test_script_without_controls_fails_instead_of_running_with_defaults(webui, tmp_path):
+    """A ui() that fails in the host leaves the script no controls: the API's script_args never reach run(), which
+    must say so rather than load the default ImageReward-v1.0 (a 1.7 GB download the user did not ask for)."""
+    shim, plugin, loads = webui
+    with pytest.raises(plugin.ImageRewardScriptError, match="passed 0 values.*not registered.*Error calling"):
+        api_run(shim, plugin, make_p(shim, tmp_path), [False, "0", True, "Brightness"], ui_fails=True)
+    assert loads == [] and shim.saved == []  # nothing loaded, nothing generated
+
+
+def test_api_request_before_the_webui_is_ready_is_an_error(webui, tmp_path):
+    """The API's routes answer before its default script args exist: such a request's script_args are lost."""
+    shim, plugin, loads = webui
+    with pytest.raises(plugin.ImageRewardScriptError, match="passed 0 values.*before the WebUI finished starting"):
+        api_run(shim, plugin, make_p(shim, tmp_path), [False, "0", True, "Brightness"], api_ready=False)
+    assert loads == [] and shim.saved == []
+
+
+def test_ui_failure_is_reported_like_the_webui(webui):
+    shim, plugin, _ = webui
+
+    class Broken(plugin.Script):
+        def ui(self, is_img2img):
+            raise TypeError("unexpected keyword argument")
+
+    runner = shim.scripts.ScriptRunner([Broken])
+    [script] = runner.selectable_scripts
+    assert script.args_from == script.args_to == 1 and script.controls is None
+    assert len(runner.ui_errors) == 1 and "Error calling" in runner.ui_errors[0]
+
+
+def test_short_api_script_args_are_an_error_naming_the_argument(webui, tmp_path):
+    """The original plugin's 2 script_args through the API: the WebUI fills the rest from the next script's
+    controls (False, False), which must not become "sort off, default scorer"."""
+    shim, plugin, loads = webui
+    with pytest.raises(plugin.ImageRewardScriptError, match=r"argument 3 \(scorer_name\).*got False"):
+        api_run(shim, plugin, make_p(shim, tmp_path), [True, "-1e9"])
+    assert loads == [] and shim.saved == []
+
+
+@pytest.mark.parametrize("args", [(), (True,), (True, "0", True, "Brightness", "extra")])
+def test_wrong_number_of_run_arguments(webui, tmp_path, args):
+    shim, plugin, loads = webui
+    with pytest.raises(plugin.ImageRewardScriptError, match=f"passed {len(args)} values to run\\(\\), expected 4"):
+        plugin.Script().run(make_p(shim, tmp_path), *args)
+    assert loads == []
 
 
 def test_model_reuse_unload_twice_and_reload(webui, tmp_path):
@@ -275,3 +365,45 @@ def test_extra_images_pass_through_and_interrupted_run(webui, tmp_path, monkeypa
     shim.shared.state.interrupted = True  # interrupted before any sample: nothing to score, no error
     processed = run_script(shim, plugin, make_p(shim, tmp_path), True, "0", True)
     assert processed.images == []
+
+
+def test_grid_shows_only_the_kept_samples_best_first(webui, tmp_path):
+    shim, plugin, _ = webui
+    shim.shared.opts.return_grid = True
+    shim.shared.opts.grid_save = True
+    baseline = run_script(shim, plugin, make_p(shim, tmp_path), False, "0", True)
+    best_first = [image.info["score"] for image in baseline.images[1:]]
+    shim.saved.clear()
+    processed = run_script(shim, plugin, make_p(shim, tmp_path), True, repr(best_first[1]), True)
+    grid, kept = processed.images[0], processed.images[1:]
+    assert processed.index_of_first_image == 1 and [im.info["score"] for im in kept] == best_first[:2]
+    expected = shim.images.image_grid(kept, 2)  # the WebUI's grid of exactly the kept samples, in order
+    assert grid.size == expected.size == (64, 32)
+    assert np.array_equal(np.asarray(grid), np.asarray(expected))
+    [grid_file] = [s["filename"] for s in shim.saved if s["grid"]]  # the saved grid is that grid too
+    with Image.open(grid_file) as png:
+        assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(expected))
+        assert "ImageReward Score" not in png.info["parameters"]
+    # one kept sample: no grid (grid_only_if_multiple), as the WebUI itself does for a single image
+    processed = run_script(shim, plugin, make_p(shim, tmp_path), True, repr(best_first[0]), True)
+    assert processed.index_of_first_image == 0 and len(processed.images) == 1
+
+
+def test_summary_goes_through_p_comment_as_the_real_host_needs(webui, tmp_path):
+    shim, plugin, _ = webui
+    p = make_p(shim, tmp_path)
+    processed = run_script(shim, plugin, p, True, "-1e9", True)
+    assert "0 of 4 images below the limit -1e+09 filtered out" in processed.comments
+    assert any("ImageReward Scores:" in c for c in p.comments)  # v1.10.1 ignores Processed(comments=...)
+
+
+def test_pt_written_by_current_torch_loads_under_the_webui_torch_load_patch(webui, tmp_path):
+    """The WebUI's modules/safe.py replaces torch.load; it refuses current torch's zip layout and returns None."""
+    from ImageReward.checkpoint import read_state_dict
+
+    path = tmp_path / "head.pt"
+    state = {"weight": torch.arange(6.0).reshape(2, 3), "bias": torch.zeros(2)}
+    torch.save(state, path)
+    assert torch.load(path) is None  # the shim is as strict as the host here
+    loaded = read_state_dict(path)
+    assert set(loaded) == {"weight", "bias"} and torch.equal(loaded["weight"], state["weight"])

@@ -220,13 +220,20 @@ class ScriptRunner:
             elif visibility:
                 self.selectable_scripts.append(script)
             self.scripts.append(script)
+        self.ui_errors: list[str] = []  # the "Error calling: <file>/ui" reports the WebUI prints
         for script in self.alwayson_scripts + self.selectable_scripts:
             script.name = script.title().lower()
-            controls = script.ui(is_img2img) or []
-            script.args_from = len(self.inputs)
+            script.args_from = script.args_to = len(self.inputs)  # as create_script_ui, before calling ui()
+            try:  # modules.scripts.wrap_call: a failing ui() is reported and leaves the script without controls
+                controls = script.ui(is_img2img)
+            except Exception as err:
+                self.ui_errors.append(f"Error calling: {script.filename or type(script).__name__}/ui: {err!r}")
+                controls = None
+            script.controls = controls
+            if controls is None:
+                continue
             self.inputs.extend(controls)
             script.args_to = len(self.inputs)
-            script.controls = controls
 
     def default_args(self) -> list[Any]:
         return [0] + [component.value for component in self.inputs[1:]]
@@ -239,6 +246,20 @@ class ScriptRunner:
         args[0] = index + 1
         for offset, value in enumerate(values):
             args[script.args_from + offset] = value
+        return args
+
+    def api_args(self, title: str, request_script_args: list[Any], *, api_ready: bool = True) -> list[Any]:
+        """What ``POST /sdapi/v1/txt2img`` passes to ``run`` for ``script_name=title``: the API's
+        ``init_script_args``, which puts the request's ``script_args`` in place of the script's slice of the
+        default args (``args[args_from:args_to] = script_args``, so a list of another length shifts the scripts
+        after it, and a script without controls gets none of them). ``api_ready=False``: a request answered
+        while ``Api.__init__`` was still building its default args (the routes are live before), which start
+        from ``[]``."""
+        args = self.default_args() if api_ready else []
+        index = [s.title().lower() for s in self.selectable_scripts].index(title.lower())
+        script = self.selectable_scripts[index]
+        args[script.args_from:script.args_to] = list(request_script_args)
+        args[0] = index + 1
         return args
 
     def _each(self, hook: str, p: Any, *extra: Any, **kw: Any) -> None:
@@ -334,18 +355,20 @@ def create_infotext(p: Any, all_prompts: list[str], all_seeds: list[int], all_su
 
 
 class Processed:
+    """v1.10.1's signature exactly: no ``extra_images_list``, and ``comments=`` is accepted but **ignored** (the
+    real class reads ``p.comments``, filled by ``p.comment(text)``)."""
+
     def __init__(self, p: Any, images_list: list, seed: int = -1, info: str = "", subseed: Any = None,
                  all_prompts: Any = None, all_negative_prompts: Any = None, all_seeds: Any = None,
                  all_subseeds: Any = None, index_of_first_image: int = 0, infotexts: Any = None,
-                 comments: str = "", extra_images_list: Any = None) -> None:
+                 comments: str = "") -> None:
         self.images = images_list
-        self.extra_images = extra_images_list or []
         self.prompt = p.prompt
         self.negative_prompt = p.negative_prompt
         self.seed = seed
         self.subseed = subseed
         self.info = info
-        self.comments = "".join(f"{c}\n" for c in p.comments) if not comments else comments
+        self.comments = "".join(f"{comment}\n" for comment in p.comments)
         self.width, self.height = p.width, p.height
         self.sampler_name = p.sampler_name
         self.cfg_scale, self.steps, self.batch_size = p.cfg_scale, p.steps, p.batch_size
@@ -430,8 +453,11 @@ def process_images(p: Any) -> Processed:
                 image.info["parameters"] = text
             output_images.append(image)
 
+    if not infotexts:  # v1.10.1: an interrupted run still returns one infotext
+        infotexts.append(infotext(0))
     index_of_first_image = 0
-    if (opts.return_grid or opts.grid_save) and not p.do_not_save_grid and len(output_images) > 1:
+    unwanted_grid_because_of_img_count = len(output_images) < 2 and opts.grid_only_if_multiple
+    if (opts.return_grid or opts.grid_save) and not p.do_not_save_grid and not unwanted_grid_because_of_img_count:
         grid = images.image_grid(output_images, p.batch_size)
         text = infotext(use_main_prompt=True)
         if opts.return_grid:
@@ -498,6 +524,29 @@ def image_grid(imgs: list[Image.Image], batch_size: int = 1, rows: int | None = 
     return grid
 
 
+# ``modules/safe.py``: at import the WebUI replaces ``torch.load`` by a checker that refuses any zip member name
+# outside this pattern (current torch writes ``.format_version`` and ``.storage_alignment``) and then, instead of
+# raising, prints a report and returns None.
+_SAFE_ZIP_NAMES = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|.data/serialization_id|(data\.pkl))$")
+
+
+def _make_safe_load(unsafe_torch_load: Callable[..., Any]) -> Callable[..., Any]:
+    import zipfile
+
+    def load(filename: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            with zipfile.ZipFile(filename) as archive:
+                bad = [n for n in archive.namelist() if not _SAFE_ZIP_NAMES.match(n)]
+        except zipfile.BadZipFile:
+            bad = []
+        if bad:
+            print(f"Error verifying pickled file from {filename}: bad file inside {filename}: {bad[0]}")
+            return None
+        return unsafe_torch_load(filename, *args, **kwargs)
+
+    return load
+
+
 _modules: dict[str, types.ModuleType] = {}
 CALLBACK_NAMES = ("ui_settings", "ui_tabs", "app_started", "before_image_saved", "image_saved", "script_unloaded",
                   "model_loaded", "infotext_pasted")
@@ -514,7 +563,8 @@ def _build_modules(outdir: Path) -> dict[str, types.ModuleType]:
         "modules.shared",
         opts=Options({"enable_pnginfo": True, "samples_format": "png", "grid_format": "png", "samples_save": True,
                       "save_txt": False, "outdir_samples": str(outdir / "samples"), "return_grid": False,
-                      "grid_save": False, "CLIP_stop_at_last_layers": 1}),
+                      "grid_save": False, "grid_only_if_multiple": True, "grid_extended_filename": False,
+                      "CLIP_stop_at_last_layers": 1}),
         OptionInfo=OptionInfo,
         state=types.SimpleNamespace(interrupted=False, skipped=False, job="", job_count=0, nextjob=lambda: None),
         cmd_opts=types.SimpleNamespace(),
@@ -553,12 +603,13 @@ def _build_modules(outdir: Path) -> dict[str, types.ModuleType]:
         get_fixed_seed=get_fixed_seed)
     images = module("modules.images", save_image=save_image, read_info_from_image=read_info_from_image,
                     image_grid=image_grid, SAVED=SAVED)
+    safe = module("modules.safe", unsafe_torch_load=torch.load, load=_make_safe_load(torch.load))
     infotext_utils = module("modules.infotext_utils", quote=quote, unquote=unquote,
                             parse_generation_parameters=parse_generation_parameters,
                             PasteField=lambda component, target, api=None: (component, target))
     mods = {"modules": package, "modules.shared": shared, "modules.devices": devices,
             "modules.script_callbacks": callbacks, "modules.scripts": scripts, "modules.processing": processing,
-            "modules.images": images, "modules.infotext_utils": infotext_utils,
+            "modules.images": images, "modules.infotext_utils": infotext_utils, "modules.safe": safe,
             "modules.generation_parameters_copypaste": infotext_utils}
     for name, mod in mods.items():
         if name != "modules":
@@ -567,7 +618,8 @@ def _build_modules(outdir: Path) -> dict[str, types.ModuleType]:
 
 
 def install_webui(monkeypatch: Any, outdir: str | os.PathLike) -> types.SimpleNamespace:
-    """Put fake ``gradio`` and ``modules.*`` into ``sys.modules`` (undone by ``monkeypatch``).
+    """Put fake ``gradio`` and ``modules.*`` into ``sys.modules`` and the WebUI's ``torch.load`` patch into
+    ``torch`` (all undone by ``monkeypatch``).
     Returns a namespace of the fake modules: ``shim.shared``, ``shim.processing``, ..."""
     import sys
 
@@ -578,6 +630,7 @@ def install_webui(monkeypatch: Any, outdir: str | os.PathLike) -> types.SimpleNa
     _modules.update(mods)
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(torch, "load", mods["modules.safe"].load)  # as the real WebUI does at start-up
     return types.SimpleNamespace(**{name.rsplit(".", 1)[-1]: mod for name, mod in mods.items()}, saved=SAVED,
                                  AlwaysVisible=mods["modules.scripts"].AlwaysVisible)
 
@@ -592,13 +645,42 @@ def install_comfyui(monkeypatch: Any, root: str | os.PathLike) -> types.ModuleTy
         folder.mkdir(parents=True, exist_ok=True)
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.models_dir = str(dirs["models"])
+    folder_paths.folder_names_and_paths = {"checkpoints": ([str(dirs["models"] / "checkpoints")], {".safetensors"})}
     folder_paths.get_output_directory = lambda: str(dirs["output"])
     folder_paths.get_temp_directory = lambda: str(dirs["temp"])
     folder_paths.get_input_directory = lambda: str(dirs["input"])
-    folder_paths.get_filename_list = lambda kind: sorted(os.listdir(dirs["models"] / kind)) if (
-        dirs["models"] / kind).is_dir() else []
-    folder_paths.get_full_path = lambda kind, name: str(dirs["models"] / kind / name) if (
-        dirs["models"] / kind / name).exists() else None
+
+    def add_model_folder_path(folder_name: str, full_folder_path: str, is_default: bool = False) -> None:
+        paths, _ = folder_paths.folder_names_and_paths.setdefault(folder_name, ([], set()))
+        if full_folder_path in paths:
+            paths.remove(full_folder_path)
+        paths.insert(0 if is_default else len(paths), full_folder_path)
+
+    def get_folder_paths(folder_name: str) -> list[str]:
+        return folder_paths.folder_names_and_paths[folder_name][0][:]  # KeyError when unknown, as ComfyUI
+
+    def get_filename_list(folder_name: str) -> list[str]:
+        """Files under every registered folder, recursively, as relative paths with '/' (ComfyUI's listing)."""
+        paths, extensions = folder_paths.folder_names_and_paths[folder_name]
+        found = set()
+        for base in paths:
+            for dirpath, _, files in os.walk(base):
+                for name in files:
+                    rel = os.path.relpath(os.path.join(dirpath, name), base).replace(os.sep, "/")
+                    if not extensions or os.path.splitext(name)[1].lower() in extensions:
+                        found.add(rel)
+        return sorted(found)
+
+    def get_full_path(folder_name: str, filename: str) -> str | None:
+        for base in folder_paths.folder_names_and_paths[folder_name][0]:
+            if os.path.isfile(os.path.join(base, filename)):
+                return os.path.join(base, filename)
+        return None
+
+    folder_paths.add_model_folder_path = add_model_folder_path
+    folder_paths.get_folder_paths = get_folder_paths
+    folder_paths.get_filename_list = get_filename_list
+    folder_paths.get_full_path = get_full_path
 
     def get_save_image_path(prefix: str, output_dir: str, w: int = 0, h: int = 0):
         subfolder, filename = os.path.split(prefix)
@@ -628,7 +710,8 @@ def save_tiny_image_reward(directory: str | os.PathLike) -> Path:
 
 # --------------------------------------------------------------------------------------------- ComfyUI
 def install_comfy(monkeypatch: Any, device: str = "cpu") -> types.SimpleNamespace:
-    """Fake ``comfy.utils.ProgressBar`` and ``comfy.model_management`` (device, interrupt flag)."""
+    """Fake ``comfy.utils.ProgressBar``, ``comfy.model_management`` (device, interrupt flag, loading and
+    unloading of ``comfy.model_patcher.ModelPatcher``s) and ``comfy_execution.graph.ExecutionBlocker``."""
     import sys
 
     state = types.SimpleNamespace(interrupted=False, progress=[])
@@ -649,17 +732,60 @@ def install_comfy(monkeypatch: Any, device: str = "cpu") -> types.SimpleNamespac
         def update(self, value: int) -> None:
             self.current += value
 
+    state.loaded = []  # comfy.model_management.current_loaded_models: the patchers loaded on the device
+
+    class ModelPatcher:
+        """``comfy.model_patcher.ModelPatcher``: holds ``model``; moved by the model management below."""
+
+        def __init__(self, model: Any, load_device: Any, offload_device: Any, size: int = 0,
+                     weight_inplace_update: bool = False) -> None:
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+            if getattr(model, "device", None) is None:
+                model.device = offload_device  # as ComfyUI: the patcher writes ``model.device``
+
+    def load_models_gpu(models: list, memory_required: int = 0, **kw: Any) -> None:
+        for patcher in models:
+            patcher.model.to(patcher.load_device)
+            patcher.model.device = patcher.load_device  # ComfyUI sets it after moving (model_patcher.load)
+            if patcher not in state.loaded:
+                state.loaded.append(patcher)
+
+    def unload_all_models() -> None:  # "Unload models": every loaded model back to its offload device
+        for patcher in state.loaded:
+            patcher.model.to(patcher.offload_device)
+            patcher.model.device = patcher.offload_device
+        state.loaded.clear()
+
+    class ExecutionBlocker:
+        def __init__(self, message: Any) -> None:
+            self.message = message
+
     comfy = types.ModuleType("comfy")
     comfy.__path__ = []
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = ProgressBar
     management = types.ModuleType("comfy.model_management")
     management.get_torch_device = lambda: torch.device(device)
+    management.text_encoder_offload_device = lambda: torch.device("cpu")
     management.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     management.InterruptProcessingException = InterruptProcessingException
-    comfy.utils, comfy.model_management = utils, management
-    for name, mod in (("comfy", comfy), ("comfy.utils", utils), ("comfy.model_management", management)):
+    management.load_models_gpu = load_models_gpu
+    management.load_model_gpu = lambda model: load_models_gpu([model])
+    management.unload_all_models = unload_all_models
+    management.current_loaded_models = state.loaded
+    patcher_module = types.ModuleType("comfy.model_patcher")
+    patcher_module.ModelPatcher = ModelPatcher
+    execution = types.ModuleType("comfy_execution")
+    execution.__path__ = []
+    graph = types.ModuleType("comfy_execution.graph")
+    graph.ExecutionBlocker = ExecutionBlocker
+    comfy.utils, comfy.model_management, comfy.model_patcher = utils, management, patcher_module
+    execution.graph = graph
+    for name, mod in (("comfy", comfy), ("comfy.utils", utils), ("comfy.model_management", management),
+                      ("comfy.model_patcher", patcher_module), ("comfy_execution", execution),
+                      ("comfy_execution.graph", graph)):
         monkeypatch.setitem(sys.modules, name, mod)
+    state.ExecutionBlocker = ExecutionBlocker
     state.InterruptProcessingException = InterruptProcessingException
     return state
 
@@ -728,6 +854,8 @@ class NodeRegistry:
                     raise ValueError(f"{node_id}: {name} = {value} outside [{opts.get('min')}, {opts.get('max')}]")
         result = getattr(cls(), cls.FUNCTION)(**inputs)
         if isinstance(result, dict):
+            assert getattr(cls, "OUTPUT_NODE", False) or "ui" not in result, "only output nodes return 'ui'"
+            self.ui = result.get("ui")
             result = result["result"]
         assert isinstance(result, tuple) and len(result) == len(cls.RETURN_TYPES)
         return result

@@ -60,7 +60,8 @@ class AestheticScorer(Scorer):
             tower = CLIPVisionModelWithProjection(config)
         else:
             tower = build_from_state_dict(lambda: CLIPVisionModelWithProjection(config), vision_state,
-                                allow_unexpected=HF_IGNORED_KEYS, source=source)
+                                         allow_missing=HF_IGNORED_KEYS, allow_unexpected=HF_IGNORED_KEYS,
+                                         source=source)
         return cls(tower.vision_model, tower.visual_projection)
 
     def load_head(self, path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:

@@ -72,7 +72,9 @@ def clip_config(hparams: Mapping[str, int | str] = VIT_L_14):
     return config
 
 
-# Keys older transformers saved and newer ones re-create: ignored by name when loading Hub files.
+# ``position_ids`` buffers: persistent (in the state dict) in transformers < 4.31, non-persistent since. Allowed
+# by name both ways: ignored when a file has them and the model does not, filled with ``arange`` when the model
+# expects them and the file (OpenAI's, or one saved by a newer transformers) lacks them.
 HF_IGNORED_KEYS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
 
@@ -83,7 +85,8 @@ def build_clip_model(config, state_dict: Mapping[str, torch.Tensor] | None = Non
 
     if state_dict is None:
         return CLIPModel(config).eval()
-    return build_from_state_dict(lambda: CLIPModel(config), state_dict, allow_unexpected=HF_IGNORED_KEYS, source=source)
+    return build_from_state_dict(lambda: CLIPModel(config), state_dict, allow_missing=HF_IGNORED_KEYS,
+                                 allow_unexpected=HF_IGNORED_KEYS, source=source)
 
 
 def load_clip_weights(path: str | os.PathLike, *, vision_only: bool = False) -> tuple[dict[str, int], dict[str, torch.Tensor]]:

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Real-host tests: the WebUI script inside AUTOMATIC1111 WebUI v1.10.1 and the ComfyUI nodes inside ComfyUI 0.3.64,
+# both started offline on 127.0.0.1 from the source tarballs in $IMAGEREWARD_HOSTS (default ../shared/hosts).
+#
+#   bash scripts/test-hosts.sh [webui|comfyui|all]
+#
+# Per host: a throwaway copy of the host tree, its own venv (host packages as its docs say), this library installed
+# exactly as README.md tells users (pip install --no-deps, then the plugin copied/linked), a check that no host
+# package changed, then scripts/host_checks.py (run by the host's Python) drives the host over HTTP and prints one
+# result line. IMAGEREWARD_HOST_VENVS=DIR keeps the venvs, the Hub cache and the random SD checkpoint in DIR so
+# that reruns take minutes, not a quarter of an hour. Each host needs ~5 GB of RAM: they run one at a time, under
+# flock /tmp/ir-bigmem.lock.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+HOSTS=$(cd "$REPO" && realpath "${IMAGEREWARD_HOSTS:-../shared/hosts}")
+WHICH=${1:-all}
+WORK=$(mktemp -d /tmp/ir-hosts.XXXXXX)
+KEEP=${IMAGEREWARD_HOST_VENVS:-}
+CACHE=${KEEP:-$WORK/cache}
+mkdir -p "$CACHE"
+cleanup() { rm -rf "$WORK"; }
+trap cleanup EXIT
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export HF_HOME=$CACHE/hf-home  # the WebUI reads the CLIP tokenizer from this Hub cache (built by host_checks.py)
+unset PYTHONPATH
+PY=${PYTHON:-python3}
+status=0
+
+log() { echo "[test-hosts] $*" >&2; }
+
+# venv NAME REQUIREMENTS... : create (or reuse) $CACHE/venv-NAME with the host's packages
+venv() {
+    local name=$1; shift
+    local dir=$CACHE/venv-$name
+    local stamp
+    stamp=$(echo "$*" | sed "s#$WORK##g" | sha256sum | cut -c1-16)
+    if [ ! -f "$dir/.ready-$stamp" ]; then
+        log "$name: creating $dir (torch + the host's requirements; a few minutes)"
+        rm -rf "$dir"
+        "$PY" -m venv "$dir" >&2
+        "$dir/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 >&2
+        while [ $# -gt 0 ]; do "$dir/bin/python" -m pip install -q $1 >&2; shift; done
+        touch "$dir/.ready-$stamp"
+    fi
+    echo "$dir"
+}
+
+# install_library VENV : README's step, then prove the host's pinned packages are untouched
+install_library() {
+    local py=$1/bin/python before after
+    before=$("$py" -m pip freeze | grep -vi '^image-reward' | sort)
+    log "pip install --no-deps $REPO"
+    "$py" -m pip install -q --no-deps "$REPO"
+    after=$("$py" -m pip freeze | grep -vi '^image-reward' | sort)
+    if [ "$before" != "$after" ]; then
+        echo "installing the library changed the host's packages:"; diff <(echo "$before") <(echo "$after") || true
+        return 1
+    fi
+    (cd "$WORK" && "$py" -c "import ImageReward, transformers, PIL; print('[test-hosts] ImageReward', \
+ImageReward.__file__, 'transformers', transformers.__version__, 'Pillow', PIL.__version__)" >&2)
+}
+
+run_host() {  # NAME: one host, start to finish; prints its result line
+    local name=$1 started=$SECONDS tree venv_dir
+    if [ "$name" = webui ]; then
+        tar -xJf "$HOSTS/stable-diffusion-webui-v1.10.1.tar.xz" -C "$WORK"
+        tree=$WORK/stable-diffusion-webui
+        venv_dir=$(venv webui "-r $tree/requirements_versions.txt" "openai-clip==1.0.1")
+        install_library "$venv_dir"
+        cp "$REPO/sdwebui/image_reward.py" "$tree/scripts/"          # README, WebUI step 3
+    else
+        tar -xJf "$HOSTS/ComfyUI-a125cd84.tar.xz" -C "$WORK"
+        tree=$WORK/ComfyUI
+        grep -v '^torchaudio' "$tree/requirements.txt" > "$WORK/comfy-requirements.txt"
+        venv_dir=$(venv comfyui "-r $WORK/comfy-requirements.txt" "requests")
+        install_library "$venv_dir"
+        ln -s "$REPO/comfyui" "$tree/custom_nodes/ImageReward"        # README, ComfyUI step 2
+    fi
+    (cd "$WORK" && flock /tmp/ir-bigmem.lock "$venv_dir/bin/python" "$REPO/scripts/host_checks.py" "$name" \
+        --host-dir "$tree" --cache "$CACHE" --work "$WORK") || status=1
+    log "$name: $((SECONDS - started)) s in all (installs and the wait for the memory lock included)"
+}
+
+main() {
+    case "$WHICH" in
+        webui|comfyui) run_host "$WHICH" ;;
+        all) run_host comfyui; run_host webui ;;
+        *) echo "usage: $0 [webui|comfyui|all]" >&2; exit 2 ;;
+    esac
+    exit $status
+}
+# bash reads a script as it runs it: editing this file during a (long) run used to end that run with a syntax
+# error ("line 89: syntax error near unexpected token ';;'"). Everything above only defines things, and this last
+# line is parsed before anything runs, so a run finishes the version it started with.
+main "$@"
