@@ -275,6 +275,8 @@ def real_size_check(families: list[str], resolution: int, inference_steps: int, 
     print(f"| family | phase | s/update | s checkpoint | s final save | peak RSS GiB | checkpoint MiB | "
           f"LoRA MiB | status |")
     print("|---|---|---|---|---|---|---|---|---|")
+    if workdir:
+        Path(workdir).mkdir(parents=True, exist_ok=True)  # --workdir may name a folder that does not exist yet
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for family in families:
             common = ["--family", family, "--workdir", tmp, "--resolution", str(resolution),
