@@ -77,13 +77,16 @@ AESTHETIC_HEAD = PretrainedCfg(
     license="see github.com/christophschuhmann/improved-aesthetic-predictor",
     description="LAION improved aesthetic predictor head (linear MLP on normalised CLIP ViT-L/14 image embeddings)",
 )
-# No revision below could be checked against the Hub from the machine this was written on: they follow
-# the repos' main branch until pinned (pass revision= to load_score to pin one yourself).
+# The revisions below are the snapshot ids these files are found under in public Hub caches (the same id in
+# several independent projects' hard-coded cache paths, e.g. ``models--xswu--HPSv2/snapshots/697403c7...``);
+# they could not be checked against the Hub itself from the machine this was written on. ``revision=`` on
+# ``load_score`` overrides them per call (``revision="main"`` follows the branch).
 HPS_V2 = PretrainedCfg(
     name="HPSv2",
     filename="HPS_v2_compressed.pt",
     hf_repo="xswu/HPSv2",
     hf_filename="HPS_v2_compressed.pt",
+    revision="697403c78157020a1ae59d23f111aa58ced35b0a",
     license="Apache-2.0 (github.com/tgxs002/HPSv2)",
     description="HPSv2: open_clip ViT-H-14 fine-tuned on HPDv2 ({'state_dict': open_clip state dict})",
 )
@@ -92,6 +95,7 @@ HPS_V2_1 = PretrainedCfg(
     filename="HPS_v2.1_compressed.pt",
     hf_repo="xswu/HPSv2",
     hf_filename="HPS_v2.1_compressed.pt",
+    revision="697403c78157020a1ae59d23f111aa58ced35b0a",
     license="Apache-2.0 (github.com/tgxs002/HPSv2)",
     description="HPSv2.1: HPSv2 retrained on higher-quality HPDv2 data (same architecture and file format)",
 )
@@ -99,6 +103,7 @@ PICKSCORE_V1 = PretrainedCfg(
     name="PickScore",
     filename="PickScore_v1",  # a folder
     hf_repo="yuvalkirstain/PickScore_v1",
+    revision="a4e4367c6dfa7288a00c550414478f865b875800",
     license="see huggingface.co/yuvalkirstain/PickScore_v1",
     description="PickScore v1: CLIP ViT-H-14 fine-tuned on Pick-a-Pic (transformers CLIPModel folder)",
 )
@@ -106,6 +111,7 @@ PICKSCORE_PROCESSOR = PretrainedCfg(
     name="PickScore processor",
     filename="CLIP-ViT-H-14-laion2B-s32B-b79K",  # a folder
     hf_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    revision="1c2b8495b28150b8a4922ee1c8edee224c284c0c",
     license="MIT",
     description="the CLIPProcessor PickScore's model card loads (image settings and tokenizer files)",
 )

@@ -184,6 +184,34 @@ def test_nothing_local_and_offline_raises_download_error_naming_the_file(tmp_pat
         RM.load_score("PickScore", device="cpu", download_root=tmp_path)
 
 
+def test_hub_downloads_use_the_pinned_revisions(tmp_path, monkeypatch):
+    """Each zoo file comes from its repo at a pinned 40-hex commit, unless ``revision=`` overrides it."""
+    import huggingface_hub
+
+    from ImageReward import baselines
+
+    calls = []
+
+    def fake_download(repo_id, filename, revision=None, local_dir=None, **_):
+        calls.append((repo_id, filename, revision))
+        raise OSError("no network in tests")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HPSv2", "HPSv2.1", "PickScore"):
+        with pytest.raises(DownloadError):
+            RM.load_score(name, device="cpu", download_root=tmp_path)
+    with pytest.raises(DownloadError):
+        RM.load_score("HPSv2", device="cpu", download_root=tmp_path, revision="main")
+    pins = {cfg.hf_repo: cfg.revision for cfg in (baselines.HPS_V2, baselines.HPS_V2_1, baselines.PICKSCORE_V1,
+                                                  baselines.PICKSCORE_PROCESSOR)}
+    assert all(len(rev) == 40 and int(rev, 16) >= 0 for rev in pins.values())
+    assert calls[:3] == [("xswu/HPSv2", "HPS_v2_compressed.pt", pins["xswu/HPSv2"]),
+                         ("xswu/HPSv2", "HPS_v2.1_compressed.pt", pins["xswu/HPSv2"]),
+                         ("yuvalkirstain/PickScore_v1", "config.json", pins["yuvalkirstain/PickScore_v1"])]
+    assert calls[3] == ("xswu/HPSv2", "HPS_v2_compressed.pt", "main")
+
+
 # -------------------------------------------------------------------------------------------- PickScore
 def _tiny_pickscore_config():
     from transformers import CLIPConfig
