@@ -46,10 +46,10 @@ DEFAULT_CONFIGS = [  # the issue's matrix (1 prompt x 32 images, 32 x 1, with an
     for mode in ("original", "batched-fp32", "batched-bf16") + (("compiled-fp32", "compiled-bf16") if shape != "1x8" else ())
 ]
 BASELINE_CONFIGS = [f"{name}-{dtype}:1x8" for name in ("CLIP", "BLIP", "Aesthetic") for dtype in ("fp32", "bf16")]
-# 1 prompt x 8 images for both; 8 prompts x 1 image for PickScore, whose model card re-encodes the images for
-# every prompt (hpsv2 is per pair either way: each call re-reads the checkpoint)
-ZOO_CONFIGS = [f"{name}-{mode}:1x8" for name in ("HPSv2", "PickScore") for mode in ("original", "fp32", "bf16")] + [
-    f"PickScore-{mode}:8x1" for mode in ("original", "fp32")]
+# 1 prompt x 8 images, and 8 prompts x 1 image, where the originals re-encode the image for every prompt
+# (PickScore's model card) or every pair (hpsv2, which also re-reads its checkpoint on every call)
+ZOO_CONFIGS = [f"{name}-{mode}:{shape}" for name in ("HPSv2", "PickScore") for shape in ("1x8", "8x1")
+               for mode in ("original", "fp32", "bf16")]
 SCORER_NAMES = ("CLIP", "BLIP", "Aesthetic", "HPSv2", "PickScore")
 
 
