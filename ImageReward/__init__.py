@@ -25,7 +25,7 @@ from .errors import (
 from .factory import available_models, available_scores, load, load_score, register_scorer
 from .models.image_reward import ImageReward
 from .models.mix import WeightedReward
-from .resolve import available_scorers, load_scorer
+from .resolve import available_scorers, load_scorer, missing_files
 from .scorer import Scorer
 
 __version__ = "2.0.0.dev0"
@@ -37,6 +37,7 @@ __all__ = [
     "available_models",
     "available_scores",
     "available_scorers",
+    "missing_files",
     "register_scorer",
     "ImageReward",
     "WeightedReward",

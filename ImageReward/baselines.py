@@ -34,7 +34,7 @@ import torch
 
 from .errors import DownloadError, UnsupportedInputError
 from .factory import place_model, register_scorer
-from .pretrained import PretrainedCfg, default_cache_dir, fetch, fetch_folder, offline
+from .pretrained import PretrainedCfg, Requirement, default_cache_dir, fetch, fetch_folder, offline
 
 __all__ = ["BASELINE_FILES", "CLIP_HUB", "CLIP_OPENAI", "BLIP_LARGE", "AESTHETIC_HEAD", "HPS_V2", "HPS_V2_1",
            "PICKSCORE_V1", "PICKSCORE_PROCESSOR", "clip_weights_path", "build_clip", "build_blip", "build_aesthetic",
@@ -104,6 +104,7 @@ PICKSCORE_V1 = PretrainedCfg(
     filename="PickScore_v1",  # a folder
     hf_repo="yuvalkirstain/PickScore_v1",
     revision="a4e4367c6dfa7288a00c550414478f865b875800",
+    folder_files=("config.json", ("model.safetensors", "pytorch_model.bin")),
     license="see huggingface.co/yuvalkirstain/PickScore_v1",
     description="PickScore v1: CLIP ViT-H-14 fine-tuned on Pick-a-Pic (transformers CLIPModel folder)",
 )
@@ -112,19 +113,20 @@ PICKSCORE_PROCESSOR = PretrainedCfg(
     filename="CLIP-ViT-H-14-laion2B-s32B-b79K",  # a folder
     hf_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     revision="1c2b8495b28150b8a4922ee1c8edee224c284c0c",
+    folder_files=("preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                  "merges.txt"),
     license="MIT",
     description="the CLIPProcessor PickScore's model card loads (image settings and tokenizer files)",
 )
-PICKSCORE_MODEL_FILES = ("config.json", "model.safetensors")
-PICKSCORE_PROCESSOR_FILES = ("preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json",
-                             "vocab.json", "merges.txt")
-BASELINE_FILES: dict[str, tuple[PretrainedCfg, ...]] = {
-    "CLIP": (CLIP_OPENAI, CLIP_HUB),
+# What each scorer needs, for listings and "missing files" messages: a file, or a tuple of alternatives (any one
+# will do). PickScore's processor folder is not listed: without it the packaged equivalents are used.
+BASELINE_FILES: dict[str, tuple[Requirement, ...]] = {
+    "CLIP": ((CLIP_OPENAI, CLIP_HUB),),
     "BLIP": (BLIP_LARGE,),
-    "Aesthetic": (AESTHETIC_HEAD, CLIP_OPENAI, CLIP_HUB),
+    "Aesthetic": (AESTHETIC_HEAD, (CLIP_OPENAI, CLIP_HUB)),
     "HPSv2": (HPS_V2,),
     "HPSv2.1": (HPS_V2_1,),
-    "PickScore": (PICKSCORE_V1, PICKSCORE_PROCESSOR),
+    "PickScore": (PICKSCORE_V1,),
 }
 
 
@@ -231,15 +233,11 @@ def build_pickscore(device: str | torch.device | None = None, download_root: str
     processor = kwargs.pop("processor", None)
     model_dir = _checkpoint_arg(kwargs, "checkpoint")
     if model_dir is None:
-        local = Path(download_root or default_cache_dir()) / PICKSCORE_V1.filename
-        has_weights = any((local / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))
-        model_dir = local if has_weights and (local / "config.json").is_file() else \
-            fetch_folder(PICKSCORE_V1, PICKSCORE_MODEL_FILES, download_root, revision=revision)
+        model_dir = fetch_folder(PICKSCORE_V1, download_root, revision=revision)
     if processor is None:
         local = Path(download_root or default_cache_dir()) / PICKSCORE_PROCESSOR.filename
         try:
-            processor = local if local.is_dir() else fetch_folder(PICKSCORE_PROCESSOR, PICKSCORE_PROCESSOR_FILES,
-                                                                   download_root)
+            processor = local if local.is_dir() else fetch_folder(PICKSCORE_PROCESSOR, download_root)
         except DownloadError as err:  # its settings and vocabulary ship with the package: no need to fail
             logger.warning("%s; using the packaged equivalents (laion's CLIPImageProcessor settings, CLIP's BPE)", err)
     logger.info("loading PickScore from %s (processor %s)", model_dir, processor)

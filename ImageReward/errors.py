@@ -6,6 +6,8 @@ written against the original package keeps working.
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 
 class ImageRewardError(Exception):
     """Base class of every error raised on purpose by this library."""
@@ -32,7 +34,22 @@ class UnknownModelError(ImageRewardError, ValueError):
 
 
 class DownloadError(ImageRewardError, OSError):
-    """A file could not be downloaded (offline, unreachable, or failed its checksum)."""
+    """A file could not be downloaded (offline, unreachable, or failed its checksum). ``reason``: why, in a
+    few words (e.g. ``"HF_HUB_OFFLINE is set"``); ``missing``: when known, every registered file
+    (:class:`~ImageReward.pretrained.PretrainedCfg`) the requested scorer still needs, so that a UI can list
+    them all at once."""
+
+    def __init__(self, message: str, *, reason: str | None = None, missing: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.reason = reason or message.splitlines()[0]
+        self.missing = list(missing)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across worker processes, keywords included
+        return (_rebuild_download_error, (str(self), self.reason, self.missing))
+
+
+def _rebuild_download_error(message: str, reason: str, missing: list[Any]) -> DownloadError:
+    return DownloadError(message, reason=reason, missing=missing)
 
 
 class DiskSpaceError(ImageRewardError, OSError):

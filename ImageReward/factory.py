@@ -24,7 +24,7 @@ from .checkpoint import read_state_dict
 from .errors import InvalidInputError, UnknownModelError
 from .models.blip import BLIPConfig, TextConfig
 from .models.image_reward import CONFIG_NAME, ImageReward
-from .pretrained import IMAGE_REWARD_MODELS, PretrainedCfg, check_download_root, fetch
+from .pretrained import IMAGE_REWARD_MODELS, Requirement, check_download_root, fetch
 from .validation import ArgumentTypeError, resolve_device, resolve_dtype
 
 __all__ = ["load", "load_score", "available_models", "available_scores", "default_device", "place_model",
@@ -39,16 +39,17 @@ _ENTRIES: dict[str, "ScorerEntry"] = {}
 
 @dataclass(frozen=True)
 class ScorerEntry:
-    """A registered scorer: its name, its builder, the files it needs (each a :class:`PretrainedCfg`, for
-    listings and download messages) and a one-line description."""
+    """A registered scorer: its name, its builder, the files it needs (each a :class:`PretrainedCfg`, or a
+    tuple of alternatives of which any one will do; for listings and "missing files" messages) and a
+    one-line description."""
 
     name: str
     builder: Callable[..., Any]
-    files: tuple[PretrainedCfg, ...] = ()
+    files: tuple[Requirement, ...] = ()
     description: str = ""
 
 
-def register_scorer(name: str, builder: Callable[..., Any], *, files: tuple[PretrainedCfg, ...] = (),
+def register_scorer(name: str, builder: Callable[..., Any], *, files: tuple[Requirement, ...] = (),
                     description: str = "") -> ScorerEntry:
     """Make ``name`` a scorer everywhere a model name is accepted (``load_scorer``, ``load_score``, the CLI,
     eval, ReFL, the plugins): ``builder(device=..., download_root=..., dtype=..., **kwargs)`` returns a

@@ -14,22 +14,26 @@ raises :class:`~ImageReward.errors.DownloadError` saying what to download and wh
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .errors import DownloadError, InvalidInputError
 
-__all__ = ["PretrainedCfg", "IMAGE_REWARD_MODELS", "default_cache_dir", "offline", "fetch", "fetch_folder",
-           "fetch_hub_repo", "download_url", "sha256_of"]
+__all__ = ["PretrainedCfg", "Requirement", "IMAGE_REWARD_MODELS", "default_cache_dir", "offline", "hub_unreachable",
+           "fetch", "fetch_folder", "fetch_hub_repo", "download_url", "sha256_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +50,41 @@ class PretrainedCfg:
     url: str | None = None
     sha256: str | None = None
     alt_filenames: tuple[str, ...] = ()
+    # When set, ``filename`` is a folder (a transformers model or processor) that must hold these files; an
+    # entry that is a tuple is satisfied by any one of its names (the first is the one downloaded).
+    folder_files: tuple[str | tuple[str, ...], ...] = ()
     license: str = ""
     description: str = ""
 
     def source(self) -> str:
         if self.hf_repo:
+            if self.folder_files:
+                return f"https://huggingface.co/{self.hf_repo}/tree/{self.revision or 'main'}"
             return f"https://huggingface.co/{self.hf_repo}/resolve/{self.revision or 'main'}/{self.hf_filename or self.filename}"
         return self.url or "(no remote source)"
+
+    def local_path(self, download_root: str | os.PathLike | None = None) -> Path | None:
+        """The file (or, for a folder, the complete folder) in ``download_root`` (default
+        :func:`default_cache_dir`), or ``None`` when it is not there. Never touches the network."""
+        root = Path(download_root).expanduser() if download_root is not None else default_cache_dir()
+        if self.folder_files:
+            folder = root / self.filename
+            complete = all(any((folder / name).is_file() for name in _choices(entry)) for entry in self.folder_files)
+            return folder if complete else None
+        return next((root / name for name in (self.filename, *self.alt_filenames) if (root / name).is_file()), None)
+
+    def describe(self) -> str:
+        """``"NAME  (from SOURCE)"``, with a folder's files, for lists of what to download."""
+        files = f"/ ({', '.join(' or '.join(_choices(entry)) for entry in self.folder_files)})" if self.folder_files else ""
+        return f"{self.filename}{files}  (from {self.source()})"
+
+
+def _choices(entry: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else entry
+
+
+# A scorer's requirement: one file, or a tuple of alternatives (any one of them will do; the first is preferred).
+Requirement = Union[PretrainedCfg, tuple[PretrainedCfg, ...]]
 
 
 IMAGE_REWARD_MODELS: dict[str, PretrainedCfg] = {
@@ -84,6 +116,35 @@ def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 def offline() -> bool:
     """Whether ``HF_HUB_OFFLINE`` forbids network access (read at call time)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached right now, or ``None`` when it can (or when a proxy is configured, which
+    this check cannot see through). One TCP connection to ``$HF_ENDPOINT`` (default huggingface.co:443), at
+    most 5 s, remembered for a minute. Without it an offline machine waits ~25 s in huggingface_hub's
+    retries (1+2+4+8+8 s of back-off) for every missing file before the error."""
+    if urllib.request.getproxies().keys() & {"https", "http", "all"}:
+        return None
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    return _probe(endpoint.hostname or "huggingface.co", port, int(time.monotonic() // 60))
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(host: str, port: int, minute: int) -> str | None:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as err:
+        return f"cannot reach {host}:{port} ({err.strerror or type(err).__name__}); no network?"
+    return None
+
+
+def _hub_error(cfg_or_repo: str, root: Path) -> None:
+    """Raise :class:`DownloadError` at once when the Hub cannot be reached (see :func:`hub_unreachable`)."""
+    reason = None if offline() else hub_unreachable()
+    if reason:
+        raise DownloadError(f"could not get {cfg_or_repo} ({reason}). Put the files into {root}, or set "
+                            "HF_HUB_OFFLINE=1 when working offline", reason=reason)
 
 
 def _missing_message(cfg: PretrainedCfg, root: Path, reason: str) -> str:
@@ -126,24 +187,28 @@ def fetch(cfg: PretrainedCfg, download_root: str | os.PathLike | None = None, *,
         return _fetch_from_hub(cfg, root, revision or cfg.revision)
     if cfg.url:
         if offline():
-            raise DownloadError(_missing_message(cfg, root, "HF_HUB_OFFLINE is set"))
+            raise DownloadError(_missing_message(cfg, root, "HF_HUB_OFFLINE is set"), reason="HF_HUB_OFFLINE is set")
         return download_url(cfg.url, root / cfg.filename, sha256=cfg.sha256)
-    raise DownloadError(_missing_message(cfg, root, "no remote source is known"))
+    raise DownloadError(_missing_message(cfg, root, "no remote source is known"), reason="no remote source is known")
 
 
-def fetch_folder(cfg: PretrainedCfg, files: tuple[str, ...], download_root: str | os.PathLike | None = None, *,
+def fetch_folder(cfg: PretrainedCfg, download_root: str | os.PathLike | None = None, *,
                  revision: str | None = None) -> Path:
-    """Return the local folder ``download_root / cfg.filename`` holding ``files`` of the Hub repo
-    ``cfg.hf_repo`` (a transformers model or processor folder). Nothing touches the network when every file
-    is already there; otherwise the missing ones are downloaded at ``revision or cfg.revision``."""
-    root = Path(download_root) if download_root is not None else default_cache_dir()
-    folder = root / cfg.filename
-    missing = [name for name in files if not (folder / name).is_file()]
-    if not missing:
+    """Return the local folder ``download_root / cfg.filename`` holding ``cfg.folder_files`` of the Hub repo
+    ``cfg.hf_repo`` (a transformers model or processor folder). Nothing touches the network when the folder
+    is complete (:meth:`PretrainedCfg.local_path`); otherwise the missing files (the first choice of each) are
+    downloaded at ``revision or cfg.revision``. Raises :class:`~ImageReward.errors.DownloadError`."""
+    root = Path(download_root).expanduser() if download_root is not None else default_cache_dir()
+    folder = cfg.local_path(root)
+    if folder is not None:
         logger.info("using cached %s", folder)
         return folder
+    folder = root / cfg.filename
+    missing = [_choices(entry)[0] for entry in cfg.folder_files
+               if not any((folder / name).is_file() for name in _choices(entry))]
     if not cfg.hf_repo:
-        raise DownloadError(_missing_message(cfg, root, "no remote source is known"))
+        raise DownloadError(_missing_message(cfg, root, "no remote source is known"), reason="no remote source is known")
+    _hub_error(f"{cfg.name!r}", root)
     from huggingface_hub import hf_hub_download
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,13 +217,16 @@ def fetch_folder(cfg: PretrainedCfg, files: tuple[str, ...], download_root: str 
             hf_hub_download(repo_id=cfg.hf_repo, filename=name, revision=revision or cfg.revision, local_dir=str(folder))
         except Exception as err:  # offline mode, no route to the Hub, 404, ...
             reason = "offline (HF_HUB_OFFLINE=1)" if offline() else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            raise DownloadError(f"could not get {name} of {cfg.name!r} ({reason}). Download "
-                                f"https://huggingface.co/{cfg.hf_repo} ({', '.join(files)}) into {folder}, or pass "
-                                f"download_root=<folder holding {cfg.filename}/>.") from err
+            raise DownloadError(f"could not get {name} of {cfg.name!r} ({reason}). Download {cfg.describe()} "
+                                f"into {folder}, or pass download_root=<folder holding {cfg.filename}/>.",
+                                reason=reason) from err
     return folder
 
 
 def _fetch_from_hub(cfg: PretrainedCfg, root: Path, revision: str | None) -> Path:
+    reason = None if offline() else hub_unreachable()
+    if reason:
+        raise DownloadError(_missing_message(cfg, root, reason), reason=reason)
     from huggingface_hub import hf_hub_download
 
     try:
@@ -166,7 +234,7 @@ def _fetch_from_hub(cfg: PretrainedCfg, root: Path, revision: str | None) -> Pat
                                revision=revision, local_dir=str(root))
     except Exception as err:  # offline mode, no route to the Hub, 404, ...
         reason = "offline (HF_HUB_OFFLINE=1)" if offline() else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        raise DownloadError(_missing_message(cfg, root, reason)) from err
+        raise DownloadError(_missing_message(cfg, root, reason), reason=reason) from err
     path = Path(path)
     if cfg.sha256 and sha256_of(path) != cfg.sha256:
         raise DownloadError(f"{path} failed its SHA-256 check (expected {cfg.sha256}); delete it and retry")
@@ -191,13 +259,15 @@ def fetch_hub_repo(repo_id: str, download_root: str | os.PathLike | None = None,
 
     root = Path(download_root) if download_root is not None else default_cache_dir()
     folder = root / "hub" / repo_id.replace("/", "--")
+    _hub_error(f"Hub repository {repo_id!r}", folder)
     try:
         snapshot_download(repo_id=repo_id, revision=revision, local_dir=str(folder),
                           allow_patterns=list(HUB_CHECKPOINT_FILES))
     except Exception as err:  # offline mode, no route to the Hub, 404, ...
         reason = "offline (HF_HUB_OFFLINE=1)" if offline() else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise DownloadError(f"could not get Hub repository {repo_id!r} ({reason}); download its "
-                            f"{' / '.join(HUB_CHECKPOINT_FILES)} into {folder}, or pass a local path") from err
+                            f"{' / '.join(HUB_CHECKPOINT_FILES)} into {folder}, or pass a local path",
+                            reason=reason) from err
     if not any((folder / name).is_file() for name in HUB_CHECKPOINT_FILES[1:]):
         raise DownloadError(f"Hub repository {repo_id!r} holds no ImageReward checkpoint "
                             f"(expected one of {list(HUB_CHECKPOINT_FILES[1:])})")

@@ -55,9 +55,9 @@ from typing import Any
 import torch
 
 from . import factory
-from .errors import InvalidInputError, UnknownModelError
+from .errors import DownloadError, InvalidInputError, UnknownModelError
 from .models.mix import WeightedReward
-from .pretrained import check_download_root, fetch_hub_repo
+from .pretrained import IMAGE_REWARD_MODELS, PretrainedCfg, check_download_root, default_cache_dir, fetch_hub_repo, offline
 from .scorer import Scorer
 from .validation import resolve_device, resolve_dtype
 
@@ -65,7 +65,7 @@ from .validation import resolve_device, resolve_dtype
 from . import baselines  # noqa: F401, I001  (CLIP, BLIP, Aesthetic)
 
 __all__ = ["Resolved", "resolve", "load_scorer", "checkpoint_path", "available_scorers", "parse_mix",
-           "CHECKPOINT_EXTENSIONS"]
+           "missing_files", "weight_files", "CHECKPOINT_EXTENSIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,22 +154,85 @@ def resolve(spec: str | os.PathLike, *, allow_mix: bool = True) -> Resolved:
         "(it does not exist) nor a Hub id OWNER/NAME")
 
 
+def _requirements(resolved: Resolved) -> list:
+    if resolved.kind == "mix":
+        return [req for part, _ in resolved.parts for req in _requirements(part)]
+    if resolved.kind == "checkpoint":
+        return [IMAGE_REWARD_MODELS[resolved.target]]
+    if resolved.kind == "scorer":
+        return list(factory.scorer_entry(resolved.target).files)
+    return []  # a local path is there or not; a Hub id's files are not known before asking the Hub
+
+
+def missing_files(spec: str | os.PathLike | Resolved, download_root: str | os.PathLike | None = None
+                  ) -> list[PretrainedCfg]:
+    """The registered weight files ``spec`` (a name or a mix) still needs in ``download_root`` (default
+    ``~/.cache/ImageReward``), all of them at once, without touching the network: for a requirement with
+    alternatives (CLIP's ``ViT-L-14.pt`` or its Hub safetensors), the first one. ``[]`` when everything is
+    there, and for local paths and Hub ids. Print them with :meth:`PretrainedCfg.describe`.
+
+    >>> [cfg.filename for cfg in missing_files("ImageReward-v1.0:1,CLIP:0.5", "/empty")]   # doctest: +SKIP
+    ['ImageReward.pt', 'ViT-L-14.pt']
+    """
+    resolved = spec if isinstance(spec, Resolved) else resolve(spec)
+    root = download_root if download_root is not None else default_cache_dir()
+    missing: list[PretrainedCfg] = []
+    for req in _requirements(resolved):
+        choices = req if isinstance(req, tuple) else (req,)
+        if all(cfg.local_path(root) is None for cfg in choices) and choices[0] not in missing:
+            missing.append(choices[0])
+    return missing
+
+
+def weight_files(spec: str | os.PathLike | Resolved | None = None) -> list[PretrainedCfg]:
+    """Every registered file ``spec`` may read, alternatives included (``None``: those of every registered
+    name), e.g. to tell the official weight files apart from user checkpoints in a folder."""
+    specs = [resolve(name) for name in available_scorers()] if spec is None else \
+        [spec if isinstance(spec, Resolved) else resolve(spec)]
+    files: list[PretrainedCfg] = []
+    for resolved in specs:
+        for req in _requirements(resolved):
+            files.extend(cfg for cfg in (req if isinstance(req, tuple) else (req,)) if cfg not in files)
+    return files
+
+
 def load_scorer(spec: str | os.PathLike | Resolved, device: str | torch.device | None = None,
                 download_root: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None,
                 revision: str | None = None) -> Scorer:
     """The scorer ``spec`` names (order in the module docstring), in eval mode on ``device`` (default: cuda
     when available), weights cached in ``download_root`` (default ``~/.cache/ImageReward``). ``dtype``
     float16/bfloat16 runs the image side in that precision. ``revision`` applies to a Hub id or a registered
-    checkpoint. Raises ``UnknownModelError``, ``InvalidInputError``, ``DownloadError``, ``CheckpointError``.
+    checkpoint. Raises ``UnknownModelError``, ``InvalidInputError``, ``CheckpointError``, and
+    ``DownloadError`` naming every registered file that is missing (see :func:`missing_files`), at once when
+    ``HF_HUB_OFFLINE=1``.
 
     >>> load_scorer("CLIP", device="cpu", dtype=torch.bfloat16)   # doctest: +SKIP
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)  # before anything is fetched or read
     check_download_root(download_root)
     resolved = spec if isinstance(spec, Resolved) else resolve(spec)
+    missing = missing_files(resolved, download_root)
+    if missing and offline():
+        raise _missing_error(resolved, missing, download_root, "HF_HUB_OFFLINE is set")
+    try:
+        return _load(resolved, device, download_root, dtype, revision)
+    except DownloadError as err:
+        if not missing or err.missing:
+            raise
+        raise _missing_error(resolved, missing, download_root, err.reason) from err
+
+
+def _missing_error(resolved: Resolved, missing: list[PretrainedCfg], download_root: Any, reason: str) -> DownloadError:
+    root = download_root if download_root is not None else default_cache_dir()
+    listing = "; ".join(cfg.describe() for cfg in missing)  # one line: the CLI prints errors as one line
+    return DownloadError(f"cannot load {resolved.spec!r} ({reason}); put these files into {os.fspath(root)}: {listing}",
+                         reason=reason, missing=missing)
+
+
+def _load(resolved: Resolved, device: torch.device, download_root: Any, dtype: torch.dtype | None,
+          revision: str | None) -> Scorer:
     if resolved.kind == "mix":
-        scorers = [load_scorer(part, device, download_root, dtype=dtype, revision=revision)
-                   for part, _ in resolved.parts]
+        scorers = [_load(part, device, download_root, dtype, revision) for part, _ in resolved.parts]
         return WeightedReward(scorers, [w for _, w in resolved.parts], [part.target for part, _ in resolved.parts])
     if resolved.kind == "scorer":
         return factory.load_score(resolved.target, device=device, download_root=download_root, dtype=dtype)

@@ -53,17 +53,6 @@ _CHECKPOINT_EXTENSIONS = (".pt", ".pth", ".safetensors", ".bin")
 
 
 # ------------------------------------------------------------------------------------------- weights
-def _official_files() -> dict[str, list[Any]]:
-    """The ``PretrainedCfg`` files each registered scorer reads, in the order the library fetches them."""
-    from ImageReward import baselines
-    from ImageReward.pretrained import IMAGE_REWARD_MODELS
-
-    files: dict[str, list[Any]] = {name: [cfg] for name, cfg in IMAGE_REWARD_MODELS.items()}
-    files.update({"CLIP": [baselines.CLIP_OPENAI], "BLIP": [baselines.BLIP_LARGE],
-                  "Aesthetic": [baselines.CLIP_OPENAI, baselines.AESTHETIC_HEAD]})
-    return files
-
-
 def register_model_folder() -> str | None:
     """Register ``models/image_reward`` with ComfyUI's ``folder_paths``; its path, or None outside ComfyUI."""
     try:
@@ -97,12 +86,13 @@ def local_checkpoints() -> list[str]:
         names = folder_paths.get_filename_list(MODEL_FOLDER)
     except (ImportError, KeyError):
         return []
-    official = {name for cfgs in _official_files().values() for cfg in cfgs
-                for name in (cfg.filename, *cfg.alt_filenames)}
+    from ImageReward.resolve import weight_files
+
+    official = {name for cfg in weight_files() for name in (cfg.filename, *cfg.alt_filenames)}
     found: list[str] = []
     for name in names:
         folder, _, leaf = name.replace("\\", "/").rpartition("/")
-        if folder and leaf == "config.json":
+        if folder and leaf == "config.json" and folder not in official:
             found.append(folder + "/")
         elif not folder and leaf.endswith(_CHECKPOINT_EXTENSIONS) and leaf not in official:
             found.append(leaf)
@@ -120,24 +110,15 @@ def scorer_names() -> list[str]:
     return models + scores + local_checkpoints()
 
 
-def missing_weights(name: str, root: str | None) -> list[str]:
-    """``"file  (from URL)"`` for every file scorer ``name`` needs that is not in ``root``: all of them at once."""
-    cfgs = _official_files().get(name, [])
-    if root is None:
-        return []
-    return [f"{cfg.filename}  (from {cfg.source()})" for cfg in cfgs
-            if not any(os.path.isfile(os.path.join(root, n)) for n in (cfg.filename, *cfg.alt_filenames))]
-
-
-def _missing_error(name: str, root: str | None, reason: str) -> RuntimeError:
-    missing = missing_weights(name, root)
-    listing = "".join(f"\n  - {item}" for item in missing) or f"\n  - the files of {name}"
-    return RuntimeError(f"ImageReward: cannot load {name!r}: {reason}. Put these files into {root}:{listing}\n"
-                        "then run the workflow again (offline, set HF_HUB_OFFLINE=1 for this message at once)")
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+def _missing_error(name: str, root: str | None, err: Exception) -> RuntimeError:
+    """One message naming every file the library found missing (``DownloadError.missing``), all at once."""
+    reason = getattr(err, "reason", None) or str(err).splitlines()[0]
+    missing = getattr(err, "missing", None)
+    if not missing:
+        return RuntimeError(f"ImageReward: cannot load {name!r}: {reason}")
+    listing = "".join(f"\n  - {cfg.describe()}" for cfg in missing)
+    return RuntimeError(f"ImageReward: cannot load {name!r} ({reason}). Put these files into {root}:{listing}\n"
+                        "then run the workflow again")
 
 
 def load_scorer(name: str, device: str = "auto", dtype: str = "float32") -> Any:
@@ -145,19 +126,17 @@ def load_scorer(name: str, device: str = "auto", dtype: str = "float32") -> Any:
     a local checkpoint file or ``save_pretrained`` folder, a Hub id), or a name listed from
     ``models/image_reward``. Weights come from ``models/image_reward`` and are downloaded there when missing.
     Raises ``RM.UnknownModelError`` (a ``ValueError``) for an unknown name, ``RuntimeError`` naming every
-    missing weight file when they cannot be had."""
+    missing weight file when they cannot be had (at once offline: the library checks before it waits)."""
     if dtype not in _DTYPES:
         raise RM.InvalidInputError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     torch_dtype = None if dtype == "float32" else _DTYPES[dtype]
     root = model_folder()
     local = os.path.join(root, name.rstrip("/")) if root and name in local_checkpoints() else None
-    if local is None and _offline() and missing_weights(name, root):
-        raise _missing_error(name, root, "HF_HUB_OFFLINE is set and the weights are not there")
     logger.info("ImageReward: loading %s", local or name)
     try:  # the library's one resolver (names, mixes, paths, Hub ids)
         return RM.load_scorer(local or name, device=_device(device), download_root=root, dtype=torch_dtype)
     except RM.DownloadError as err:
-        raise _missing_error(name, root, str(err).split(". Download")[0]) from err
+        raise _missing_error(name, root, err) from err
 
 
 def _device(choice: str) -> Any:

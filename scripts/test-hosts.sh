@@ -84,7 +84,7 @@ run_host() {  # NAME: one host, start to finish; prints its result line
 main() {
     case "$WHICH" in
         webui|comfyui) run_host "$WHICH" ;;
-        all) run_host comfyui; run_host webui ;;
+        all) run_host webui; run_host comfyui ;;  # webui first: it builds the random SD checkpoint ComfyUI uses too
         *) echo "usage: $0 [webui|comfyui|all]" >&2; exit 2 ;;
     esac
     exit $status

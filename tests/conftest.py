@@ -48,3 +48,13 @@ def tiny_model():
 
     torch.manual_seed(0)
     return RM.ImageReward(BLIPConfig.tiny()).eval()
+
+
+@pytest.fixture
+def cached_checkpoint(monkeypatch, tmp_path_factory):
+    """A default cache (``$IMAGEREWARD_CACHE``) holding an empty ``ImageReward.pt``: for tests that stand in
+    ``factory.load`` for ``ImageReward-v1.0``, so the resolver's offline check for missing files passes."""
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "ImageReward.pt").write_bytes(b"")
+    monkeypatch.setenv("IMAGEREWARD_CACHE", str(cache))
+    return cache

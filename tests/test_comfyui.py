@@ -250,7 +250,21 @@ def test_missing_weights_offline_are_all_named_at_once(comfy, monkeypatch):
     assert "download_root" not in message  # no such node input
     with pytest.raises(RuntimeError, match=r"ImageReward\.pt  \(from https://huggingface.co/THUDM/ImageReward"):
         registry.run("ImageRewardLoader", scorer="ImageReward-v1.0", device="cpu", dtype="float32")
+    for name in ("HPSv2.1", "PickScore"):  # the zoo's files come from the library's registry too
+        with pytest.raises(RuntimeError, match="HPS_v2.1_compressed.pt" if name == "HPSv2.1" else "PickScore_v1/"):
+            registry.run("ImageRewardLoader", scorer=name, device="cpu", dtype="float32")
+    with pytest.raises(RuntimeError) as err:  # a mix: every part's files in one message
+        registry.module.image_reward_nodes.load_scorer("ImageReward-v1.0:1,HPSv2.1:1,PickScore:0.5", "cpu")
+    assert all(name in str(err.value) for name in ("ImageReward.pt", "HPS_v2.1_compressed.pt", "PickScore_v1/"))
     assert loads == []  # refused before any loading or network attempt
+
+    # the official files and folders in models/image_reward are not offered as user checkpoints
+    (root / "PickScore_v1").mkdir()
+    (root / "PickScore_v1" / "config.json").write_text("{}")
+    (root / "HPS_v2.1_compressed.pt").write_bytes(b"")
+    (root / "mine").mkdir()
+    (root / "mine" / "config.json").write_text("{}")
+    assert registry.module.image_reward_nodes.local_checkpoints() == ["mine/"]
 
 
 def test_scores_to_text_for_file_names_and_show_scores(comfy):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import pickle
 
+import socket
+
 import pytest
 import torch
 
@@ -104,6 +106,66 @@ def test_offline_missing_file_says_what_to_download(tmp_path):
         fetch(cfg, tmp_path / "cache")
     message = str(info.value)
     assert "THUDM/ImageReward" in message and "ImageReward.pt" in message and str(tmp_path / "cache") in message
+
+
+def test_an_unreachable_hub_fails_at_once_without_huggingface_hub_retries(tmp_path, monkeypatch):
+    """Without HF_HUB_OFFLINE, a machine with no network used to wait ~25 s in huggingface_hub's back-off for
+    every missing file; one short TCP probe now answers first (files, folders and Hub repositories alike)."""
+    import huggingface_hub
+
+    from ImageReward import baselines, pretrained
+    from ImageReward.pretrained import fetch_folder, fetch_hub_repo
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    probes = []
+
+    def refused(address, timeout=None):
+        probes.append((address, timeout))
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(pretrained.socket, "create_connection", refused)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("retried the Hub"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("retried the Hub"))
+    pretrained._probe.cache_clear()
+    for attempt in (lambda: fetch(IMAGE_REWARD_MODELS["ImageReward-v1.0"], tmp_path),
+                    lambda: fetch_folder(baselines.PICKSCORE_V1, tmp_path),
+                    lambda: fetch_hub_repo("someone/some-model", tmp_path)):
+        with pytest.raises(DownloadError, match="cannot reach huggingface.co:443 .Name or service not known"):
+            attempt()
+    assert probes == [(("huggingface.co", 443), 5)]  # asked once, remembered
+    pretrained._probe.cache_clear()
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example:8080")
+    with pytest.raises(DownloadError, match="mirror.example:8080"):
+        fetch(IMAGE_REWARD_MODELS["ImageReward-v1.0"], tmp_path)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # cannot see through a proxy: no verdict
+    assert pretrained.hub_unreachable() is None
+    pretrained._probe.cache_clear()
+
+
+def test_every_missing_file_of_a_name_or_mix_is_listed_at_once(tmp_path):
+    from ImageReward.resolve import missing_files, weight_files
+
+    assert [cfg.filename for cfg in missing_files("ImageReward-v1.0:1,Aesthetic:0.5,PickScore", tmp_path)] == [
+        "ImageReward.pt", "sac+logos+ava1-l14-linearMSE.pth", "ViT-L-14.pt", "PickScore_v1"]
+    (tmp_path / "clip-vit-large-patch14.safetensors").write_bytes(b"")  # CLIP's alternative file will do
+    (tmp_path / "sac%2Blogos%2Bava1-l14-linearMSE.pth").write_bytes(b"")  # the original's literal name
+    (tmp_path / "PickScore_v1").mkdir()
+    (tmp_path / "PickScore_v1" / "config.json").write_text("{}")
+    assert [cfg.filename for cfg in missing_files("Aesthetic,PickScore", tmp_path)] == ["PickScore_v1"]
+    (tmp_path / "PickScore_v1" / "pytorch_model.bin").write_bytes(b"")  # either weights file completes it
+    assert missing_files("Aesthetic,PickScore,CLIP", tmp_path) == []
+    assert missing_files(str(tmp_path), tmp_path) == []  # a path is there or not
+    assert {"ViT-L-14.pt", "clip-vit-large-patch14.safetensors", "PickScore_v1", "HPS_v2.1_compressed.pt",
+            "ImageReward.pt"} <= {cfg.filename for cfg in weight_files()}
+    with pytest.raises(DownloadError) as info:  # offline: refused before any weights are read, all named
+        RM.load_scorer("ImageReward-v1.0:1,HPSv2.1:1,BLIP:0.5", device="cpu", download_root=tmp_path / "empty")
+    message = str(info.value)
+    for expected in ("ImageReward.pt  (from https://huggingface.co/THUDM/ImageReward",
+                     "HPS_v2.1_compressed.pt  (from https://huggingface.co/xswu/HPSv2/resolve/697403c7",
+                     "model_large.pth  (from https://storage.googleapis.com/", str(tmp_path / "empty")):
+        assert expected in message
 
 
 def test_download_url_is_atomic_and_checks_sha(tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture
-def names(monkeypatch, tiny_dirs):
+def names(monkeypatch, tiny_dirs, cached_checkpoint):
     """``ImageReward-v1.0`` -> the first tiny model, ``TinyAesthetic`` registered as a scorer, ``CLIP`` ->
     Brightness; returns the reference scorers."""
     first, second = tiny_dirs
@@ -133,8 +133,6 @@ def test_a_folder_named_CLIP_means_the_CLIP_scorer_in_every_entry_point(tmp_path
 
     webui, comfy = plugins(monkeypatch, tmp_path)
     assert isinstance(webui.load_scorer("CLIP"), Brightness)
-    # the ComfyUI loader checks the real CLIP files before loading when offline; the stand-in needs none
-    monkeypatch.setattr(comfy, "missing_weights", lambda name, root: [])
     assert isinstance(comfy.load_scorer("CLIP", "cpu"), Brightness)
     webui.unload_model()
 
@@ -148,6 +146,9 @@ def plugins(monkeypatch, tmp_path):
     webui = load_plugin("image_reward_webui_resolve_test")
     install_comfyui(monkeypatch, tmp_path / "ComfyUI")
     install_comfy(monkeypatch)
+    official = tmp_path / "ComfyUI" / "models" / "image_reward" / "ImageReward.pt"
+    official.parent.mkdir(parents=True, exist_ok=True)
+    official.write_bytes(b"")  # "present" for the offline check; the stand-in factory.load never reads it
     registry = NodeRegistry()
     comfy = registry.load_custom_node(install_package(tmp_path / "comfy"))
     return webui, comfy.image_reward_nodes

@@ -37,7 +37,7 @@ def load_plugin(name: str = "image_reward_webui_script"):
 
 
 @pytest.fixture
-def webui(monkeypatch, tmp_path, tiny_dir):
+def webui(monkeypatch, tmp_path, tiny_dir, cached_checkpoint):
     """(shim, plugin, loads): the fake WebUI installed, the plugin imported, ``ImageReward-v1.0`` resolving to a
     tiny model; ``loads`` lists every name the library was asked to load."""
     shim = install_webui(monkeypatch, tmp_path)

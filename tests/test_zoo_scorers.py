@@ -188,7 +188,7 @@ def test_hub_downloads_use_the_pinned_revisions(tmp_path, monkeypatch):
     """Each zoo file comes from its repo at a pinned 40-hex commit, unless ``revision=`` overrides it."""
     import huggingface_hub
 
-    from ImageReward import baselines
+    from ImageReward import baselines, pretrained
 
     calls = []
 
@@ -197,6 +197,7 @@ def test_hub_downloads_use_the_pinned_revisions(tmp_path, monkeypatch):
         raise OSError("no network in tests")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(pretrained, "hub_unreachable", lambda: None)  # as if online
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for name in ("HPSv2", "HPSv2.1", "PickScore"):
         with pytest.raises(DownloadError):

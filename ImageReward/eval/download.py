@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import DownloadError, InvalidInputError
 from ..preference.archives import extract_archive_to
-from ..pretrained import download_url, offline
+from ..pretrained import download_url, hub_unreachable, offline
 
 __all__ = ["ensure_test_json", "ensure_test_images",
            "ensure_benchmark_prompts", "ensure_benchmark_generations", "TEST_JSON_URL", "BENCHMARK_PROMPTS_URL",
@@ -82,6 +82,9 @@ def ensure_test_images(img_prefix: str | os.PathLike, *, download: bool = True,
         try:
             from huggingface_hub import hf_hub_download
 
+            unreachable = hub_unreachable()
+            if unreachable:  # at once, not after huggingface_hub's ~25 s of retries
+                raise DownloadError(unreachable)
             archive = Path(hf_hub_download(repo_id=repo, filename=filename, local_dir=str(archive_dir)))
         except Exception as err:  # Hub unreachable: the original's mirror
             logger.warning("Hub download of %s failed (%s); trying %s", filename, err, TEST_IMAGES_URL)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import DownloadError, ImageLoadError, InvalidInputError
 from ..image_io import load_image
+from ..pretrained import hub_unreachable, offline
 from .archives import extract_archive_to
 from .groups import expand_pairs, read_groups, write_groups
 
@@ -45,6 +46,10 @@ def hub_fetcher(repo_id: str = IMAGEREWARDDB_REPO, root: str | os.PathLike = "."
             return local
         from huggingface_hub import hf_hub_download
 
+        unreachable = None if offline() else hub_unreachable()
+        if unreachable:
+            raise DownloadError(f"could not get {name} from https://huggingface.co/datasets/{repo_id} into {root}: "
+                                f"{unreachable}", reason=unreachable)
         try:
             return Path(hf_hub_download(repo_id, name, repo_type="dataset", revision=revision, local_dir=str(root)))
         except Exception as err:

@@ -29,6 +29,7 @@ from PIL import Image
 
 from ..errors import DownloadError, ImageLoadError, InvalidInputError, UnsupportedInputError
 from ..image_io import IMAGE_EXTENSIONS, load_image
+from ..pretrained import hub_unreachable
 from ..textio import check_encoding, read_json, read_text
 
 __all__ = ["Record", "ParquetBlob", "read_records", "load_record_image", "IMAGE_EXTENSIONS", "parse_hub_uri"]
@@ -444,7 +445,7 @@ def _hub_list_files(repo_id: str, revision: str | None) -> list[str]:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import constants
 
-    if not constants.HF_HUB_OFFLINE:
+    if not constants.HF_HUB_OFFLINE and not hub_unreachable():
         try:
             return list(HfApi().list_repo_files(repo_id, repo_type="dataset", revision=revision))
         except Exception as err:  # noqa: BLE001 - any Hub failure: fall back to the cache
@@ -460,7 +461,9 @@ def _hub_list_files(repo_id: str, revision: str | None) -> list[str]:
 def _hub_download(repo_id: str, filename: str, revision: str | None) -> str:
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision)
+    # Hub unreachable: the cached copy or an error at once, not after huggingface_hub's ~25 s of retries
+    return hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision,
+                           local_files_only=hub_unreachable() is not None)
 
 
 def _split_matches(name: str, split: str | None, subdir: str) -> bool:
