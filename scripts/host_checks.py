@@ -113,27 +113,26 @@ class Host:
 
 # ------------------------------------------------------------------------------------------- fixtures
 def tiny_image_reward(folder: Path) -> Path:
-    """A tiny ImageReward (``save_pretrained`` folder) whose head gives clearly different scores."""
-    from ImageReward import ImageReward
-    from ImageReward.models.blip import BLIPConfig
+    """A tiny ImageReward (``save_pretrained`` folder) whose head gives clearly different scores: the same one
+    the plugin tests use (``tests/webui_shim.py``)."""
+    return _from_tests("webui_shim").save_tiny_image_reward(folder)
 
-    torch.manual_seed(0)
-    model = ImageReward(BLIPConfig.tiny()).eval()
-    with torch.no_grad():
-        for param in model.mlp.parameters():
-            if param.ndim == 2:
-                torch.nn.init.normal_(param, std=param.shape[1] ** -0.5)
-    return model.save_pretrained(folder)
+
+def _from_tests(module: str):
+    """A helper module of ``tests/`` (imported by the host's Python; they need only torch and the library)."""
+    import importlib
+
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.pop(0)
 
 
 def tiny_openai_weights(root: Path) -> None:
     """``ViT-L-14.pt`` (a tiny CLIP in OpenAI's layout, plain ``torch.save``) and the aesthetic head ``.pth``,
     both written by the current torch: the files the WebUI's torch.load patch refuses."""
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        from openai_clip_layout import OpenAICLIP
-    finally:
-        sys.path.pop(0)
+    OpenAICLIP = _from_tests("openai_clip_layout").OpenAICLIP
     from ImageReward.models.clip import tiny_clip_hparams
     from ImageReward.models.image_reward import RewardHead
 
