@@ -6,12 +6,17 @@ It builds what it needs offline (a tiny ImageReward, tiny OpenAI-layout CLIP + a
 current torch, for the WebUI a random-weight SD 1.x checkpoint and the CLIP tokenizer in a local ``HF_HOME``),
 starts the host on 127.0.0.1, checks scores, infotexts / PNG info, filter and sort, an all-filtered run,
 unloading and the errors users see, stops the host by its PID, and prints one result line.
+
+``--serve`` starts the host the same way, prints one JSON line (``{"url": ..., "tiny": ...}``) and keeps it running
+until its stdin closes, then stops it: ``scripts/host_screenshots.py`` drives it with a browser.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -24,8 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-
-import torch
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a cat"
@@ -111,6 +115,18 @@ class Host:
         self.log.close()
 
 
+@dataclasses.dataclass
+class Running:
+    """A started host: its base URL, the tiny ImageReward folder it can use, how long it took to be ready, and
+    (WebUI) the ``IMAGEREWARD_CACHE`` it was given."""
+
+    host: Host
+    base: str
+    tiny: Path
+    ready_s: float
+    ir_cache: Path | None = None
+
+
 # ------------------------------------------------------------------------------------------- fixtures
 def tiny_image_reward(folder: Path) -> Path:
     """A tiny ImageReward (``save_pretrained`` folder) whose head gives clearly different scores: the same one
@@ -132,6 +148,8 @@ def _from_tests(module: str):
 def tiny_openai_weights(root: Path) -> None:
     """``ViT-L-14.pt`` (a tiny CLIP in OpenAI's layout, plain ``torch.save``) and the aesthetic head ``.pth``,
     both written by the current torch: the files the WebUI's torch.load patch refuses."""
+    import torch
+
     OpenAICLIP = _from_tests("openai_clip_layout").OpenAICLIP
     from ImageReward.models.clip import tiny_clip_hparams
     from ImageReward.models.image_reward import RewardHead
@@ -195,6 +213,7 @@ def random_sd_checkpoint(webui: Path, hf_home: Path, out: Path) -> None:
     compute them and load checkpoints non-strictly. Peak memory: the 2.1 GB written."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
+    import torch
     import transformers
 
     sys.path.insert(0, str(webui / "repositories" / "stable-diffusion-stability-ai"))
@@ -233,7 +252,10 @@ def random_sd_checkpoint(webui: Path, hf_home: Path, out: Path) -> None:
     save_file(state, str(out))
 
 
-def run_webui(args: argparse.Namespace) -> str:
+@contextlib.contextmanager
+def webui_running(args: argparse.Namespace) -> Iterator[Running]:
+    """The WebUI with the random SD checkpoint, ready for txt2img (its log's errors printed if anything fails),
+    stopped on exit. Its ``IMAGEREWARD_CACHE`` holds the tiny CLIP and aesthetic weights."""
     import ImageReward as RM
 
     webui, cache, work = Path(args.host_dir), Path(args.cache), Path(args.work)
@@ -270,7 +292,25 @@ def run_webui(args: argparse.Namespace) -> str:
         status, scripts = http("GET", f"{base}/sdapi/v1/scripts")
         check(TITLE.lower() in scripts["txt2img"] and TITLE.lower() in scripts["img2img"],
               "script listed for txt2img and img2img", scripts)
-        start_s = time.time() - started
+        yield Running(host, base, tiny, time.time() - started, ir_cache)
+    except BaseException:
+        log = host.text().splitlines()
+        for index, line in enumerate(log):  # errors while the WebUI built the script's UI, then the end of the log
+            if "Error creating UI" in line or "Error calling" in line or "Error loading script" in line:
+                print("\n".join(log[index:index + 40]), file=sys.stderr)
+        print(host.tail(80), file=sys.stderr)
+        raise
+    finally:
+        host.stop()
+
+
+def run_webui(args: argparse.Namespace) -> str:
+    import ImageReward as RM
+
+    with webui_running(args) as web:
+        host, base, tiny, start_s, ir_cache = web.host, web.base, web.tiny, web.ready_s, web.ir_cache
+        webui = Path(args.host_dir)
+        started = time.time() - start_s
 
         def txt2img(*script_args, save=True, batch=2, n_iter=2):
             body = {"prompt": PROMPT, "negative_prompt": "", "seed": 1234, "steps": 1, "width": 64, "height": 64,
@@ -371,29 +411,30 @@ def run_webui(args: argparse.Namespace) -> str:
         log = host.text()
         check("Error verifying pickled file" not in log, "the WebUI's safe unpickler never refused our files")
         elapsed = time.time() - started
-    except BaseException:
-        log = host.text().splitlines()
-        for index, line in enumerate(log):  # errors while the WebUI built the script's UI, then the end of the log
-            if "Error creating UI" in line or "Error calling" in line or "Error loading script" in line:
-                print("\n".join(log[index:index + 40]), file=sys.stderr)
-        print(host.tail(80), file=sys.stderr)
-        raise
-    finally:
-        host.stop()
     return f"started in {start_s:.0f} s, checks took {elapsed - start_s:.0f} s"
 
 
 # ------------------------------------------------------------------------------------------- ComfyUI
-def run_comfyui(args: argparse.Namespace) -> str:
+def quick_txt2img(workflow: dict, scorer: str, size: int = 64, batch_size: int = 2, steps: int = 1) -> dict:
+    """A copy of the shipped ``txt2img_score_filter.json`` that runs in seconds on a CPU with the random SD
+    checkpoint: small latents, few steps, the given scorer (``tiny-ir/``), and a filter that keeps every image."""
+    t2i = json.loads(json.dumps(workflow))
+    t2i["4"]["inputs"].update(width=size, height=size, batch_size=batch_size)
+    t2i["5"]["inputs"]["steps"] = steps
+    t2i["7"]["inputs"]["scorer"] = scorer
+    t2i["9"]["inputs"]["min_score"] = -1e4
+    return t2i
+
+
+@contextlib.contextmanager
+def comfyui_running(args: argparse.Namespace) -> Iterator[Running]:
+    """ComfyUI with the tiny ImageReward in ``models/image_reward/tiny-ir`` and, once the WebUI run built it, the
+    random SD checkpoint as ``v1-5-pruned-emaonly.safetensors``; stopped on exit (the end of its log printed if
+    anything fails)."""
     import ImageReward as RM
-    from PIL import Image
 
     comfy, cache, work = Path(args.host_dir), Path(args.cache), Path(args.work)
     check("site-packages" in RM.__file__, "library imported from the venv, not the source tree", RM.__file__)
-    nodes_dir = comfy / "custom_nodes" / "ImageReward"
-    workflows = {p.name: json.loads(p.read_text()) for p in (nodes_dir / "example_workflows").glob("*.json")}
-    check(set(workflows) == {"score_filter_save.json", "txt2img_score_filter.json"}, "example workflows shipped",
-          sorted(workflows))
     tiny = tiny_image_reward(comfy / "models" / "image_reward" / "tiny-ir")
     ckpt = cache / RANDOM_SD_CHECKPOINT
     if ckpt.is_file():
@@ -409,27 +450,46 @@ def run_comfyui(args: argparse.Namespace) -> str:
                 work / "comfyui.log")
     base = f"http://127.0.0.1:{port}"
     started = time.time()
-
-    def run(prompt: dict, timeout: float = 600) -> dict:
-        status, queued = http("POST", f"{base}/prompt", {"prompt": prompt})
-        if status != 200:
-            return {"refused": queued}
-        prompt_id = queued["prompt_id"]
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status, history = http("GET", f"{base}/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-                if history[prompt_id]["status"]["status_str"] in ("success", "error"):
-                    return history[prompt_id]
-            time.sleep(0.5)
-        raise TimeoutError(f"prompt {prompt_id} not done in {timeout} s")
-
-    def loads() -> int:
-        return host.text().count("ImageReward: loading")
-
     try:
         host.wait_for(f"{base}/object_info/ImageRewardLoader", 600)
-        start_s = time.time() - started
+        yield Running(host, base, tiny, time.time() - started)
+    except BaseException:
+        print(host.tail(80), file=sys.stderr)
+        raise
+    finally:
+        host.stop()
+
+
+def run_comfyui(args: argparse.Namespace) -> str:
+    import ImageReward as RM
+
+    comfy, cache = Path(args.host_dir), Path(args.cache)
+    nodes_dir = comfy / "custom_nodes" / "ImageReward"
+    workflows = {p.name: json.loads(p.read_text()) for p in (nodes_dir / "example_workflows").glob("*.json")}
+    check(set(workflows) == {"score_filter_save.json", "txt2img_score_filter.json"}, "example workflows shipped",
+          sorted(workflows))
+    ckpt = cache / RANDOM_SD_CHECKPOINT
+    with comfyui_running(args) as comfy_ui:
+        host, base, tiny, start_s = comfy_ui.host, comfy_ui.base, comfy_ui.tiny, comfy_ui.ready_s
+        started = time.time() - start_s
+
+        def run(prompt: dict, timeout: float = 600) -> dict:
+            status, queued = http("POST", f"{base}/prompt", {"prompt": prompt})
+            if status != 200:
+                return {"refused": queued}
+            prompt_id = queued["prompt_id"]
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                status, history = http("GET", f"{base}/history/{prompt_id}")
+                if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+                    if history[prompt_id]["status"]["status_str"] in ("success", "error"):
+                        return history[prompt_id]
+                time.sleep(0.5)
+            raise TimeoutError(f"prompt {prompt_id} not done in {timeout} s")
+
+        def loads() -> int:
+            return host.text().count("ImageReward: loading")
+
         check("IMPORT FAILED" not in host.text() or "ImageReward" not in host.text().split("IMPORT FAILED")[1][:300],
               "node package imported")
         status, info = http("GET", f"{base}/object_info")
@@ -476,11 +536,7 @@ def run_comfyui(args: argparse.Namespace) -> str:
 
         # 4. the txt2img workflow with a random SD checkpoint, scores named in the file name
         if ckpt.is_file():
-            t2i = json.loads(json.dumps(workflows["txt2img_score_filter.json"]))
-            t2i["4"]["inputs"].update(width=64, height=64, batch_size=2)
-            t2i["5"]["inputs"]["steps"] = 1
-            t2i["7"]["inputs"]["scorer"] = "tiny-ir/"
-            t2i["9"]["inputs"]["min_score"] = -1e4
+            t2i = quick_txt2img(workflows["txt2img_score_filter.json"], "tiny-ir/")
             entry = run(t2i)
             check(entry["status"]["status_str"] == "success", "txt2img_score_filter.json runs", entry["status"])
             names = [f["filename"] for f in entry["outputs"]["11"]["images"]]
@@ -503,12 +559,17 @@ def run_comfyui(args: argparse.Namespace) -> str:
               and "download_root" not in messages and took < 10, "missing weights offline: one clear error at once",
               (round(took, 1), messages))
         elapsed = time.time() - started
-    except BaseException:
-        print(host.tail(80), file=sys.stderr)
-        raise
-    finally:
-        host.stop()
     return f"started in {start_s:.0f} s, checks took {elapsed - start_s:.0f} s"
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start the host as the checks do, print ``{"url": ..., "tiny": ...}`` and keep it until stdin closes (or
+    SIGTERM), then stop it."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the finally that stops the host
+    with (webui_running if args.host == "webui" else comfyui_running)(args) as running:
+        print(json.dumps({"url": running.base, "tiny": str(running.tiny)}), flush=True)
+        sys.stdin.read()  # EOF: the driver is done (or gone)
+    return 0
 
 
 def main() -> int:
@@ -517,8 +578,13 @@ def main() -> int:
     parser.add_argument("--host-dir", required=True)
     parser.add_argument("--cache", required=True, help="reused between runs: Hub cache, random SD checkpoint")
     parser.add_argument("--work", required=True, help="throwaway folder for this run")
+    parser.add_argument("--serve", action="store_true", help="start the host, print its URL, run no checks")
     args = parser.parse_args()
+    import torch  # here, not at the top: scripts/host_screenshots.py imports this module where torch is absent
+
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if args.serve:
+        return serve(args)
     started = time.time()
     try:
         summary = (run_webui if args.host == "webui" else run_comfyui)(args)

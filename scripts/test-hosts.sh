@@ -3,16 +3,20 @@
 # both started offline on 127.0.0.1 from the source tarballs in $IMAGEREWARD_HOSTS (default ../shared/hosts).
 #
 #   bash scripts/test-hosts.sh [webui|comfyui|all]
+#   bash scripts/test-hosts.sh --screenshots docs/images [webui|comfyui|all]   # README's screenshots instead
 #
 # Per host: a throwaway copy of the host tree, its own venv (host packages as its docs say), this library installed
 # exactly as README.md tells users (pip install --no-deps, then the plugin copied/linked), a check that no host
 # package changed, then scripts/host_checks.py (run by the host's Python) drives the host over HTTP and prints one
 # result line. IMAGEREWARD_HOST_VENVS=DIR keeps the venvs, the Hub cache and the random SD checkpoint in DIR so
 # that reruns take minutes, not a quarter of an hour. Each host needs ~5 GB of RAM: they run one at a time, under
-# flock /tmp/ir-bigmem.lock.
+# flock /tmp/ir-bigmem.lock. --screenshots DIR runs scripts/host_screenshots.py instead of the checks (same hosts,
+# same setup; a small venv with playwright drives Debian's /usr/bin/chromium) and writes DIR/{webui,comfyui}-plugin.png.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 HOSTS=$(cd "$REPO" && realpath "${IMAGEREWARD_HOSTS:-../shared/hosts}")
+SHOTS=
+if [ "${1:-}" = --screenshots ]; then SHOTS=$(realpath -m "${2:?--screenshots needs a folder}"); shift 2; fi
 WHICH=${1:-all}
 WORK=$(mktemp -d /tmp/ir-hosts.XXXXXX)
 KEEP=${IMAGEREWARD_HOST_VENVS:-}
@@ -41,6 +45,20 @@ venv() {
         "$dir/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 >&2
         while [ $# -gt 0 ]; do "$dir/bin/python" -m pip install -q $1 >&2; shift; done
         touch "$dir/.ready-$stamp"
+    fi
+    echo "$dir"
+}
+
+# shots_venv : (re)use $CACHE/venv-shots, playwright + Pillow only (the browser: Debian's chromium, no
+# `playwright install`)
+shots_venv() {
+    local dir=$CACHE/venv-shots
+    if [ ! -f "$dir/.ready" ]; then
+        log "creating $dir (playwright)"
+        rm -rf "$dir"
+        "$PY" -m venv "$dir" >&2
+        "$dir/bin/python" -m pip install -q playwright pillow >&2
+        touch "$dir/.ready"
     fi
     echo "$dir"
 }
@@ -76,8 +94,13 @@ run_host() {  # NAME: one host, start to finish; prints its result line
         install_library "$venv_dir"
         ln -s "$REPO/comfyui" "$tree/custom_nodes/ImageReward"        # README, ComfyUI step 2
     fi
-    (cd "$WORK" && flock /tmp/ir-bigmem.lock "$venv_dir/bin/python" "$REPO/scripts/host_checks.py" "$name" \
-        --host-dir "$tree" --cache "$CACHE" --work "$WORK") || status=1
+    local driver=("$venv_dir/bin/python" "$REPO/scripts/host_checks.py" "$name")
+    if [ -n "$SHOTS" ]; then
+        driver=("$(shots_venv)/bin/python" "$REPO/scripts/host_screenshots.py" "$name"
+                --host-python "$venv_dir/bin/python" --out "$SHOTS")
+    fi
+    (cd "$WORK" && flock /tmp/ir-bigmem.lock "${driver[@]}" --host-dir "$tree" --cache "$CACHE" --work "$WORK") \
+        || status=1
     log "$name: $((SECONDS - started)) s in all (installs and the wait for the memory lock included)"
 }
 
@@ -85,7 +108,7 @@ main() {
     case "$WHICH" in
         webui|comfyui) run_host "$WHICH" ;;
         all) run_host webui; run_host comfyui ;;  # webui first: it builds the random SD checkpoint ComfyUI uses too
-        *) echo "usage: $0 [webui|comfyui|all]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--screenshots DIR] [webui|comfyui|all]" >&2; exit 2 ;;
     esac
     exit $status
 }
