@@ -413,7 +413,8 @@ class ImageRewardScoreToText:
 
 
 class ImageRewardShowScores:
-    """Output node: shows the scores in the node and in the prompt's history (``ui.text``)."""
+    """Output node: shows the scores in the node (drawn by ``js/show_scores.js``) and in the prompt's history
+    (``ui.text``)."""
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:

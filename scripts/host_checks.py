@@ -496,6 +496,13 @@ def run_comfyui(args: argparse.Namespace) -> str:
         ours = {k: v for k, v in info.items() if v.get("category") == "ImageReward"}
         check(len(ours) == 5 and ours["ImageRewardShowScores"]["output_node"], "five nodes, one output node",
               sorted(ours))
+        # the frontend extension that draws show scores' text in the node (WEB_DIRECTORY = "./js")
+        status, extensions = http("GET", f"{base}/extensions")
+        script = "/extensions/ImageReward/show_scores.js"  # the custom_nodes folder is named ImageReward
+        check(status == 200 and script in extensions, "show_scores.js listed in /extensions", extensions)
+        status, js = http("GET", f"{base}{script}")
+        check(status == 200 and "ImageRewardShowScores" in js and "onExecuted" in js, "show_scores.js served",
+              (status, str(js)[:200]))
         choices = ours["ImageRewardLoader"]["input"]["required"]["scorer"][0]
         check("tiny-ir/" in choices and "ImageReward-v1.0" in choices, "models/image_reward listed", choices)
 

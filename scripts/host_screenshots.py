@@ -13,8 +13,8 @@ through the host's own UI:
 - WebUI: txt2img with *Script -> ImageReward - generate human preference scores* and the tiny scorer's folder as
   the scorer, 4 images of 128x128 in 2 steps; the gallery and the infotext show the scores.
 - ComfyUI: the shipped ``comfyui/example_workflows/txt2img_score_filter.json`` made quick as the checks make it,
-  loaded into the canvas with ``app.loadApiJson`` and queued; ComfyUI's own *Preview Any* node, wired to the
-  *show scores* node's text output, displays the scores in the canvas.
+  loaded into the canvas with ``app.loadApiJson`` and queued; the *show scores* node displays the scores in its own
+  text box (``comfyui/js/show_scores.js``, served from the package's ``WEB_DIRECTORY``).
 
 To run it by hand: ``python scripts/host_screenshots.py webui|comfyui --host-python VENV/bin/python
 --host-dir TREE --cache DIR --work DIR --out docs/images``.
@@ -141,15 +141,10 @@ def webui_screenshot(page: Any, url: str, tiny: str, out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- ComfyUI
 def comfyui_workflow(tiny: str) -> dict[str, Any]:
-    """The shipped txt2img workflow as the checks run it, plus ComfyUI's *Preview Any* on the scores text (the
-    frontend shows a node's ``ui.text`` only for nodes it knows, such as Preview Any)."""
+    """The shipped txt2img workflow as the checks run it."""
     shipped = host_checks.REPO / "comfyui" / "example_workflows" / "txt2img_score_filter.json"
-    workflow = host_checks.quick_txt2img(json.loads(shipped.read_text()), f"{Path(tiny).name}/", size=128,
-                                         batch_size=4, steps=2)
-    shows = next(key for key, node in workflow.items() if node["class_type"] == "ImageRewardShowScores")
-    workflow["99"] = {"class_type": "PreviewAny", "inputs": {"source": [shows, 0]},
-                      "_meta": {"title": "Preview Any (the kept scores)"}}
-    return workflow
+    return host_checks.quick_txt2img(json.loads(shipped.read_text()), f"{Path(tiny).name}/", size=128,
+                                     batch_size=4, steps=2)
 
 
 FRAME_SCORING_NODES = """() => {
@@ -157,8 +152,9 @@ FRAME_SCORING_NODES = """() => {
   // Returns the zoom and how far down the page the nodes reach.
   const app = window.app, canvas = app.canvas;
   app.extensionManager.setting.set("Comfy.Minimap.Visible", false);
-  const nodes = app.graph._nodes.filter(n => /ImageRewardS|ImageRewardR|PreviewAny|SaveImage|VAEDecode/.test(n.type));
-  nodes.filter(n => n.type === "PreviewAny").forEach(n => n.setSize([360, 150]));  // room for four lines
+  const nodes = app.graph._nodes.filter(n => /ImageRewardS|ImageRewardR|SaveImage|VAEDecode/.test(n.type));
+  nodes.filter(n => n.type === "ImageRewardShowScores").forEach(n => n.setSize([360, 190]));  // four lines
+  nodes.filter(n => n.type === "SaveImage").forEach(n => n.setSize([n.size[0], 280]));  // its previews inside
   const title = 30, margin = 60, top = 90;  // room for the menu and tab bars
   const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - title));
   const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
@@ -179,8 +175,9 @@ def comfyui_screenshot(page: Any, url: str, tiny: str, out: Path) -> None:
                   comfyui_workflow(tiny))
     page.evaluate("window.app.queuePrompt(0, 1)")
     log.info("comfyui: queued txt2img_score_filter.json (4 images, 128x128, 2 steps)")
-    page.wait_for_function(
-        "[...document.querySelectorAll('textarea')].some(t => t.value.includes('ImageReward Score'))",
+    page.wait_for_function(  # the show-scores node's own text box (js/show_scores.js) gets the scores
+        "window.app.graph._nodes.some(n => n.type === 'ImageRewardShowScores' && (n.widgets || []).some("
+        "w => w.name === 'scores_text' && String(w.value).includes('ImageReward Score')))",
         timeout=GENERATION_TIMEOUT_MS, polling=1000)
     for _ in range(3):  # the template dialog a fresh profile gets, and any toast
         page.keyboard.press("Escape")

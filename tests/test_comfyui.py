@@ -282,6 +282,26 @@ def test_scores_to_text_for_file_names_and_show_scores(comfy):
     assert registry.NODE_CLASS_MAPPINGS["ImageRewardShowScores"].OUTPUT_NODE is True
 
 
+@pytest.mark.parametrize("how", ["copy", "symlink"])
+def test_web_directory_serves_the_show_scores_extension(monkeypatch, tmp_path, how):
+    """ComfyUI's frontend draws ``ui.text`` only for nodes it knows: js/show_scores.js (WEB_DIRECTORY) puts it in
+    the show-scores node, through the frontend's legacy ``scripts/app.js`` / ``scripts/widgets.js`` shims."""
+    install_comfyui(monkeypatch, tmp_path / "ComfyUI")
+    registry = NodeRegistry()
+    path = install_package(tmp_path, how)
+    try:
+        module = registry.load_custom_node(path)
+    finally:
+        _unload_modules(str(path).replace(".", "_x_"))
+    assert module.WEB_DIRECTORY == "./js"
+    web_dir = Path(registry.EXTENSION_WEB_DIRS[path.name])
+    assert sorted(p.name for p in web_dir.glob("**/*.js")) == ["show_scores.js"]
+    js = (web_dir / "show_scores.js").read_text()
+    assert '"ImageRewardShowScores"' in js and "app.registerExtension(" in js and "onExecuted" in js
+    assert 'from "../../scripts/app.js"' in js and 'from "../../scripts/widgets.js"' in js
+    assert "readOnly = true" in js and "serialize = false" in js  # display only, not a saved widget value
+
+
 def test_images_become_the_uint8_pixels_saveimage_writes(comfy):
     registry, _, _ = comfy
     nodes = registry.module.image_reward_nodes

@@ -799,6 +799,7 @@ class NodeRegistry:
     def __init__(self) -> None:
         self.NODE_CLASS_MAPPINGS: dict[str, type] = {}
         self.NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+        self.EXTENSION_WEB_DIRS: dict[str, str] = {}  # served as /extensions/<folder name>/
 
     def load_custom_node(self, module_path: str | os.PathLike) -> types.ModuleType:
         import importlib.util
@@ -818,6 +819,10 @@ class NodeRegistry:
             self.check_node_class(cls)
             self.NODE_CLASS_MAPPINGS[name] = cls
         self.NODE_DISPLAY_NAME_MAPPINGS.update(getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", {}))
+        if getattr(module, "WEB_DIRECTORY", None) is not None:  # as nodes.load_custom_node: an existing folder only
+            web_dir = os.path.abspath(os.path.join(module_path, module.WEB_DIRECTORY))
+            if os.path.isdir(web_dir):
+                self.EXTENSION_WEB_DIRS[os.path.basename(module_path)] = web_dir
         return module
 
     def check_node_class(self, cls: type) -> None:
