@@ -119,11 +119,12 @@ def offline() -> bool:
 
 
 def hub_unreachable() -> str | None:
-    """Why the Hub cannot be reached right now, or ``None`` when it can (or when a proxy is configured, which
-    this check cannot see through). One TCP connection to ``$HF_ENDPOINT`` (default huggingface.co:443), at
-    most 5 s, remembered for a minute. Without it an offline machine waits ~25 s in huggingface_hub's
-    retries (1+2+4+8+8 s of back-off) for every missing file before the error."""
-    if urllib.request.getproxies().keys() & {"https", "http", "all"}:
+    """Why the Hub cannot be reached right now, or ``None`` when it can, when ``HF_HUB_OFFLINE`` is set
+    (huggingface_hub then fails at once by itself, and nothing may touch the network) or when a proxy is
+    configured (which this check cannot see through). One TCP connection to ``$HF_ENDPOINT`` (default
+    huggingface.co:443), at most 5 s, remembered for a minute. Without it an offline machine waits ~25 s in
+    huggingface_hub's retries (1+2+4+8+8 s of back-off) for every missing file before the error."""
+    if offline() or urllib.request.getproxies().keys() & {"https", "http", "all"}:
         return None
     endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
@@ -141,7 +142,7 @@ def _probe(host: str, port: int, minute: int) -> str | None:
 
 def _hub_error(cfg_or_repo: str, root: Path) -> None:
     """Raise :class:`DownloadError` at once when the Hub cannot be reached (see :func:`hub_unreachable`)."""
-    reason = None if offline() else hub_unreachable()
+    reason = hub_unreachable()
     if reason:
         raise DownloadError(f"could not get {cfg_or_repo} ({reason}). Put the files into {root}, or set "
                             "HF_HUB_OFFLINE=1 when working offline", reason=reason)
@@ -224,7 +225,7 @@ def fetch_folder(cfg: PretrainedCfg, download_root: str | os.PathLike | None = N
 
 
 def _fetch_from_hub(cfg: PretrainedCfg, root: Path, revision: str | None) -> Path:
-    reason = None if offline() else hub_unreachable()
+    reason = hub_unreachable()
     if reason:
         raise DownloadError(_missing_message(cfg, root, reason), reason=reason)
     from huggingface_hub import hf_hub_download

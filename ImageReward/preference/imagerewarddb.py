@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import DownloadError, ImageLoadError, InvalidInputError
 from ..image_io import load_image
-from ..pretrained import hub_unreachable, offline
+from ..pretrained import hub_unreachable
 from .archives import extract_archive_to
 from .groups import expand_pairs, read_groups, write_groups
 
@@ -46,7 +46,7 @@ def hub_fetcher(repo_id: str = IMAGEREWARDDB_REPO, root: str | os.PathLike = "."
             return local
         from huggingface_hub import hf_hub_download
 
-        unreachable = None if offline() else hub_unreachable()
+        unreachable = hub_unreachable()
         if unreachable:
             raise DownloadError(f"could not get {name} from https://huggingface.co/datasets/{repo_id} into {root}: "
                                 f"{unreachable}", reason=unreachable)

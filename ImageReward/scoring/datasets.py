@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..errors import DownloadError, ImageLoadError, InvalidInputError, UnsupportedInputError
 from ..image_io import IMAGE_EXTENSIONS, load_image
-from ..pretrained import hub_unreachable
+from ..pretrained import hub_unreachable, offline
 from ..textio import check_encoding, read_json, read_text
 
 __all__ = ["Record", "ParquetBlob", "read_records", "load_record_image", "IMAGE_EXTENSIONS", "parse_hub_uri"]
@@ -443,9 +443,8 @@ def parse_hub_uri(uri: str) -> tuple[str, str | None, str]:
 def _hub_list_files(repo_id: str, revision: str | None) -> list[str]:
     """Files of a dataset repo; offline (``HF_HUB_OFFLINE=1`` or no connection) lists the local cache."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub import constants
 
-    if not constants.HF_HUB_OFFLINE and not hub_unreachable():
+    if not offline() and not hub_unreachable():
         try:
             return list(HfApi().list_repo_files(repo_id, repo_type="dataset", revision=revision))
         except Exception as err:  # noqa: BLE001 - any Hub failure: fall back to the cache
