@@ -20,7 +20,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "ImageReward.commands.score",
     "ImageReward.commands.score_dataset",
     "ImageReward.commands.train_rm",
-    "ImageReward.refl.cli",
+    "ImageReward.finetune.cli",
 )
 
 

@@ -132,7 +132,7 @@ def run_one(spec: str, size: str, device: str, steps: int, workdir: Path) -> dic
     sys.path.insert(0, str(ROOT / "tests"))
     from refl_tiny import save_tiny, tiny_reward
 
-    from ImageReward.refl import ReFLConfig, ReFLTrainer
+    from ImageReward.finetune import ReFLConfig, ReFLTrainer
 
     family, train, precision, *rest = spec.split(":")
     backprop_steps = next((int(r[1:]) for r in rest if r.startswith("k")), 1)
@@ -200,7 +200,7 @@ def real_size_phase(family: str, phase: str, workdir: Path, resolution: int, inf
         return {"base_gib": _mib(base) / 1024, "peak_rss_gib": _rss_gib()}
     import ImageReward as RM
     from ImageReward.models.blip import BLIPConfig
-    from ImageReward.refl import ReFLConfig, ReFLTrainer
+    from ImageReward.finetune import ReFLConfig, ReFLTrainer
 
     prompts = workdir / "prompts.json"
     prompts.write_text(json.dumps([{"text": f"a photo of object {i}, detailed"} for i in range(8)]))

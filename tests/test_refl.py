@@ -14,10 +14,10 @@ pytest.importorskip("accelerate")
 
 from refl_tiny import HELD_OUT, PROMPTS, _one_thread, save_tiny, tiny_reward  # noqa: E402,F401 (autouse fixture)
 
-from ImageReward.refl import (  # noqa: E402
+from ImageReward.finetune import (  # noqa: E402
     BatchOrder, PromptDataError, ReFLConfig, ReFLConfigError, ReFLTrainer, WeightedReward, get_family,
     load_prompts, parse_args, parse_reward_spec, refl_loss)
-from ImageReward.refl.rollout import draw_stop_index, rollout, training_scheduler  # noqa: E402
+from ImageReward.finetune.rollout import draw_stop_index, rollout, training_scheduler  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_prompt_formats(tmp_path):
 def test_bad_prompt_files_fail_before_models_load(tmp_path, content, match, monkeypatch):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    monkeypatch.setattr("ImageReward.refl.families.ModelFamily.load_components",
+    monkeypatch.setattr("ImageReward.finetune.families.ModelFamily.load_components",
                         lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(PromptDataError, match=match):
         ReFLTrainer(ReFLConfig(train_data=str(path), output_dir=str(tmp_path / "o")))
@@ -265,7 +265,7 @@ def test_batch_order_is_resumable_and_sharded():
 def test_warns_when_updates_vanish_below_adam_eps(caplog):
     trainer = ReFLTrainer.__new__(ReFLTrainer)  # the watchdog needs only the config and the parameter count
     trainer.config, trainer.n_trainable, trainer._tiny_updates = ReFLConfig(), 10**6, 0
-    with caplog.at_level("WARNING", logger="ImageReward.refl.trainer"):
+    with caplog.at_level("WARNING", logger="ImageReward.finetune.trainer"):
         for _ in range(9):
             trainer._watch_tiny_updates(1e-6)  # RMS 1e-9 < eps 1e-8
         assert not caplog.records
@@ -276,7 +276,7 @@ def test_warns_when_updates_vanish_below_adam_eps(caplog):
 
 
 def test_launcher_reports_bad_options_without_traceback(tmp_path, capsys):
-    from ImageReward.refl.cli import main
+    from ImageReward.finetune.cli import main
 
     assert main(["--train_data", str(tmp_path / "none.json"), "--output_dir", str(tmp_path)]) == 2
     assert "--train_data" in capsys.readouterr().err

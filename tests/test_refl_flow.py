@@ -18,8 +18,8 @@ pytest.importorskip("peft")
 from refl_tiny import (HELD_OUT, PROMPTS, _one_thread, build_tiny_flux, save_tiny,  # noqa: E402,F401 (autouse)
                        tiny_reward, train_and_check_held_out_gain)
 
-from ImageReward.refl import ReFLConfig, ReFLConfigError, ReFLTrainer, get_family, parse_args  # noqa: E402
-from ImageReward.refl.rollout import rollout, training_scheduler  # noqa: E402
+from ImageReward.finetune import ReFLConfig, ReFLConfigError, ReFLTrainer, get_family, parse_args  # noqa: E402
+from ImageReward.finetune.rollout import rollout, training_scheduler  # noqa: E402
 
 FLOW = ["sd3", "flux"]
 

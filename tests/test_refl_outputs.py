@@ -20,9 +20,9 @@ pytest.importorskip("peft")
 
 from refl_tiny import PROMPTS, _one_thread, build_tiny_sd1, build_tiny_sdxl, tiny_reward  # noqa: E402,F401
 
-from ImageReward.refl import ReFLConfig, ReFLConfigError, ReFLTrainer, parse_args  # noqa: E402
-from ImageReward.refl.compat import dtype_kwargs  # noqa: E402
-from ImageReward.refl.trainer import TRAINABLE_NAME, hub_model_id  # noqa: E402
+from ImageReward.finetune import ReFLConfig, ReFLConfigError, ReFLTrainer, parse_args  # noqa: E402
+from ImageReward.finetune.compat import dtype_kwargs  # noqa: E402
+from ImageReward.finetune.trainer import TRAINABLE_NAME, hub_model_id  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_a_failing_validation_never_costs_the_trained_weights(prompt_file, tmp_p
         raise RuntimeError("mat1 and mat2 must have the same dtype")
 
     trainer.family.build_pipeline = broken
-    with caplog.at_level(logging.ERROR, logger="ImageReward.refl.trainer"):
+    with caplog.at_level(logging.ERROR, logger="ImageReward.finetune.trainer"):
         result = trainer.train()
     assert result["global_step"] == 2
     assert [v["step"] for v in result["validation"]] == [1, 2]
@@ -242,7 +242,7 @@ def test_hub_model_id_of_base_models(tmp_path):
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("xformers") is not None, reason="xformers installed")
 def test_xformers_flag_is_checked_before_any_model_loads(prompt_file, tmp_path, monkeypatch):
-    monkeypatch.setattr("ImageReward.refl.families.ModelFamily.load_components",
+    monkeypatch.setattr("ImageReward.finetune.families.ModelFamily.load_components",
                         lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ReFLConfigError, match="needs xformers"):
         parse_args(["--train_data", str(prompt_file), "--output_dir", str(tmp_path),
@@ -254,7 +254,7 @@ def test_xformers_flag_is_checked_before_any_model_loads(prompt_file, tmp_path, 
 def test_no_torchvision_fallback_warnings(tmp_path):
     """Importing the pipelines the trainer uses printed two transformers warnings per run; they are gone, and
     the same imports without the filter still print them (so this test sees the real thing)."""
-    code = ("import sys; from ImageReward.refl.families import get_family\n"
+    code = ("import sys; from ImageReward.finetune.families import get_family\n"
             "if sys.argv[1] == 'quiet':\n"
             "    get_family('sd1').pipeline_class(); get_family('sdxl').pipeline_class()\n"
             "else:\n"

@@ -18,8 +18,8 @@ from PIL import Image  # noqa: E402
 from refl_tiny import (HELD_OUT, PROMPTS, _one_thread, save_tiny, tiny_reward,  # noqa: E402,F401 (autouse)
                        train_and_check_held_out_gain)
 
-from ImageReward.refl import ReFLConfig, ReFLConfigError, ReFLTrainer, get_family  # noqa: E402
-from ImageReward.refl.pretrain import augment  # noqa: E402
+from ImageReward.finetune import ReFLConfig, ReFLConfigError, ReFLTrainer, get_family  # noqa: E402
+from ImageReward.finetune.pretrain import augment  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_pretrain_branch_same_step_and_consistent_time_ids(sdxl_dir, prompt_file
 
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps([{"text": "x", "image": "nope.png"}]))
-    from ImageReward.refl import PromptDataError
+    from ImageReward.finetune import PromptDataError
     with pytest.raises(PromptDataError, match="nope.png"):
         ReFLTrainer(sdxl_config(sdxl_dir, prompt_file, tmp_path / "o2", pretrain_data=str(missing),
                                 pretrain_loss_weight=1.0))

@@ -24,7 +24,7 @@ from ImageReward.commands.eval import _load as eval_load
 from ImageReward.commands.eval import scorer_label, scorer_specs
 from ImageReward.errors import InvalidInputError, UnknownModelError, UnsupportedInputError
 from ImageReward.eval.cache import scorer_identity
-from ImageReward.refl.rewards import load_reward
+from ImageReward.finetune.rewards import load_reward
 from ImageReward.resolve import checkpoint_path, parse_mix, resolve
 from ImageReward.scoring.runner import DistributedContext, score_dataset
 from webui_shim import Brightness, NodeRegistry, install_comfy, install_comfyui, install_webui, save_tiny_image_reward

@@ -108,8 +108,8 @@ def test_score_dataset_numbers_fail_before_any_row(tiny_model, photo, tmp_path, 
 def test_eval_and_helpers_check_their_numbers(tiny_model, tmp_path):
     from ImageReward.eval.metrics import bootstrap_intervals, pair_counts
     from ImageReward.eval.preference import evaluate_preference
-    from ImageReward.refl.config import ReFLConfig
-    from ImageReward.refl.data import BatchOrder, load_prompts
+    from ImageReward.finetune.config import ReFLConfig
+    from ImageReward.finetune.data import BatchOrder, load_prompts
     from ImageReward.scoring.calibration import ReferenceStats
     from ImageReward.scoring.gallery import write_gallery
 
@@ -240,7 +240,7 @@ def test_score_grad_checks_dtype_shape_finiteness(tiny_model, make, error, messa
 
 
 def test_refl_reward_call_checks_pixels(tiny_model):
-    from ImageReward.refl.rewards import WeightedReward
+    from ImageReward.finetune.rewards import WeightedReward
 
     reward = WeightedReward([tiny_model], [1.0])
     with pytest.raises(InvalidInputError, match=r"\[0, 1\]"):
@@ -550,7 +550,7 @@ def test_eval_readers_accept_bom_and_encoding(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".txt", ".tsv"])
 def test_refl_prompt_files_accept_bom_and_encoding(tmp_path, suffix):
-    from ImageReward.refl.data import PromptDataError, load_prompts
+    from ImageReward.finetune.data import PromptDataError, load_prompts
 
     texts = [CHINESE, "a dog"]
     if suffix == ".json":
@@ -576,8 +576,8 @@ def test_refl_encoding_option_reaches_the_prompt_reader(tmp_path):
     """``refl.py --encoding gbk`` (users bring their own prompt files): the trainer reads them with it, before
     any model loads; an unknown codec is a config error naming the option."""
     pytest.importorskip("diffusers")
-    from ImageReward.refl.config import ReFLConfigError, parse_args
-    from ImageReward.refl.trainer import ReFLTrainer
+    from ImageReward.finetune.config import ReFLConfigError, parse_args
+    from ImageReward.finetune.trainer import ReFLTrainer
 
     path = tmp_path / "prompts.txt"
     path.write_bytes((CHINESE + "\na dog\n").encode("gbk"))
@@ -894,7 +894,7 @@ def test_cli_download_failure_is_exit_1(photo, tmp_path, capsys):
 
 
 def test_refl_and_train_rm_entry_points_are_one_line(tmp_path, capsys):
-    from ImageReward.refl.cli import main as refl_main
+    from ImageReward.finetune.cli import main as refl_main
 
     with pytest.raises(SystemExit) as info:
         refl_main(["--train_batch_size", "zero"])

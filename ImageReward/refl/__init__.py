@@ -1,19 +1,33 @@
-"""ReFL (reward feedback learning) for Stable Diffusion 1.x, SDXL, SD3 / SD3.5 and FLUX.1, full fine-tune or LoRA.
+"""Old name of :mod:`ImageReward.finetune` (reward fine-tuning: ReFL / DRaFT-K and online RL).
 
-Importing this package is cheap; diffusers, accelerate and peft are imported when a trainer runs.
-
->>> from ImageReward.refl import ReFLConfig, ReFLTrainer
->>> trainer = ReFLTrainer(ReFLConfig(train_data="data/example_prompts.json"))   # doctest: +SKIP
->>> trainer.train()                                                             # doctest: +SKIP
+``import ImageReward.refl`` and ``from ImageReward.refl.trainer import ReFLTrainer`` keep working: each
+``ImageReward.refl.X`` is the *same module object* as ``ImageReward.finetune.X`` (never a second copy, so classes
+and ``isinstance`` checks agree).
 """
 
-from .config import ReFLConfig, ReFLConfigError, build_parser, parse_args, parse_reward_spec
-from .data import BatchOrder, PromptDataError, load_prompts
-from .families import FAMILIES, ModelFamily, get_family
-from .losses import pretrain_loss, refl_loss
-from .rewards import WeightedReward, load_reward
-from .trainer import ReFLTrainer
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
-__all__ = ["ReFLConfig", "ReFLConfigError", "ReFLTrainer", "build_parser", "parse_args", "parse_reward_spec",
-           "BatchOrder", "PromptDataError", "load_prompts", "FAMILIES", "ModelFamily", "get_family",
-           "refl_loss", "pretrain_loss", "WeightedReward", "load_reward"]
+_OLD, _NEW = __name__, "ImageReward.finetune"
+
+
+class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolve ``ImageReward.refl.X`` to the already-importable ``ImageReward.finetune.X``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.startswith(_OLD + "."):
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module(_NEW + spec.name[len(_OLD):])
+
+    def exec_module(self, module):
+        pass
+
+
+if not any(isinstance(finder, _AliasFinder) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _AliasFinder())
+sys.modules[_OLD] = importlib.import_module(_NEW)

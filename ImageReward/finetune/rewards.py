@@ -25,7 +25,7 @@ def load_reward(spec: str, *, device: str | torch.device | None = None, download
                 dtype: torch.dtype | None = None, differentiable: bool = True) -> WeightedReward:
     """Load ``"NAME[:WEIGHT],..."`` (or one name) through the resolver into a :class:`WeightedReward`
     (frozen, eval mode). With ``differentiable`` a scorer that cannot pass gradients raises
-    :class:`~ImageReward.refl.config.ReFLConfigError` naming it."""
+    :class:`~ImageReward.finetune.config.ReFLConfigError` naming it."""
     parse_reward_spec(spec)  # typed ReFL error for a malformed spec, before anything is loaded
     resolved = resolve(spec)
     scorer = load_scorer(resolved, device=device, download_root=download_root, dtype=dtype)

@@ -1,7 +1,7 @@
 """``ReFLTrainer``: reward feedback learning for SD1.x, SDXL, SD3 / SD3.5 and FLUX.1, full fine-tune or LoRA,
 on accelerate.
 
->>> from ImageReward.refl import ReFLConfig, ReFLTrainer
+>>> from ImageReward.finetune import ReFLConfig, ReFLTrainer
 >>> cfg = ReFLConfig(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4",
 ...                  train_data="data/example_prompts.json", output_dir="out/refl")   # doctest: +SKIP
 >>> ReFLTrainer(cfg).train()                                                          # doctest: +SKIP

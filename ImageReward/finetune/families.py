@@ -84,7 +84,7 @@ class ModelFamily:
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelFamily":
-        """The family with the options of a :class:`~ImageReward.refl.config.ReFLConfig` it reads (none here)."""
+        """The family with the options of a :class:`~ImageReward.finetune.config.ReFLConfig` it reads (none here)."""
         return cls()
 
     def uses_text_encoder(self, index: int) -> bool:

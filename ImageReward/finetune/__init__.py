@@ -1,0 +1,20 @@
+"""Reward fine-tuning of diffusion models: ReFL (reward feedback learning, DRaFT-K) for Stable Diffusion 1.x, SDXL,
+SD3 / SD3.5 and FLUX.1, full fine-tune or LoRA. (Formerly ``ImageReward.refl``, which still imports.)
+
+Importing this package is cheap; diffusers, accelerate and peft are imported when a trainer runs.
+
+>>> from ImageReward.finetune import ReFLConfig, ReFLTrainer
+>>> trainer = ReFLTrainer(ReFLConfig(train_data="data/example_prompts.json"))   # doctest: +SKIP
+>>> trainer.train()                                                             # doctest: +SKIP
+"""
+
+from .config import ReFLConfig, ReFLConfigError, build_parser, parse_args, parse_reward_spec
+from .data import BatchOrder, PromptDataError, load_prompts
+from .families import FAMILIES, ModelFamily, get_family
+from .losses import pretrain_loss, refl_loss
+from .rewards import WeightedReward, load_reward
+from .trainer import ReFLTrainer
+
+__all__ = ["ReFLConfig", "ReFLConfigError", "ReFLTrainer", "build_parser", "parse_args", "parse_reward_spec",
+           "BatchOrder", "PromptDataError", "load_prompts", "FAMILIES", "ModelFamily", "get_family",
+           "refl_loss", "pretrain_loss", "WeightedReward", "load_reward"]
