@@ -149,3 +149,19 @@ def test_img2dataset_output_folder(img2dataset_output, tiny_model, tmp_path):
     reference = tiny_model.score_batch([r.prompt for r in records], [load_record_image(r) for r in records])
     torch.testing.assert_close(torch.tensor([r["score"] for r in scored]), reference, atol=1e-5, rtol=0)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_cli_engine_ray_rejects_what_it_cannot_do_before_starting_ray(tmp_path, capsys):
+    from ImageReward.cli import main
+
+    write_shards(tmp_path / "wds", shards=1, per_shard=2)
+    (tmp_path / "gen").mkdir()
+    base = ["score-dataset", "-o", str(tmp_path / "scores"), "--engine", "ray", "--model", str(tmp_path / "none")]
+    assert main([base[0], str(tmp_path / "wds"), *base[1:], "--limit", "3", "--html"]) == 2
+    assert "--limit, --html: not available with --engine ray" in capsys.readouterr().err
+    pytest.importorskip("ray")
+    assert main([base[0], str(tmp_path / "gen"), *base[1:]]) == 2
+    assert "reads WebDataset / img2dataset tar shards" in capsys.readouterr().err
+    (tmp_path / "file.parquet").write_bytes(b"")
+    assert main([base[0], str(tmp_path / "wds"), "-o", str(tmp_path / "file.parquet"), *base[3:]]) == 2
+    assert "name a folder" in capsys.readouterr().err
