@@ -4,7 +4,6 @@ the single-process engine; losing the second raylet mid-run; killing the driver 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -66,6 +65,14 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory, model_dir):
+    """12 shards x 8 samples, and their single-process scores ``{id: row}`` (the kill tests' reference)."""
+    folder = tmp_path_factory.mktemp("many")
+    write_shards(folder / "wds", shards=12, per_shard=8)
+    return folder / "wds", _single_process(model_dir, folder / "wds", folder / "single.jsonl")
+
+
 def _rows(folder: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -121,10 +128,9 @@ def _command(model_dir: Path, shards: Path, out: Path, address: str) -> list[str
             "--ray-actor-cpus", "0.25", "--ray-decode-cpus", "0.5", "--no-progress"]
 
 
-def test_killing_the_driver_then_rerunning_resumes(cluster, model_dir, tmp_path):
+def test_killing_the_driver_then_rerunning_resumes(cluster, model_dir, many_shards, tmp_path):
     head, _ = cluster
-    shards = tmp_path / "wds"
-    write_shards(shards, shards=12, per_shard=8)
+    shards, reference = many_shards
     out = tmp_path / "scores"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     command = _command(model_dir, shards, out, head.address)
@@ -137,21 +143,19 @@ def test_killing_the_driver_then_rerunning_resumes(cluster, model_dir, tmp_path)
         driver.wait(timeout=60)
     written = len(list(out.glob("*.parquet")))
     assert found >= 2 and written < 12, f"{written} of 12 shards written before the kill"
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    # the rerun (here, in this process: the same function the CLI calls) skips the shards already written
+    summary = score_dataset_ray(str(model_dir), shards, out, **RAY_ARGS)
     assert summary["shards_resumed"] == written and summary["total_rows"] == 96
+    assert summary["rows"] == 96 - summary["rows_resumed"]
     got = _rows(out)
     ids = [row["id"] for row in got]
     assert len(ids) == len(set(ids)) == 96 and all(row["error"] is None for row in got)
-    reference = _single_process(model_dir, shards, tmp_path / "single.jsonl")
     assert all(row["score"] == reference[row["id"]]["score"] for row in got)
 
 
-def test_losing_the_second_raylet_mid_run_still_scores_every_row_once(cluster, model_dir, tmp_path):
+def test_losing_the_second_raylet_mid_run_still_scores_every_row_once(cluster, model_dir, many_shards, tmp_path):
     head, worker = cluster
-    shards = tmp_path / "wds"
-    write_shards(shards, shards=12, per_shard=8)
+    shards, reference = many_shards
     out = tmp_path / "scores"
     result: dict = {}
 
@@ -173,6 +177,5 @@ def test_losing_the_second_raylet_mid_run_still_scores_every_row_once(cluster, m
     got = _rows(out)
     ids = [row["id"] for row in got]
     assert len(ids) == len(set(ids)) == 96 and all(row["error"] is None for row in got)
-    reference = _single_process(model_dir, shards, tmp_path / "single.jsonl")
     assert all(row["score"] == reference[row["id"]]["score"] for row in got)
     assert shard_output_path(out, "shard-00011.tar").is_file()
