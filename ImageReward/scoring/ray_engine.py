@@ -180,8 +180,8 @@ def score_dataset_ray(
     checkpoint, a served reward); each actor loads it with ``device``/``dtype``/``download_root``.
     ``address``: ``None`` (``$RAY_ADDRESS``, else a Ray started for this call and stopped after it), ``"auto"``
     (the cluster this machine belongs to), or ``ray://HOST:10001``; an already initialised Ray is used as is.
-    ``actors``: size of the scorer pool (default: the cluster's GPUs when ``actor_gpus``, else its CPUs divided
-    by ``actor_cpus``); ``actor_gpus`` defaults to 1 when the cluster has GPUs, else 0. ``decode_cpus``: the
+    ``actors``: size of the scorer pool (default: the cluster's GPUs when ``actor_gpus``, else its CPUs less one
+    decode task's, divided by ``actor_cpus``); ``actor_gpus`` defaults to 1 when the cluster has GPUs, else 0. ``decode_cpus``: the
     CPUs each decode task reserves. ``batch_size``: rows per actor call (default: the scorer's).
 
     Resumes into ``output``: shards whose file exists are skipped (delete a file to score that shard again;
@@ -223,19 +223,18 @@ def score_dataset_ray(
     logger.info("%d shards, %d already scored (%d rows), %d to score", len(shards), len(shards) - len(pending),
                 resumed_rows, len(pending))
 
-    # the driver loads the scorer once on its CPU: a bad --model fails here, before the cluster does any
-    # work, and the decode tasks learn the preprocessing (and so the pixels) the actors expect
-    from ..resolve import load_scorer
-
-    probe = load_scorer(model, device="cpu", dtype=dtype, download_root=download_root)
-    configs = preprocess_configs(probe)
-    batch_size = batch_size or getattr(probe, "default_batch_size", 8)
-    del probe
-
     summary: dict[str, Any] = {"output": str(output), "engine": "ray", "shards": len(shards),
                                "shards_resumed": len(shards) - len(pending), "rows_resumed": resumed_rows,
                                "rows": 0, "scored": 0, "errors": 0}
     if pending:
+        # the driver loads the scorer once on its CPU: a bad --model fails here, before the cluster does any
+        # work, and the decode tasks learn the preprocessing (and so the pixels) the actors expect
+        from ..resolve import load_scorer
+
+        probe = load_scorer(model, device="cpu", dtype=dtype, download_root=download_root)
+        configs = preprocess_configs(probe)
+        batch_size = batch_size or getattr(probe, "default_batch_size", 8)
+        del probe
         import ray
 
         started_here = not ray.is_initialized()
