@@ -50,6 +50,9 @@ def test_shard_patterns_keys_prompts_and_broken_samples(tmp_path):
     assert forced["shard-00001.tar/000010003"].error.startswith("no image")
 
     assert is_shard_input(tmp_path / "wds") and not is_shard_input(tmp_path)
+    (tmp_path / "wds" / "cover.png").write_bytes(b"")  # a folder of images with a tar beside them stays one
+    assert not is_shard_input(tmp_path / "wds")
+    (tmp_path / "wds" / "cover.png").unlink()
     with pytest.raises(InvalidInputError, match="no such file"):
         read_records(str(tmp_path / "wds" / "shard-{00000..00009}.tar"))
     (tmp_path / "fake.tar").write_bytes(b"not a tar at all" * 100)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..image_io import IMAGE_EXTENSIONS
 from .datasets import PROMPT_COLUMNS, Record, TarMember, _prompt_value
 
 __all__ = ["Shard", "SHARD_IMAGE_EXTENSIONS", "is_shard_input", "list_shards", "read_shard", "read_shard_records"]
@@ -54,13 +55,15 @@ class Shard:
 
 def is_shard_input(source: str | os.PathLike) -> bool:
     """Whether ``source`` names tar shards: a ``.tar`` file, a glob or brace pattern, or a folder with
-    ``.tar`` files at its top level (WebDataset, img2dataset)."""
+    ``.tar`` files and no images at its top level (WebDataset, img2dataset)."""
     text = os.fspath(source)
     if text.startswith(("hf://", "hf:")):
         return False
     path = Path(text)
-    if path.is_dir():
-        return any(child.suffix == ".tar" and child.is_file() for child in path.iterdir())
+    if path.is_dir():  # .tar files and no image at the top level (a folder of images keeps being one)
+        children = [child for child in path.iterdir() if child.is_file()]
+        return (any(child.suffix == ".tar" for child in children)
+                and not any(child.suffix.lower() in IMAGE_EXTENSIONS for child in children))
     if path.suffix == ".tar":
         return True
     return bool(_PATTERN_CHARS.search(text)) and not path.exists() and ".tar" in text
