@@ -60,6 +60,7 @@ def test_shard_patterns_keys_prompts_and_broken_samples(tmp_path):
         read_records(tmp_path / "fake.tar")
 
 
+@pytest.mark.integration
 def test_single_process_engine_scores_shards_with_error_rows(tmp_path, tiny_model):
     write_shards(tmp_path / "wds", shards=3, per_shard=5, broken=True)
     out = tmp_path / "scores.jsonl"
