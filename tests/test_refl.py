@@ -299,3 +299,18 @@ def test_sd1_lora_reloads_in_diffusers(sd1_dir, prompt_file, tmp_path):
         torch.testing.assert_close(reloaded, trained(sample, 300, hidden).sample, rtol=1e-5, atol=1e-6)
         pipe.unload_lora_weights()
         assert (pipe.unet(sample, 300, hidden).sample - reloaded).abs().max() > 1e-4  # the LoRA did change it
+
+
+def test_old_package_name_is_the_same_modules():
+    """``ImageReward.refl`` (the package's name before online RL joined ReFL) still imports, as the very same
+    module objects as ``ImageReward.finetune``: one class, so ``isinstance`` and patches agree."""
+    import importlib
+
+    import ImageReward.finetune as finetune
+    import ImageReward.finetune.trainer as new_trainer
+    import ImageReward.refl as refl
+    from ImageReward.refl.trainer import ReFLTrainer
+
+    assert refl is finetune
+    assert ReFLTrainer is new_trainer.ReFLTrainer
+    assert importlib.import_module("ImageReward.refl.rollout") is importlib.import_module("ImageReward.finetune.rollout")
