@@ -96,6 +96,7 @@ def test_rollout_no_grad_prefix_and_x0_formula(sd1_dir):
     torch.testing.assert_close(x0.detach(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_gradients_reach_only_the_unet(sd1_dir, prompt_file, tmp_path):
     trainer = ReFLTrainer(tiny_config(sd1_dir, prompt_file, tmp_path / "out"), reward=tiny_reward())
     trainer.setup()
@@ -114,6 +115,7 @@ def test_gradients_reach_only_the_unet(sd1_dir, prompt_file, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- learning
+@pytest.mark.integration
 def test_thirty_steps_raise_held_out_reward(sd1_dir, prompt_file, tmp_path):
     cfg = tiny_config(sd1_dir, prompt_file, tmp_path / "out", max_train_steps=30, validation_prompts=HELD_OUT,
                       validation_steps=1000, report_to="tensorboard")
@@ -139,6 +141,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.integration
 def test_kill_and_resume_matches_uninterrupted_run(sd1_dir, prompt_file, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -282,6 +285,7 @@ def test_launcher_reports_bad_options_without_traceback(tmp_path, capsys):
     assert "--train_data" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_sd1_lora_reloads_in_diffusers(sd1_dir, prompt_file, tmp_path):
     from diffusers import StableDiffusionPipeline
 
