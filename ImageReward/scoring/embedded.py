@@ -31,6 +31,7 @@ __all__ = ["split_infotext", "caption_prompt", "embedded_prompt", "comfyui_posit
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _NEGATIVE = "Negative prompt:"
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+_STRING_KEYS = ("value", "text", "string", "prompt")  # the text input of ComfyUI string / primitive nodes
 
 
 def split_infotext(text: str) -> tuple[str, str, dict[str, str]] | None:
@@ -169,14 +170,15 @@ def _conditioning_text(graph: dict, link: Any, depth: int) -> tuple[str, str | N
 
 
 def _string(graph: dict, value: Any, depth: int) -> str | None:
-    """A text input: a string, or a link to a node holding one string (a primitive / string node)."""
+    """A text input: a string, or a link to a node holding one text (``value``/``text``/``string``/``prompt``) and
+    no links: a primitive or string node."""
     if isinstance(value, str):
         return value
     node = _node(graph, value)
     if node is None or depth > 16:
         return None
-    strings = [v for v in (node.get("inputs") or {}).values() if isinstance(v, str)]
-    links = [v for v in (node.get("inputs") or {}).values() if isinstance(v, list)]
-    if len(strings) == 1 and not links:
-        return strings[0]
+    inputs = node.get("inputs") or {}
+    strings = [value for key, value in inputs.items() if key in _STRING_KEYS and isinstance(value, str)]
+    if len(strings) == 1 and not any(isinstance(value, list) for value in inputs.values()):
+        return strings[0]  # e.g. PrimitiveString {"value": ...}; never another node's setting (a checkpoint name)
     return None

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine import dedupe, preprocess_configs, preprocess_image, score_pixels, stack_pixels
-from ..errors import ImageRewardError
+from ..errors import ImageRewardError, InvalidInputError
 from ..preprocess import PreprocessConfig
 from .datasets import Record, load_record_image, read_records
 from .writers import (Journal, check_run_settings, done_ids, journal_path, merge_outputs, output_format, parts_dir,
@@ -187,6 +187,8 @@ def score_dataset(
     """
     _check_arguments(output, batch_size=batch_size, num_workers=num_workers, timeout=timeout, limit=limit,
                      html=html, html_per_prompt=html_per_prompt, encoding=encoding)
+    if not os.fspath(source).startswith("hf:") and Path(output).resolve() == Path(source).resolve():
+        raise InvalidInputError(f"output {os.fspath(output)!r} is the input itself; name another file")
     started = time.perf_counter()
     context = context or distributed_context()
     output = Path(output)
