@@ -279,6 +279,21 @@ def test_journal_rows_with_undecodable_names_round_trip(tmp_path):
     assert read_journal(path) == [{"id": name, "image": name, "prompt": CAT}]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="file names that are not UTF-8 need a byte-name file system")
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_score_dataset_writes_undecodable_file_names(tmp_path, suffix):
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: "caf\udce9.png" in Python
+    _noise(0).save(folder / name)
+    out = tmp_path / f"out{suffix}"
+    summary = score_dataset(Brightness(), folder, out, prompt="x", html=tmp_path / "g.html", progress=False)
+    rows = read_output(out)
+    assert summary["total_errors"] == 0 and (tmp_path / "g.html").is_file()
+    assert rows[0]["image"] == (name if suffix == ".jsonl" else "caf\\udce9.png")
+    assert rows[0]["score"] == pytest.approx(Brightness().score("x", folder / name), abs=1e-6)
+
+
 @pytest.mark.integration
 def test_every_command_prints_under_cp1252(tmp_path, tiny):
     """score, rank, score-dataset, eval-preference and eval-benchmark in a process whose stdout and stderr are

@@ -365,7 +365,8 @@ def _read_parquet_rows(path: Path, image_column: str | None) -> tuple[list[dict]
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise InvalidInputError("reading Parquet needs pyarrow: pip install pyarrow (or, from this project's checkout, pip install -e '.[scoring]')") from err
+        raise InvalidInputError("reading Parquet needs pyarrow: pip install pyarrow (or, in this project's "
+                                "checkout, pip install -e '.[scoring]')") from err
     parquet = pq.ParquetFile(path)
     schema = parquet.schema_arrow
     columns = list(schema.names)
