@@ -196,6 +196,22 @@ def test_score_dataset_prompt_free_needs_no_prompt_column_or_sidecar(prompt_free
     assert code == 2 and "prompt column" in err
 
 
+def test_eval_prompt_free_scorers_take_empty_prompts(prompt_free, tmp_path, capsys):
+    data = _preference_set(tmp_path / "pref")
+    groups = json.loads((data / "test.json").read_text())
+    groups[0]["prompt"] = ""
+    (data / "test.json").write_text(json.dumps(groups))
+    argv = ["eval-preference", "--source_path", data / "test.json", "--img_prefix", data / "images", "--target_dir",
+            tmp_path / "res", "--no-download", "--bootstrap", "0", "--no-report", "--no-cache"]
+    code, _, err = _cli([*argv, "--model_type", "Bright"], capsys)
+    assert code == 0, err
+    rewards = json.loads((tmp_path / "res" / "test_Bright.json").read_text())[0]["rewards"]
+    assert rewards == pytest.approx(Brightness().score(None, [str(data / "images" / f"{k}.png") for k in range(3)]))
+    for model in ("TinyIR", "Bright:1,TinyIR:1"):
+        code, _, err = _cli([*argv, "--model_type", model], capsys)
+        assert code == 2 and "1 prompt(s) are empty (id 1)" in err, err
+
+
 def test_comfyui_prompt_free_and_prompt_using(comfy):
     registry, _, _ = comfy
     images = make_images(seeds=(1, 2))

@@ -167,6 +167,17 @@ def _check_common(args: argparse.Namespace) -> None:
     check_download_root(args.rm_path, "--rm-path")
 
 
+def _check_prompts(model, label: str, prompts: Sequence[tuple[str, str]]) -> None:
+    """Empty prompts are fine for a prompt-free scorer (``uses_prompt = False``), refused for the others."""
+    from ImageReward.errors import InvalidInputError
+
+    empty = [str(pid) for pid, prompt in prompts if not prompt.strip()]
+    if empty and getattr(model, "uses_prompt", True):
+        raise InvalidInputError(f"{label} scores images against their prompt, but {len(empty)} prompt(s) are empty "
+                                f"(id {', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}); only prompt-free "
+                                "scorers such as Aesthetic score without one")
+
+
 def _open_cache(args: argparse.Namespace, default_dir: str):
     if args.no_cache:
         return None
@@ -221,6 +232,7 @@ def run_preference(args: argparse.Namespace) -> int:
         for spec, label in zip(specs, labels):
             print(f"{label} Test begin: ")
             model = _load(spec, args)
+            _check_prompts(model, label, [(item.id, item.prompt) for item in items])
             result = evaluate_preference(model, items, name=label, cache=cache,
                                          scorer_id=scorer_identity(spec, args.dtype), batch_size=args.batch_size,
                                          tie_threshold=args.tie_threshold, n_boot=args.bootstrap, seed=args.seed,
@@ -304,6 +316,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         for spec, label in zip(specs, labels):
             print(f"Loading {label} model...")
             model = _load(spec, args)
+            _check_prompts(model, label, [(p["id"], p["prompt"]) for p in prompts])
             print(f"{label} benchmark begins!")
             result = evaluate_benchmark(model, prompts, args.img_dir, models, name=label, cache=cache,
                                         scorer_id=scorer_identity(spec, args.dtype), batch_size=args.batch_size,
