@@ -30,6 +30,7 @@ from ImageReward.scoring.embedded import comfyui_positive_prompt, embedded_promp
 from ImageReward.scoring.writers import encode_row, read_journal, read_output
 from webui_shim import Brightness, save_tiny_image_reward
 
+from test_robustness import _cli  # imagereward ARGV in-process: (exit status, stdout, stderr)
 from test_comfyui import comfy, make_images, tiny_dir  # noqa: F401 - fixtures of the ComfyUI package tests
 from test_sdwebui import make_p, run_script, webui  # noqa: F401 - fixtures of the WebUI script tests
 
@@ -42,17 +43,6 @@ CAT = "猫"
 
 def _noise(seed: int, height: int = 40, width: int = 48) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def _cli(argv, capsys) -> tuple[int, str, str]:
-    from ImageReward.cli import main
-
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
