@@ -179,8 +179,8 @@ def score_dataset(
     A rerun resumes only with the same scorer and the settings that change scores (``OUT.run.json`` records
     them: ``scorer_id``, the EXIF orientation choice, ``prompt`` and ``prompt_column``); otherwise it raises
     :class:`InvalidInputError` naming what changed. ``scorer_id``: the scorer's weights identity
-    (:func:`ImageReward.identity.scorer_identity` of the name it was loaded from; default ``model_name`` or the
-    scorer's name). A prompt-free scorer (``uses_prompt = False``) needs no prompt. Rows that failed are
+    (:func:`ImageReward.identity.scorer_identity` of the name it was loaded from; default: that of ``model_name``
+    when the resolver reads it, else ``model_name`` or the scorer's name). A prompt-free scorer (``uses_prompt = False``) needs no prompt. Rows that failed are
     summarised in a warning (``summary["error_examples"]``).
     Bad arguments, a folder or a file in the way of ``output``, and mistakes in the whole input (see
     :func:`~ImageReward.scoring.datasets.read_records`) raise :class:`InvalidInputError` before any row.
@@ -206,7 +206,7 @@ def score_dataset(
     if limit is not None:
         records = records[:limit]
     output.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"scorer": scorer_id or model, "exif_transpose": bool(getattr(scorer, "exif_transpose", True)),
+    settings = {"scorer": scorer_id or _identity(model_name, scorer) or model, "exif_transpose": bool(getattr(scorer, "exif_transpose", True)),
                 "prompt": prompt, "prompt_column": prompt_column}
     known = check_run_settings(output, settings)  # before any row: refuse to mix two scorers' scores
     if context.is_main:
@@ -271,6 +271,19 @@ def score_dataset(
             summary["html"] = str(write_gallery(final, html, records=records, per_prompt=html_per_prompt,
                                                 timeout=timeout, title=f"{model} on {os.fspath(source)}"))
     return summary
+
+
+def _identity(model_name: str | None, scorer: Any) -> str | None:
+    """:func:`~ImageReward.identity.scorer_identity` of ``model_name`` when the resolver can read it (a registered
+    name, a local checkpoint, a mix) at the scorer's image precision; None otherwise."""
+    from ..identity import scorer_identity
+
+    if not model_name:
+        return None
+    try:
+        return scorer_identity(model_name, str(getattr(scorer, "input_dtype", "float32")).removeprefix("torch."))
+    except (ImageRewardError, OSError, ValueError):
+        return None
 
 
 def _check_arguments(output: str | os.PathLike, *, batch_size: Any, num_workers: Any, timeout: Any, limit: Any,
