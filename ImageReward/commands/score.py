@@ -47,23 +47,26 @@ def check_prompt_given(spec: str, prompt: str | None, option: str = "--prompt") 
     """Before loading weights: refuse a missing or empty ``prompt`` when ``spec`` names an ImageReward
     checkpoint (registered, a local file or folder, a Hub id), which always scores against a prompt. Registered
     scorers and mixes are checked once loaded (:func:`check_prompt_needed`)."""
-    from ..errors import InvalidInputError
     from ..resolve import resolve
 
-    if (prompt is None or not prompt.strip()) and resolve(spec).kind in ("checkpoint", "path", "hub"):
-        raise InvalidInputError(f"{option} is {'empty' if prompt is not None else 'required'}: {spec} scores "
-                                "images against a prompt (only prompt-free scorers such as Aesthetic need none)")
+    if resolve(spec).kind in ("checkpoint", "path", "hub"):
+        _require_prompt(spec, prompt, option)
 
 
 def check_prompt_needed(model, prompt: str | None, option: str = "--prompt") -> None:
     """Refuse a missing or empty ``prompt`` when the loaded ``model`` uses prompts (``uses_prompt``; a mix
     uses them when any member does)."""
+    if getattr(model, "uses_prompt", True):
+        _require_prompt(getattr(model, "name", "this scorer"), prompt, option)
+
+
+def _require_prompt(name: str, prompt: str | None, option: str) -> None:
     from ..errors import InvalidInputError
 
-    if (prompt is None or not prompt.strip()) and getattr(model, "uses_prompt", True):
-        raise InvalidInputError(f"{option} is {'empty' if prompt is not None else 'required'}: "
-                                f"{getattr(model, 'name', 'this scorer')} scores images against a prompt (only "
-                                "prompt-free scorers such as Aesthetic need none)")
+    if prompt is None or not prompt.strip():
+        raise InvalidInputError(f"{option} is {'empty' if prompt is not None else 'required'}: {name} scores images "
+                                "against a prompt (only prompt-free scorers such as Aesthetic need none; for images "
+                                "that carry their own prompts, use score-dataset)")
 
 
 def load_scorer(args: argparse.Namespace):
