@@ -116,6 +116,10 @@ def test_eval_benchmark_model_all_ignores_hidden_folders_and_files(tmp_path, tin
     assert sorted(scores) == ["genA", "genB"]
     items = json.loads((root / "res" / "tiny" / "tiny-benchmark-genA-result.json").read_text())
     assert [len(item["rewards"]) for item in items] == [2, 2]  # ._p1_0.png was not taken for a generation
+    (root / "gens" / "sd1-4" / ".ipynb_checkpoints").mkdir(parents=True)  # holds no generations: not "present"
+    code, _, err = _cli(["eval-benchmark", "--img_dir", root / "gens", "--model", "sd1-4", "--benchmark", tiny,
+                         "--prompts_path", root / "prompts.json", "--no-download"], capsys)
+    assert code == 1 and "generations of 'sd1-4' not found" in err, err
 
 
 def test_comfyui_checkpoint_list_skips_hidden_entries(comfy, tmp_path):
