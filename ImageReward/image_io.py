@@ -7,7 +7,7 @@ error that names the offending item, so a bad input can never silently score ano
 
 A 3-D array or tensor whose first *and* last dimensions could both be channels (1, 3 or 4), e.g. ``[3, 64, 3]``,
 has no single reading (``CxHxW`` and ``HxWxC`` are different pictures): it raises :class:`UnsupportedInputError`
-naming the shape, rather than guessing. Pass a ``PIL.Image``, or permute it so that the layout is unambiguous.
+naming the shape, rather than guessing: pass a ``PIL.Image`` then. A 4-D batch is refused too (pass a list).
 
 Folders are listed by :func:`list_images` / :func:`list_subfolders` (every entry point that reads a folder uses
 them): hidden entries (names starting with ``.``, such as ``.ipynb_checkpoints/`` or macOS ``._photo.png``) and
@@ -228,8 +228,8 @@ def list_images(folder: str | os.PathLike, *, recursive: bool = True,
                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
     """Image files in ``folder`` (and its sub-folders when ``recursive``), sorted by their path relative to
     ``folder`` (``/``-separated). Entries for which :func:`is_hidden` is true are skipped, with the folders
-    below them; how many is logged (INFO). As ``Path.rglob``: links to files are listed, linked folders are not
-entered.
+    below them; how many is logged (INFO). As ``Path.rglob``: links to files are listed, linked folders are
+    not entered.
 
     >>> list_images("generations/")   # doctest: +SKIP
     [PosixPath('generations/0001.png'), PosixPath('generations/0002.png')]

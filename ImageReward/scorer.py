@@ -178,6 +178,7 @@ class Scorer(nn.Module):
         check_pixels(pixels, value_range=value_range)
         if value_range[0] == -1.0:
             pixels = (pixels + 1) / 2
+        prompts = self._no_prompt_allowed(prompts)
         prompt_list = check_prompts(prompts)
         if isinstance(prompts, str):
             prompt_list = prompt_list * pixels.shape[0]

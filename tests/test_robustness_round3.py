@@ -140,6 +140,10 @@ def test_library_takes_no_prompt_only_for_prompt_free_scorers(tiny_model):
     ranks, rewards = bright.inference_rank(None, [image, _noise(2)])
     assert sorted(ranks) == [1, 2] and len(rewards) == 2
     assert bright.score_batch(None, [image]).shape == (1,)
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(bright.score_grad(pixels, None), bright.score_grad(pixels, ["a", "b"]))
+    with pytest.raises(InvalidInputError, match="against a prompt"):
+        tiny_model.score_grad(pixels, None)
     for call in (lambda: tiny_model.score(None, image), lambda: tiny_model.score_batch(None, [image]),
                  lambda: tiny_model.inference_rank(None, [image])):
         with pytest.raises(InvalidInputError, match="scores images against a prompt"):

@@ -180,8 +180,9 @@ def score_dataset(
     them: ``scorer_id``, the EXIF orientation choice, ``prompt`` and ``prompt_column``); otherwise it raises
     :class:`InvalidInputError` naming what changed. ``scorer_id``: the scorer's weights identity
     (:func:`ImageReward.identity.scorer_identity` of the name it was loaded from; default: that of ``model_name``
-    when the resolver reads it, else ``model_name`` or the scorer's name). A prompt-free scorer (``uses_prompt = False``) needs no prompt. Rows that failed are
-    summarised in a warning (``summary["error_examples"]``).
+    when the resolver reads it, else ``model_name`` or the scorer's name). A prompt-free scorer
+    (``uses_prompt = False``) needs no prompt. Rows that failed are summarised in a warning (and in
+    ``summary["error_examples"]``).
     Bad arguments, a folder or a file in the way of ``output``, and mistakes in the whole input (see
     :func:`~ImageReward.scoring.datasets.read_records`) raise :class:`InvalidInputError` before any row.
     """
@@ -206,7 +207,8 @@ def score_dataset(
     if limit is not None:
         records = records[:limit]
     output.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"scorer": scorer_id or _identity(model_name, scorer) or model, "exif_transpose": bool(getattr(scorer, "exif_transpose", True)),
+    settings = {"scorer": scorer_id or _identity(model_name, scorer) or model,
+                "exif_transpose": bool(getattr(scorer, "exif_transpose", True)),
                 "prompt": prompt, "prompt_column": prompt_column}
     known = check_run_settings(output, settings)  # before any row: refuse to mix two scorers' scores
     if context.is_main:
