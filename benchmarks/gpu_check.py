@@ -286,13 +286,16 @@ def run_case(case: Case, smoke: bool, budget: float, work: Path, env: dict[str, 
             stop(process)
             returncode = None
     record["seconds"] = round(time.monotonic() - start, 1)
-    result = json.loads(result_path.read_text()) if result_path.is_file() else None
+    try:
+        result = json.loads(result_path.read_text()) if result_path.is_file() else None
+    except json.JSONDecodeError:  # stopped while writing it
+        result = None
     record["result"] = result
     problems = check_result(case, smoke, result)
     if returncode is None:
         record["status"], record["why"] = "over-budget", f"stopped after its {budget:.0f} s budget"
     elif returncode != 0:
-        record["status"], record["why"] = "failed", f"exit {returncode}"
+        record["status"], record["why"] = "failed", "; ".join([f"exit {returncode}", *problems])
     elif result is None or problems:
         record["status"], record["why"] = "failed", "; ".join(problems) or "no result file"
     else:
