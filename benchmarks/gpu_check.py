@@ -146,7 +146,7 @@ CASES: list[Case] = [
           "sd3:lora16:bf16:ckpt", "sd3:lora4:bf16:ckpt", 90, extra=("--algorithm", "grpo", "--group-size", "8"),
           pending="issue 24, online RL", cleanup=("refl/sd3-real",)),
     _dataset("ray-ImageReward-bf16", "score-dataset --engine ray on one GPU, ImageReward bf16 (issue 25)",
-             ("--engine", "ray"), 60, pending="issue 25, Ray score-dataset"),
+             ("--ray",), 60, pending="issue 25, Ray score-dataset"),  # the flag its benchmark was seen to take
     Case("score/HPSv3", "HPSv3 (Qwen2-VL-7B) real size, bf16, batch 8 and 32 (issue 26)", "score",
          ("benchmarks/bench_score.py", "--device", "cuda", "--configs", "HPSv3-bf16:1x8", "HPSv3-bf16:1x32",
           "--repeats", "2", "--json", "{json}"),
