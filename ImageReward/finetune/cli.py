@@ -17,7 +17,7 @@ __all__ = ["main", "register", "run"]
 
 def add_dry_run(parser: argparse.ArgumentParser) -> None:
     """``--dry_run``: a command-line switch only (not a :class:`ReFLConfig` setting)."""
-    parser.add_argument("--dry_run", action="store_true",
+    parser.add_argument("--dry_run", "--dry-run", dest="dry_run", action="store_true",
                         help="check the options, the prompts, the model files (no download) and, when resuming, the "
                              "checkpoint's settings; print what the run would do, then exit without training")
 

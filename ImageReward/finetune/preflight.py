@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..pretrained import default_cache_dir, hub_unreachable, offline
+from ..pretrained import default_cache_dir, hub_unreachable, offline, url_unreachable
 from ..resolve import _is_hub_id, missing_files, resolve
 from ..errors import ImageRewardError
 from .config import ReFLConfig, ReFLConfigError, parse_reward_spec
@@ -92,6 +92,16 @@ def _no_hub() -> str | None:
     return "HF_HUB_OFFLINE is set" if offline() else hub_unreachable()
 
 
+def _cannot_fetch(cfg: Any) -> str | None:
+    """Why the registered file ``cfg`` (a :class:`~ImageReward.pretrained.PretrainedCfg`) cannot be downloaded
+    now (from the Hub or from its URL), or None."""
+    if offline():
+        return "HF_HUB_OFFLINE is set"
+    if cfg.hf_repo:
+        return hub_unreachable()
+    return url_unreachable(cfg.url) if cfg.url else "no remote source is known"
+
+
 def _check_model(option: str, name: str, needed: list[tuple[str, tuple[str, ...]]], *, revision: str | None,
                  cache_dir: str | None, what: str) -> str:
     """Raise :class:`ReFLConfigError` (one line) when ``name`` (the value of ``--option``) cannot provide the
@@ -134,7 +144,7 @@ def _check_reward(option: str, spec: str, download_root: str | None) -> str:
             raise ReFLConfigError(f"--{option} {spec!r}: {err}") from None
     if not missing:
         return f"{spec} (weights present)" if parts else spec
-    reason = _no_hub()
+    reason = next(filter(None, map(_cannot_fetch, missing)), None)
     root = download_root or default_cache_dir()
     listing = "; ".join(cfg.describe() for cfg in missing)
     if reason:
@@ -144,26 +154,34 @@ def _check_reward(option: str, spec: str, download_root: str | None) -> str:
 
 
 def check_models(config: ReFLConfig, family: Any, *, reward: bool = True, monitor: bool = True) -> list[str]:
-    """Check the base model, the VAE and the reward models of ``config`` without loading them (raises
-    :class:`ReFLConfigError`, one line, naming the option); returns one description line per model."""
+    """Check the base model, the VAE and the reward models of ``config`` without loading them; returns one
+    description line per model. Raises :class:`ReFLConfigError`, one line naming every option whose files are
+    missing (all of them at once, so one fix covers the run)."""
     cfg = config
     own_vae = bool(cfg.pretrained_vae_model_name_or_path)
-    lines = ["base model: " + _check_model(
+    checks = [("base model", lambda: _check_model(
         "pretrained_model_name_or_path", cfg.pretrained_model_name_or_path,
         required_files(family, lora=bool(cfg.lora_rank), own_vae=own_vae, variant=cfg.variant),
-        revision=cfg.revision, cache_dir=cfg.cache_dir, what=f"diffusers {family.pipeline_class_name}")]
+        revision=cfg.revision, cache_dir=cfg.cache_dir, what=f"diffusers {family.pipeline_class_name}"))]
     if own_vae:
         vae_files = [("config.json", ("config.json",)), ("diffusion_pytorch_model.safetensors", ("./*weights*",))]
-        lines.append("VAE: " + _check_model("pretrained_vae_model_name_or_path", cfg.pretrained_vae_model_name_or_path,
-                                            vae_files, revision=None, cache_dir=cfg.cache_dir,
-                                            what="diffusers AutoencoderKL"))
+        checks.append(("VAE", lambda: _check_model(
+            "pretrained_vae_model_name_or_path", cfg.pretrained_vae_model_name_or_path, vae_files, revision=None,
+            cache_dir=cfg.cache_dir, what="diffusers AutoencoderKL")))
     if reward:
-        lines.append("reward: " + _check_reward("reward", cfg.reward, cfg.reward_download_root))
+        checks.append(("reward", lambda: _check_reward("reward", cfg.reward, cfg.reward_download_root)))
     if monitor and cfg.monitor_reward:
-        lines.append("monitor reward: " + _check_reward("monitor_reward", cfg.monitor_reward,
-                                                        cfg.reward_download_root))
+        checks.append(("monitor reward", lambda: _check_reward("monitor_reward", cfg.monitor_reward,
+                                                               cfg.reward_download_root)))
+    lines, errors = [], []
+    for what, check in checks:
+        try:
+            lines.append(f"{what}: {check()}")
+        except ReFLConfigError as err:
+            errors.append(str(err))
+    if errors:
+        raise ReFLConfigError(" | ".join(errors))
     return lines
-
 
 
 def dry_run_report(trainer: Any) -> list[str]:
@@ -184,7 +202,8 @@ def dry_run_report(trainer: Any) -> list[str]:
              f"prompts: {len(trainer.prompts)} from {cfg.train_data or cfg.dataset_name}",
              f"training: {'LoRA rank %d' % cfg.lora_rank if cfg.lora_rank else 'full ' + trainer.family.denoiser_name}"
              f"{' + EMA' if cfg.use_ema else ''}, {updates} updates of {per_update} prompts "
-             f"({cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x {processes} processes), "
+             f"({cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x {processes} process"
+             f"{'es' if processes > 1 else ''}), "
              f"lr {cfg.learning_rate:g}, seed {cfg.seed if cfg.seed is not None else 'random'}",
              f"output: {cfg.output_dir} ({format_bytes(free_bytes(cfg.output_dir))} free), checkpoint every "
              f"{cfg.checkpointing_steps} updates"]

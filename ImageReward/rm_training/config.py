@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -141,6 +142,9 @@ _CHOICES = {
 }
 
 
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _coerce(where: str, value: Any, default: Any) -> Any:
     """Check ``value`` against the type of the field's default (ints accepted for floats)."""
     expected = type(default)
@@ -149,6 +153,8 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
             raise InvalidInputError(f"config key {where!r}: expected true/false, got {value!r}")
         return value
     if expected is float:
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string; --lr 1e-05 arrives so too
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidInputError(f"config key {where!r}: expected a number, got {value!r}")
         if not math.isfinite(float(value)):

@@ -42,6 +42,7 @@ from .config import RMTrainConfig, TrainOptions
 from .data import PairDataset, ShardedEpochSampler, collate_pairs, drop_missing_images, expand_pairs, read_groups
 from .export import export_model, reference_stats, test_accuracy
 from .model import PairRewardModel, blip_config_for, build_model
+from .preflight import check_model_files
 from .states import (PROGRESS_NAME, TRAINABLE_NAME, ensure_free_space, find_latest_state, format_bytes,
                      free_bytes, frozen_fingerprint, load_trainable, replace_dir, save_trainable, trainable_bytes)
 
@@ -594,6 +595,7 @@ def train_reward_model(cfg: RMTrainConfig, *, blip_config: BLIPConfig | None = N
                        accelerator: Any | None = None) -> TrainResult:
     """Train (or resume) a reward model as configured; returns a :class:`TrainResult`. Paths in ``cfg`` are
     relative to the working directory. ``blip_config`` overrides the model size from ``cfg.BLIP``."""
+    check_model_files(cfg)  # a missing checkpoint fails here, in one line, before anything loads
     run = _Run(cfg, blip_config, accelerator)
     try:
         return run.finish(run.fit())
@@ -616,6 +618,7 @@ def export_from_state(cfg: RMTrainConfig, source: str | os.PathLike, *, out_dir:
     if not source.is_dir() or not (source / TRAINABLE_NAME).is_file():
         raise CheckpointError(f"--export-from {str(source)!r}: expected a state folder (states/checkpoint-<step>) "
                               f"or best/ holding {TRAINABLE_NAME}")
+    check_model_files(cfg)
     is_state = (source / PROGRESS_NAME).is_file()
     info = json.loads((source / (PROGRESS_NAME if is_state else BEST_INFO)).read_text()) \
         if (source / (PROGRESS_NAME if is_state else BEST_INFO)).is_file() else {}
