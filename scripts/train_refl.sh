@@ -7,15 +7,10 @@
 # --help prints this and refl.py's options; --dry_run checks the prompts, the model files and the settings in one
 # process (nothing is downloaded or trained) and prints what the run would do.
 set -euo pipefail
+source "$(dirname "$0")/help_or_dry_run.sh"
+help_or_dry_run "$(dirname "$0")/../refl.py" "$@"
 cd "$(dirname "$0")/.."
 NUM_PROCESSES="${NUM_PROCESSES:-8}"
-DRY_RUN=0
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; echo; exec python refl.py --help ;;
-    --dry_run|--dry-run) DRY_RUN=1 ;;
-  esac
-done
 if (( DRY_RUN )); then
   LAUNCH=(env WORLD_SIZE="$NUM_PROCESSES" python)  # one process; WORLD_SIZE only sizes the plan it prints
 else

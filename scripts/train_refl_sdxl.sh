@@ -8,14 +8,9 @@
 # --help prints this and refl.py's options; --dry_run checks the prompts, the model files and the settings in one
 # process (nothing is downloaded or trained) and prints what the run would do.
 set -euo pipefail
+source "$(dirname "$0")/help_or_dry_run.sh"
+help_or_dry_run "$(dirname "$0")/../refl.py" "$@"
 cd "$(dirname "$0")/.."
-DRY_RUN=0
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; echo; exec python refl.py --help ;;
-    --dry_run|--dry-run) DRY_RUN=1 ;;
-  esac
-done
 (( DRY_RUN )) || [ -f data/refl_data.json ] || python data/download_refl_data.py
 NUM_GPUS="${NUM_GPUS:-2}"
 LORA_RANK="${LORA_RANK:-0}"

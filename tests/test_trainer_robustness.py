@@ -494,13 +494,17 @@ def test_refl_mistyped_or_incomplete_local_models_are_named_before_loading(tiny_
     monkeypatch.setattr(families.ModelFamily, "load_components", no_loading)
     broken = shutil.copytree(tiny_dirs["sd1"], tmp_path / "broken")
     (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    bare = shutil.copytree(tiny_dirs["sd1"], tmp_path / "bare")  # no model_index.json: the files are the check
+    (bare / "model_index.json").unlink()
     cases = [
         (dict(pretrained_model_name_or_path="./sd-tiny-typo"), r"--pretrained_model_name_or_path './sd-tiny-typo': "
                                                                 r"no such folder"),
         (dict(pretrained_model_name_or_path=str(broken)), r"the folder lacks unet/diffusion_pytorch_model.safetensors"
                                                           r" \("),
-        (dict(model_family="sdxl"), r"lacks tokenizer_2/tokenizer_config.json, text_encoder_2/config.json, "
-                                    r"text_encoder_2/model.safetensors"),
+        (dict(model_family="sdxl"), r"--model_family sdxl expects a StableDiffusionXLPipeline, .* is a "
+                                    r"StableDiffusionPipeline \(pass --model_family sd1\)"),
+        (dict(model_family="sdxl", pretrained_model_name_or_path=str(bare), lora_rank=4),
+         r"lacks tokenizer_2/tokenizer_config.json, text_encoder_2/config.json, text_encoder_2/model.safetensors"),
         (dict(pretrained_vae_model_name_or_path=str(tmp_path / "novae")), r"--pretrained_vae_model_name_or_path "
                                                                            r".*novae': no such folder"),
         (dict(reward="ImageReward-v1.0", reward_download_root=str(tmp_path / "empty")),

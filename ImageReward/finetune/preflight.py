@@ -14,6 +14,7 @@ folder here nor a Hub id ``OWNER/NAME`` (a mistyped folder) is reported as a mis
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ..resolve import _is_hub_id, missing_files, resolve
 from ..errors import ImageRewardError
 from .config import ReFLConfig, ReFLConfigError, parse_reward_spec
 
-__all__ = ["check_models", "dry_run_report", "required_files", "missing_in_folder"]
+__all__ = ["check_models", "check_family", "dry_run_report", "required_files", "missing_in_folder"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model")
@@ -102,14 +103,32 @@ def _cannot_fetch(cfg: Any) -> str | None:
     return url_unreachable(cfg.url) if cfg.url else "no remote source is known"
 
 
+def check_family(folder: Path, name: str, family: Any) -> None:
+    """A base folder whose ``model_index.json`` names another family's pipeline raises :class:`ReFLConfigError`
+    with the right ``--model_family`` (a FLUX folder run as sd3), before its files are listed as missing."""
+    from .families import FAMILIES
+
+    index = folder / "model_index.json"
+    try:
+        found = json.loads(index.read_text(encoding="utf-8")).get("_class_name") if index.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: the loader reports it
+    other = next((n for n, f in FAMILIES.items() if f.pipeline_class_name == found), None)
+    if found and found != family.pipeline_class_name and other is not None:
+        raise ReFLConfigError(f"--model_family {family.name} expects a {family.pipeline_class_name}, {name!r} is a "
+                              f"{found} (pass --model_family {other})")
+
+
 def _check_model(option: str, name: str, needed: list[tuple[str, tuple[str, ...]]], *, revision: str | None,
-                 cache_dir: str | None, what: str) -> str:
+                 cache_dir: str | None, what: str, family: Any | None = None) -> str:
     """Raise :class:`ReFLConfigError` (one line) when ``name`` (the value of ``--option``) cannot provide the
     ``needed`` files now; else return how it will be loaded."""
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ReFLConfigError(f"--{option} {name!r}: is a file; expected a {what} folder or a Hub id OWNER/NAME")
+        if family is not None:
+            check_family(path, name, family)
         missing = missing_in_folder(path, needed)
         if missing:
             raise ReFLConfigError(f"--{option} {name!r}: the folder lacks {', '.join(missing)} (expected a {what} "
@@ -119,6 +138,8 @@ def _check_model(option: str, name: str, needed: list[tuple[str, tuple[str, ...]
         raise ReFLConfigError(f"--{option} {name!r}: no such folder (expected a local {what} folder, or a Hub id "
                               "OWNER/NAME)")
     snapshot = _hub_snapshot(name, revision, cache_dir)
+    if snapshot is not None and family is not None:
+        check_family(snapshot, name, family)
     missing = [shown for shown, _ in needed] if snapshot is None else missing_in_folder(snapshot, needed)
     if not missing:
         return f"{name} (Hub id, all {len(needed)} files cached in {snapshot})"
@@ -162,7 +183,8 @@ def check_models(config: ReFLConfig, family: Any, *, reward: bool = True, monito
     checks = [("base model", lambda: _check_model(
         "pretrained_model_name_or_path", cfg.pretrained_model_name_or_path,
         required_files(family, lora=bool(cfg.lora_rank), own_vae=own_vae, variant=cfg.variant),
-        revision=cfg.revision, cache_dir=cfg.cache_dir, what=f"diffusers {family.pipeline_class_name}"))]
+        revision=cfg.revision, cache_dir=cfg.cache_dir, what=f"diffusers {family.pipeline_class_name}",
+        family=family))]
     if own_vae:
         vae_files = [("config.json", ("config.json",)), ("diffusion_pytorch_model.safetensors", ("./*weights*",))]
         checks.append(("VAE", lambda: _check_model(

@@ -46,7 +46,8 @@ def _check_blip(cfg: RMTrainConfig) -> str:
         return f"blip_path: {name} (to download into {root})"
     if not Path(source).expanduser().is_file():
         raise InvalidInputError(f"config key 'blip_path' {source!r}: no such file (expected a BLIP checkpoint file, "
-                                "a URL, or \"\" for random initialisation; paths are relative to the working directory)")
+                                "a URL, or \"\" for random initialisation; paths are relative to the working "
+                                "directory)")
     return f"blip_path: {source} (local file)"
 
 
@@ -119,7 +120,8 @@ def dry_run_report(cfg: RMTrainConfig) -> list[str]:
     batches = math.ceil(pairs["train"] / (t.batch_size * processes))
     steps = t.epochs * math.ceil(batches / t.accumulation_steps)
     run_dir = Path(cfg.checkpoint_base) / cfg.run_name(processes)
-    lines.append(f"training: {steps} optimizer steps ({t.epochs} epochs) of {t.batch_size * t.accumulation_steps * processes} "
+    per_step = t.batch_size * t.accumulation_steps * processes
+    lines.append(f"training: {steps} optimizer steps ({t.epochs} epochs) of {per_step} "
                  f"pairs ({t.batch_size} x {t.accumulation_steps} accumulation x {processes} processes), lr {t.lr:g} "
                  f"{t.lr_decay_style}, fix_rate {t.fix_rate}, seed {t.seed}"
                  + (f", stopping at max_steps {t.max_steps}" if t.max_steps else ""))

@@ -37,7 +37,7 @@ from ..disk import atomic_write_text, disk_errors
 from ..errors import CheckpointError, DiskSpaceError, InvalidInputError, ResumeSettingsError
 from ..models.blip import BLIPConfig
 from ..preprocess import PreprocessConfig
-from ..run_settings import append_history, check_resume, resume_policies
+from ..run_settings import append_history, check_resume, flatten, resume_policies
 from .config import RMTrainConfig, TrainOptions
 from .data import PairDataset, ShardedEpochSampler, collate_pairs, drop_missing_images, expand_pairs, read_groups
 from .export import export_model, reference_stats, test_accuracy
@@ -240,7 +240,7 @@ class _Run:
             shutil.rmtree(visual_dir)
         self.acc.wait_for_everyone()
         if use_tb:
-            self.acc.init_trackers(self.run_name, config={k: v for k, v in _flat(cfg.to_dict()).items()})
+            self.acc.init_trackers(self.run_name, config=flatten(cfg.to_dict()))
         self.resume_from = resume
         self.resume_changes = check_resume_settings(cfg, resume) if resume is not None else []
 
@@ -579,16 +579,6 @@ def check_resume_settings(cfg: RMTrainConfig, state: Path) -> list:
     return check_resume(json.loads(saved_file.read_text(encoding="utf-8")), cfg.to_dict(),
                         resume_policies(RMTrainConfig), source=state, option=lambda name: f"config key {name!r}",
                         defaults=RMTrainConfig().to_dict())
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def train_reward_model(cfg: RMTrainConfig, *, blip_config: BLIPConfig | None = None,

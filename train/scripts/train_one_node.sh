@@ -6,17 +6,13 @@
 # --help prints this and train.py's options; --dry_run checks the config, the model files and the data in one
 # process (nothing is downloaded or trained) and prints what the run would do.
 set -euo pipefail
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; echo; exec python src/train.py --help ;;
-    --dry_run|--dry-run) DRY_RUN=1 ;;
-  esac
-done
+source "$(dirname "$0")/../../scripts/help_or_dry_run.sh"
+help_or_dry_run "$(dirname "$0")/../src/train.py" "$@"
 NUM_GPUS="${NUM_GPUS:-4}"
 BATCH_SIZE="${BATCH_SIZE:-4}"
 ACCUM=$(( 64 / (BATCH_SIZE * NUM_GPUS) ))
 if (( ACCUM < 1 )); then ACCUM=1; fi
-if [ -n "${DRY_RUN:-}" ]; then LAUNCH=(env WORLD_SIZE="$NUM_GPUS" python)  # one process; sizes the printed plan
+if (( DRY_RUN )); then LAUNCH=(env WORLD_SIZE="$NUM_GPUS" python)  # one process; sizes the printed plan
 elif (( NUM_GPUS > 1 )); then LAUNCH=(accelerate launch --multi_gpu --num_processes "$NUM_GPUS" --main_process_port 29500);
 else LAUNCH=(accelerate launch --num_processes 1); fi
 "${LAUNCH[@]}" src/train.py --config src/config/config.yaml \
