@@ -381,5 +381,6 @@ def test_bad_flow_arguments_are_typed_errors(tmp_path, prompt_file, argv, match)
 
 
 def test_wrong_family_is_named_before_weights_load(bases, prompt_file, tmp_path):
+    trainer = ReFLTrainer(flow_config(bases["flux"], "sd3", prompt_file, tmp_path), reward=tiny_reward())
     with pytest.raises(ReFLConfigError, match="is a FluxPipeline \\(pass --model_family flux\\)"):
-        ReFLTrainer(flow_config(bases["flux"], "sd3", prompt_file, tmp_path), reward=tiny_reward())  # no setup
+        trainer.setup()

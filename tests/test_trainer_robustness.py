@@ -515,7 +515,7 @@ def test_refl_mistyped_or_incomplete_local_models_are_named_before_loading(tiny_
     ]
     for options, message in cases:
         with pytest.raises(ReFLConfigError, match=message):
-            ReFLTrainer(refl_config(tiny_dirs, tmp_path / "out", **options))
+            ReFLTrainer(refl_config(tiny_dirs, tmp_path / "out", **options)).setup()  # checked first
 
 
 def test_rm_trainer_missing_checkpoints_fail_in_one_line_before_loading(rm_task, tmp_path, capsys, monkeypatch):
@@ -540,6 +540,17 @@ def test_rm_trainer_missing_checkpoints_fail_in_one_line_before_loading(rm_task,
         assert imagereward_main(["train-rm", "--config", str(config)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and re.search(message, err[0]), err
+    # no HF_HUB_OFFLINE, but the Hub does not answer (a closed port on this machine)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    port = _closed_port()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert imagereward_main(["train-rm", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"'train.preload_path' './runs/ImageRewrd'" in err  # the last config: a mistyped folder
+    data["train"]["preload_path"] = "ImageReward-v1.0"
+    config.write_text(json.dumps(data))
+    assert imagereward_main(["train-rm", "--config", str(config)]) == 2
+    assert re.search(rf"cannot download \(cannot reach 127.0.0.1:{port} .*ImageReward.pt", capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------------------------------------- 15. help, dry run

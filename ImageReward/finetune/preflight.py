@@ -208,7 +208,8 @@ def check_models(config: ReFLConfig, family: Any, *, reward: bool = True, monito
 
 def dry_run_report(trainer: Any) -> list[str]:
     """What ``refl.py --dry_run`` prints: what a :class:`~ImageReward.finetune.ReFLTrainer` (constructed, so its
-    options, prompts, model files and resume settings are checked) would do, without loading a model."""
+    options, prompts and resume settings are checked) would do after its model files are checked, without
+    loading a model."""
     import math
 
     from ..disk import format_bytes, free_bytes
@@ -220,7 +221,7 @@ def dry_run_report(trainer: Any) -> list[str]:
     batches = math.ceil(len(trainer.prompts) / (cfg.train_batch_size * processes))
     updates = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(batches / cfg.gradient_accumulation_steps)
     lines = ["dry run: options, prompts and model files checked; nothing was loaded or trained",
-             f"family: {cfg.model_family}", *trainer.model_files,
+             f"family: {cfg.model_family}", *trainer.check_model_files(),
              f"prompts: {len(trainer.prompts)} from {cfg.train_data or cfg.dataset_name}",
              f"training: {'LoRA rank %d' % cfg.lora_rank if cfg.lora_rank else 'full ' + trainer.family.denoiser_name}"
              f"{' + EMA' if cfg.use_ema else ''}, {updates} updates of {per_update} prompts "

@@ -104,9 +104,7 @@ class ReFLTrainer:
                                                      image_base_dir=config.image_base_dir, encoding=config.encoding)
         self._reward_arg = reward if reward is not None else config.reward
         self._monitor_arg = monitor if monitor is not None else config.monitor_reward
-        # every model file there or downloadable, before anything heavy loads (one line naming the option)
-        self.model_files = check_models(config, self.family, reward=isinstance(self._reward_arg, str),
-                                        monitor=isinstance(self._monitor_arg, str))
+        self.model_files: list[str] = []
         self.prompts_sha256 = hashlib.sha256(json.dumps(self.prompts).encode()).hexdigest()
         self.resume_changes: list = []
         self._checked_resume: Path | None = None
@@ -124,6 +122,7 @@ class ReFLTrainer:
         """Build accelerator, models, optimizer, EMA and trackers; resume if asked. Called by :meth:`train`."""
         if self._set_up:
             return
+        self.check_model_files()
         quiet_torchvision_fallback()  # before diffusers imports its pipeline modules
         import diffusers
         from accelerate import Accelerator
@@ -515,6 +514,14 @@ class ReFLTrainer:
                 param.data.copy_(shadow[f"p{i}"].to(param.device))
             self.ema.optimization_step = int(state["ema_optimization_step"])
         logger.info("resumed from %s at step %d", path, self.global_step)
+
+    def check_model_files(self) -> list[str]:
+        """Every model file of the run (base model, VAE, reward models given by name) is there or can be
+        downloaded now, checked before anything loads (:func:`~ImageReward.finetune.preflight.check_models`:
+        one :class:`ReFLConfigError` naming each option and every missing file); returns one line per model."""
+        self.model_files = check_models(self.config, self.family, reward=isinstance(self._reward_arg, str),
+                                        monitor=isinstance(self._monitor_arg, str))
+        return self.model_files
 
     def check_resume_settings(self, path: Path) -> list:
         """Compare this run's settings and prompts with those checkpoint ``path`` was made with: a setting that
