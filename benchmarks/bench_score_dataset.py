@@ -3,6 +3,7 @@
 
     python benchmarks/bench_score_dataset.py --images 16 --size full      # ViT-L/16 ImageReward, random weights
     python benchmarks/bench_score_dataset.py --images 200 --size tiny     # the I/O path alone
+    python benchmarks/bench_score_dataset.py --images 1024 --batch-size 64 --workers 8 --device cuda --dtype bf16
 
 ``--ray`` instead compares, on the same WebDataset shards and in one run, rows/s of (1) ``score_dataset`` (one
 process, DataLoader workers), (2) ``score_dataset_ray`` on one node, and (3) on a local cluster of two raylets
@@ -39,6 +40,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the image side in bf16, as RM.load(dtype=torch.bfloat16)")
+    parser.add_argument("--json", help="also write the result to this JSON file")
     parser.add_argument("--ray", action="store_true", help="single process vs --engine ray (one node, two raylets)")
     parser.add_argument("--shards", type=int, default=8, help="--ray: tar shards the images are split into")
     args = parser.parse_args()
@@ -52,7 +57,9 @@ def main() -> None:
     from ImageReward.scoring.runner import DistributedContext, score_dataset
 
     torch.manual_seed(0)
-    model = RM.ImageReward(BLIPConfig.tiny() if args.size == "tiny" else BLIPConfig()).eval()
+    model = RM.ImageReward(BLIPConfig.tiny() if args.size == "tiny" else BLIPConfig()).eval().to(args.device)
+    if args.dtype == "bf16":
+        model.set_image_dtype(torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "imgs"
         folder.mkdir()
@@ -77,8 +84,11 @@ def main() -> None:
             start = time.perf_counter()
             score_dataset(model, folder, out, prompt=prompt, progress=False, context=DistributedContext())
             results[f"resume pass, nothing left (s) workers={workers}"] = time.perf_counter() - start
-    print(json.dumps({"size": args.size, "images": args.images, "batch_size": args.batch_size,
-                      "threads": torch.get_num_threads(), "images_per_s": results}, indent=2))
+    summary = {"size": args.size, "images": args.images, "batch_size": args.batch_size, "device": args.device,
+               "dtype": args.dtype, "threads": torch.get_num_threads(), "images_per_s": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=2))
 
 
 class PeakMemory:
@@ -144,6 +154,11 @@ def ray_comparison(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         model = RM.ImageReward(BLIPConfig.tiny() if args.size == "tiny" else BLIPConfig()).eval()
         model.save_pretrained(tmp / "model")
+        model = model.to(args.device)
+        dtype = "bfloat16" if args.dtype == "bf16" else "float32"
+        if args.dtype == "bf16":
+            model.set_image_dtype(torch.bfloat16)
+        gpu = args.device.startswith("cuda")
 
         def single_process(name: str, output: str) -> None:
             with PeakMemory() as memory:
@@ -158,8 +173,8 @@ def ray_comparison(args: argparse.Namespace) -> None:
 
         # the same machine's CPUs, split as the engine's defaults would: 1 decode CPU, the rest for actors
         ray_args = dict(batch_size=args.batch_size, actors=1, actor_cpus=max(1.0, cpus - 1.0), decode_cpus=1.0,
-                        progress=False)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+                        actor_gpus=1.0 if gpu else 0.0, device=args.device, dtype=dtype, progress=False)
+        ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False)
         try:
             with PeakMemory() as memory:
                 start = time.perf_counter()
@@ -171,6 +186,7 @@ def ray_comparison(args: argparse.Namespace) -> None:
             ray.shutdown()
 
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": max(1, cpus // 2),
+                                                                "num_gpus": 1 if gpu else 0,
                                                                 "include_dashboard": False})
         try:
             cluster.add_node(num_cpus=max(1, cpus // 2))
@@ -179,7 +195,8 @@ def ray_comparison(args: argparse.Namespace) -> None:
             with PeakMemory() as memory:
                 start = time.perf_counter()
                 score_dataset_ray(str(tmp / "model"), tmp / "shards", tmp / "ray-2", batch_size=args.batch_size,
-                                  actors=2, actor_cpus=0.5, decode_cpus=0.5, progress=False)
+                                  actors=1 if gpu else 2, actor_cpus=0.5, decode_cpus=0.5,
+                                  actor_gpus=1.0 if gpu else 0.0, device=args.device, dtype=dtype, progress=False)
                 seconds = time.perf_counter() - start
             results["ray, two raylets"] = {"rows_per_s": args.images / seconds, "seconds": seconds,
                                            "peak_rss_gib": memory.peak / 2**30}
@@ -194,8 +211,11 @@ def ray_comparison(args: argparse.Namespace) -> None:
     for name, row in results.items():
         print(f"{name:<22} {row['rows_per_s']:>8.2f} {row['rows_per_s'] / base:>10.2f} {row['seconds']:>8.1f} "
               f"{row['peak_rss_gib']:>13.2f}")
-    print(json.dumps({"size": args.size, "images": args.images, "shards": args.shards, "batch_size": args.batch_size,
-                      "cpus": cpus, "results": results}))
+    summary = {"size": args.size, "images": args.images, "shards": args.shards, "batch_size": args.batch_size,
+               "device": args.device, "dtype": args.dtype, "cpus": cpus, "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

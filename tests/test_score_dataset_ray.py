@@ -109,7 +109,7 @@ def test_two_raylets_score_every_row_once_equal_to_single_process(cluster, model
 
     again = score_dataset_ray(str(model_dir), shards, out, **RAY_ARGS)  # nothing left: no Ray work
     assert again["shards_resumed"] == 4 and again["rows"] == 0 and again["total_rows"] == 24
-    with pytest.raises(InvalidInputError, match="holds scores from model"):
+    with pytest.raises(InvalidInputError, match="other settings"):
         score_dataset_ray("ImageReward-v1.0", shards, out, model_name="another", **RAY_ARGS)
 
 

@@ -13,6 +13,7 @@ import json
 import sys
 
 from ..validation import arg_non_negative_int, arg_positive_float, arg_positive_int
+from .score import add_model_arguments, add_progress_arguments, load_scorer, show_progress
 
 
 def _arg_non_negative_float(text: str) -> float:
@@ -20,7 +21,6 @@ def _arg_non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
-from .score import add_model_arguments, load_scorer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--encoding", default=None,
                         help="text encoding of INPUT and its prompt sidecars, e.g. gbk (default: UTF-8, with or "
                              "without a byte-order mark; UTF-16 with a mark)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     ray = parser.add_argument_group("Ray engine (--engine ray; pip install 'image-reward[ray]')")
     ray.add_argument("--engine", choices=("default", "ray"), default="default",
                      help="default: this process (or each `accelerate launch` process); ray: a Ray Data pipeline "
@@ -66,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ray.add_argument("--ray-decode-cpus", type=_arg_non_negative_float, default=1.0,
                      help="CPUs each decode task (one shard) reserves")
     add_model_arguments(parser)
+    add_progress_arguments(parser)
     parser.set_defaults(func=_run)
 
 
@@ -85,17 +85,28 @@ def _run(args: argparse.Namespace) -> int:
     if context.device is not None and args.device is None:
         args.device = str(context.device)
     model = load_scorer(args)
+    from ..identity import scorer_identity
+
     html = None if args.html is None else (args.html or f"{args.output.rsplit('.', 1)[0]}.html")
     summary = score_dataset(
         model, args.input, args.output, prompt=args.prompt, prompt_column=args.prompt_column,
         image_column=args.image_column, id_column=args.id_column, split=args.split, revision=args.revision,
         batch_size=args.batch_size, num_workers=args.num_workers, timeout=args.timeout, overwrite=args.overwrite,
         limit=args.limit, html=html, html_per_prompt=args.html_per_prompt, model_name=args.model,
-        progress=not args.no_progress, context=context, encoding=args.encoding,
+        progress=show_progress(args), context=context, encoding=args.encoding,
+        scorer_id=scorer_identity(args.model, args.dtype),
     )
-    if context.is_main:
-        json.dump(summary, sys.stdout)
-        sys.stdout.write("\n")
+    if not context.is_main:
+        return 0
+    json.dump(summary, sys.stdout)
+    sys.stdout.write("\n")
+    total, failed = summary.get("total_rows", 0), summary.get("total_errors", 0)
+    # score_dataset has logged a warning with the count of failed rows (on stderr); a run that scored nothing fails
+    if total and failed == total:
+        example = (summary.get("error_examples") or ["?"])[0]
+        print(f"imagereward score-dataset: error: every row failed ({failed} of {total}; e.g. {example}); "
+              f"nothing was scored into {args.output}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -119,7 +130,7 @@ def _run_ray(args: argparse.Namespace) -> int:
         dtype=args.dtype, download_root=args.download_root, exif_transpose=args.exif_transpose,
         batch_size=args.batch_size, actors=args.ray_actors, actor_cpus=args.ray_actor_cpus,
         actor_gpus=args.ray_actor_gpus, decode_cpus=args.ray_decode_cpus, timeout=args.timeout,
-        overwrite=args.overwrite, progress=not args.no_progress)
+        overwrite=args.overwrite, progress=show_progress(args))
     json.dump(summary, sys.stdout)
     sys.stdout.write("\n")
     return 0

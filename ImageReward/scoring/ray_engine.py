@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 
 from ..engine import preprocess_configs
 from ..errors import ImageRewardError, InvalidInputError
-from .datasets import Record
+from .datasets import Record, with_prompt
 from .runner import _score_batch, decode_record
 from .shards import Shard, is_shard_input, list_shards, read_shard
-from .writers import ROW_FIELDS, _write_parquet, done_ids
+from .writers import ROW_FIELDS, _write_parquet, check_run_settings, done_ids, settings_path, write_run_settings
 
 __all__ = ["score_dataset_ray", "shard_output_path"]
 
@@ -65,7 +65,7 @@ def _write_shard(output: Path, shard_name: str, rows: list[dict[str, Any]]) -> P
 
 
 # ---------------------------------------------------------------------------------------------- decode
-def _decode_shard(batch: dict[str, Any], *, configs: tuple, prompt: str | None, timeout: float,
+def _decode_shard(batch: dict[str, Any], *, configs: tuple, prompt: str | None, prompt_free: bool, timeout: float,
                   exif_transpose: bool, rows_per_batch: int):
     """Ray Data UDF (a CPU task, one shard per call): yields Arrow tables of decoded rows, ``rows_per_batch`` at
     a time, so a large shard never sits in memory decoded."""
@@ -74,12 +74,10 @@ def _decode_shard(batch: dict[str, Any], *, configs: tuple, prompt: str | None, 
     for name, path, metadata, stats in zip(batch["name"], batch["path"], batch["metadata"], batch["stats"]):
         shard = Shard(str(name), str(path), metadata or None, stats or None)
         try:
-            records = read_shard(shard, need_prompt=prompt is None)
+            records = read_shard(shard, need_prompt=prompt is None and not prompt_free)
         except ImageRewardError as err:  # not a tar at all: one error row stands for the shard
             records = [Record(0, shard.name, prompt, shard.name, None, str(err), shard.name)]
-        if prompt is not None:
-            records = [Record(r.index, r.id, prompt, r.image, r.source,
-                              None if (r.error or "").startswith("no prompt") else r.error, r.shard) for r in records]
+        records = with_prompt(records, prompt, prompt_free=prompt_free)
         for start in range(0, len(records), rows_per_batch):
             part = records[start : start + rows_per_batch]
             columns: dict[str, list] = {"index": [], "id": [], "prompt": [], "image": [], "error": [],
@@ -117,7 +115,8 @@ class _ScoreActor:
         rows = table.to_pylist()
         records, batch = [], []
         for position, row in enumerate(rows):
-            records.append(Record(row["index"], row["id"], row["prompt"], row["image"], None, row["error"], row["shard"]))
+            records.append(Record(row["index"], row["id"], row["prompt"], row["image"], None, row["error"],
+                                  row["shard"]))
             if row["error"] is not None:
                 batch.append((position, None, row["error"]))
                 continue
@@ -134,14 +133,15 @@ class _ScoreActor:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def _completed(output: Path, shards: list[Shard], model: str) -> tuple[list[Shard], int]:
-    """Shards without an output file, and the rows the others hold. An output written by another model
-    raises :class:`InvalidInputError` (through :func:`~.writers.done_ids`, the single-process resume check)."""
+def _completed(output: Path, shards: list[Shard], model: str | None) -> tuple[list[Shard], int]:
+    """Shards without an output file, and the rows the others hold. With ``model`` (no recorded settings: an
+    older output), files written by another model raise :class:`InvalidInputError` (:func:`~.writers.done_ids`)."""
     pending, rows = [], 0
     for shard in shards:
         path = shard_output_path(output, shard.name)
         if path.is_file():
-            done_ids(path, model=model)
+            if model is not None:
+                done_ids(path, model=model)
             import pyarrow.parquet as pq
 
             rows += pq.ParquetFile(path).metadata.num_rows
@@ -181,11 +181,13 @@ def score_dataset_ray(
     ``address``: ``None`` (``$RAY_ADDRESS``, else a Ray started for this call and stopped after it), ``"auto"``
     (the cluster this machine belongs to), or ``ray://HOST:10001``; an already initialised Ray is used as is.
     ``actors``: size of the scorer pool (default: the cluster's GPUs when ``actor_gpus``, else its CPUs less one
-    decode task's, divided by ``actor_cpus``); ``actor_gpus`` defaults to 1 when the cluster has GPUs, else 0. ``decode_cpus``: the
-    CPUs each decode task reserves. ``batch_size``: rows per actor call (default: the scorer's).
+    decode task's, divided by ``actor_cpus``); ``actor_gpus`` defaults to 1 when the cluster has GPUs, else 0.
+    ``decode_cpus``: the CPUs each decode task reserves. ``batch_size``: rows per actor call (default: the scorer's).
 
     Resumes into ``output``: shards whose file exists are skipped (delete a file to score that shard again;
-    ``overwrite`` starts over). Shards, the output folder and ``model`` are checked before Ray starts; bad
+    ``overwrite`` starts over), with the single-process engine's check that the weights and the settings that
+    change scores are the same (``OUT.run.json``, :func:`~.writers.check_run_settings`). Shards, the output
+    folder and ``model`` are checked before Ray starts; bad
     arguments raise :class:`InvalidInputError`. Returns a summary (shards, rows, scored, errors, images/s).
     """
     from ..validation import check_float, check_optional_int
@@ -216,10 +218,18 @@ def score_dataset_ray(
     if Path(text).is_dir() and output.resolve() == Path(text).resolve():
         raise InvalidInputError(f"output {os.fspath(output)!r} is the input folder; name another folder")
     model_name = model_name or model
-    if overwrite and output.is_dir():
+    if overwrite:
         for shard in shards:
             shard_output_path(output, shard.name).unlink(missing_ok=True)
-    pending, resumed_rows = _completed(output, shards, model_name)
+        settings_path(output).unlink(missing_ok=True)
+    # resume only with the same weights and score-changing settings: the single-process engine's check and
+    # record (OUT.run.json beside the folder), before any shard is skipped or scored
+    settings = {"scorer": _identity(model, dtype) or model_name, "exif_transpose": bool(exif_transpose),
+                "prompt": prompt, "prompt_column": None}
+    known = check_run_settings(output, settings)
+    pending, resumed_rows = _completed(output, shards, None if known else model_name)
+    output.mkdir(parents=True, exist_ok=True)
+    write_run_settings(output, settings)
     logger.info("%d shards, %d already scored (%d rows), %d to score", len(shards), len(shards) - len(pending),
                 resumed_rows, len(pending))
 
@@ -233,6 +243,7 @@ def score_dataset_ray(
 
         probe = load_scorer(model, device="cpu", dtype=dtype, download_root=download_root)
         configs = preprocess_configs(probe)
+        prompt_free = not getattr(probe, "uses_prompt", True)
         batch_size = batch_size or getattr(probe, "default_batch_size", 8)
         del probe
         import ray
@@ -243,8 +254,9 @@ def score_dataset_ray(
                      **({} if (address or os.environ.get("RAY_ADDRESS")) else {"num_cpus": os.cpu_count()}))
         try:
             _run_pipeline(ray, pending, output, summary, model=model, model_name=model_name, prompt=prompt,
-                          configs=configs, timeout=timeout, exif_transpose=exif_transpose, batch_size=batch_size,
-                          actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus, decode_cpus=decode_cpus,
+                          prompt_free=prompt_free, configs=configs, timeout=timeout, exif_transpose=exif_transpose,
+                          batch_size=batch_size, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus,
+                          decode_cpus=decode_cpus,
                           load_kwargs={"device": device, "dtype": dtype, "download_root": download_root},
                           progress=progress)
         finally:
@@ -257,8 +269,9 @@ def score_dataset_ray(
 
 
 def _run_pipeline(ray: Any, pending: list[Shard], output: Path, summary: dict[str, Any], *, model: str,
-                  model_name: str, prompt: str | None, configs: tuple, timeout: float, exif_transpose: bool,
-                  batch_size: int, actors: int | None, actor_cpus: float, actor_gpus: float | None,
+                  model_name: str, prompt: str | None, prompt_free: bool, configs: tuple, timeout: float,
+                  exif_transpose: bool, batch_size: int, actors: int | None, actor_cpus: float,
+                  actor_gpus: float | None,
                   decode_cpus: float, load_kwargs: dict[str, Any], progress: bool) -> None:
     """Build and drain the Ray Data pipeline for ``pending`` shards, writing each shard as it completes."""
     import ray.data
@@ -282,8 +295,8 @@ def _run_pipeline(ray: Any, pending: list[Shard], output: Path, summary: dict[st
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     decoded = dataset.map_batches(
         _decode_shard, batch_size=1, batch_format="numpy", num_cpus=decode_cpus,  # Ray Data retries tasks
-        fn_kwargs={"configs": configs, "prompt": prompt, "timeout": timeout, "exif_transpose": exif_transpose,
-                   "rows_per_batch": batch_size})
+        fn_kwargs={"configs": configs, "prompt": prompt, "prompt_free": prompt_free, "timeout": timeout,
+                   "exif_transpose": exif_transpose, "rows_per_batch": batch_size})
     scored = decoded.map_batches(
         _ScoreActor, batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=actor_cpus, num_gpus=actor_gpus,  # Ray Data restarts lost actors and retries their batches
@@ -319,6 +332,18 @@ def _run_pipeline(ray: Any, pending: list[Shard], output: Path, summary: dict[st
         bar.close()
     if rows_of:
         raise RuntimeError(f"Ray returned only part of shard(s) {sorted(rows_of)[:5]}; rerun to resume")
+
+
+def _identity(model: str, dtype: Any) -> str | None:
+    """:func:`ImageReward.identity.scorer_identity` of ``model`` at ``dtype``, as the single-process engine keys
+    a resume (None when the resolver cannot read the name, e.g. a served reward: then the name is the key)."""
+    from ..identity import scorer_identity
+    from ..validation import resolve_dtype
+
+    try:
+        return scorer_identity(model, str(resolve_dtype(dtype) or torch.float32).removeprefix("torch."))
+    except (ImageRewardError, OSError, ValueError):
+        return None
 
 
 def _show(bar: Any, summary: dict[str, Any], started: float) -> None:
