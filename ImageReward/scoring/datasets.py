@@ -1,4 +1,5 @@
-"""Dataset readers for ``score-dataset``: a folder, a JSONL/JSON/CSV/Parquet table, or a Hub dataset.
+"""Dataset readers for ``score-dataset``: a folder, a JSONL/JSON/CSV/Parquet table, a Hub dataset, or
+WebDataset / img2dataset tar shards (:mod:`.shards`).
 
 Every reader returns a list of :class:`Record` (prompt, where the image is, a stable ``id``), cheap to
 build even for large datasets: images are *referenced* (path, URL, or a row of a Parquet file), and decoded
@@ -33,7 +34,7 @@ from ..pretrained import hub_unreachable, offline
 from ..textio import check_encoding, read_json, read_text
 from .embedded import caption_prompt, embedded_prompt
 
-__all__ = ["Record", "ParquetBlob", "read_records", "load_record_image", "IMAGE_EXTENSIONS", "parse_hub_uri"]
+__all__ = ["Record", "ParquetBlob", "TarMember", "read_records", "load_record_image", "IMAGE_EXTENSIONS", "parse_hub_uri"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +57,23 @@ class ParquetBlob:
 
 
 @dataclass(frozen=True)
+class TarMember:
+    """An image stored in a tar shard: ``size`` bytes at byte ``offset`` of ``file`` (read without tarfile)."""
+
+    file: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
 class Record:
     """One (prompt, image) pair to score.
 
     ``index``: position in the input (sharding and output order); ``id``: stable key used to resume;
     ``image``: what the output row shows (path, URL, or ``file.parquet#row``); ``source``: how to load it
-    (a path, an ``http(s)`` URL, a :class:`ParquetBlob`, or raw bytes); ``error``: a problem found while
-    reading (no prompt, no image), written as the row's error without loading anything.
+    (a path, an ``http(s)`` URL, a :class:`ParquetBlob`, a :class:`TarMember`, or raw bytes); ``error``: a
+    problem found while reading (no prompt, no image), written as the row's error without loading anything;
+    ``shard``: the tar shard the row comes from (WebDataset / img2dataset inputs), else ``None``.
     """
 
     index: int
@@ -71,6 +82,7 @@ class Record:
     image: str
     source: Any = None
     error: str | None = None
+    shard: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -131,8 +143,22 @@ def load_record_image(record: Record, *, timeout: float = 10.0, exif_transpose: 
     source = record.source
     if isinstance(source, ParquetBlob):
         source = _row_group_column(source.file, source.row_group, source.column)[source.row]
+    elif isinstance(source, TarMember):
+        source = _read_tar_member(source, what)
     return load_image(_load_value(source, what, base=None, timeout=timeout, index=record.index),
                       index=record.index, exif_transpose=exif_transpose)
+
+
+def _read_tar_member(member: TarMember, what: str) -> bytes:
+    try:
+        with open(member.file, "rb") as handle:
+            handle.seek(member.offset)
+            data = handle.read(member.size)
+    except OSError as err:
+        raise ImageLoadError(f"{what}: cannot read the shard ({err})") from err
+    if len(data) != member.size:
+        raise ImageLoadError(f"{what}: the shard is cut short ({len(data)} of {member.size} bytes)")
+    return data
 
 
 def _load_value(value: Any, what: str, *, base: Path | None, timeout: float, index: int) -> Image.Image:
@@ -165,7 +191,9 @@ def read_records(
     encoding: str | None = None,
     prompt_free: bool = False,
 ) -> list[Record]:
-    """Records of a folder, a table (``.jsonl .json .csv .tsv .parquet``) or ``hf://datasets/OWNER/NAME``.
+    """Records of a folder, a table (``.jsonl .json .csv .tsv .parquet``), ``hf://datasets/OWNER/NAME``, or
+    WebDataset tar shards (a ``.tar``, a glob, a brace range ``shard-{00000..00099}.tar``, or a folder of
+    ``.tar`` files such as img2dataset's output; see :func:`ImageReward.scoring.shards.read_shard`).
 
     ``prompt`` scores every image against that one prompt (overriding sidecars and prompt columns).
     ``prompt_free``: the scorer uses no prompt (``Scorer.uses_prompt`` is false), so none is required: rows
@@ -198,8 +226,12 @@ def read_records(
     columns = dict(prompt_column=prompt_column, image_column=image_column, id_column=id_column,
                    need_prompt=prompt is None and not prompt_free, encoding=encoding)
     text = os.fspath(source)
+    from .shards import is_shard_input, read_shard_records  # shards.py builds Records: imported here
+
     if text.startswith(("hf://", "hf:")):
         records = _read_hub(text, split=split, revision=revision, **columns)
+    elif is_shard_input(text):
+        records = read_shard_records(text, need_prompt=prompt is None and not prompt_free)
     else:
         path = Path(text)
         if path.is_dir():
@@ -214,10 +246,7 @@ def read_records(
         else:
             hint = f"; for a Hub dataset write hf://datasets/{text}" if re.fullmatch(r"[\w.-]+/[\w.-]+", text) else ""
             raise InvalidInputError(f"input {text!r} does not exist{hint}")
-    if prompt is not None or prompt_free:
-        records = [_with(r, prompt=prompt if prompt is not None else (r.prompt or ""),
-                         error=None if r.error and r.error.startswith("no prompt") else r.error)
-                   for r in records]
+    records = with_prompt(records, prompt, prompt_free=prompt_free)
     ids: set[str] = set()
     for record in records:
         if record.id in ids:
@@ -226,6 +255,15 @@ def read_records(
         ids.add(record.id)
     logger.info("read %d records from %s", len(records), text)
     return records
+
+
+def with_prompt(records: list[Record], prompt: str | None, *, prompt_free: bool = False) -> list[Record]:
+    """``records`` scored against the one ``prompt`` (or, for a prompt-free scorer, whatever prompt they have):
+    their "no prompt" errors cleared, other errors kept. Unchanged when neither applies."""
+    if prompt is None and not prompt_free:
+        return records
+    return [_with(r, prompt=prompt if prompt is not None else (r.prompt or ""),
+                  error=None if r.error and r.error.startswith("no prompt") else r.error) for r in records]
 
 
 def _with(record: Record, **changes: Any) -> Record:

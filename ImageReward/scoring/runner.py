@@ -33,7 +33,7 @@ from .datasets import Record, load_record_image, read_records
 from .writers import (Journal, check_run_settings, done_ids, journal_path, merge_outputs, output_format, parts_dir,
                       read_output, remove_outputs, write_run_settings)
 
-__all__ = ["score_dataset", "DistributedContext", "distributed_context"]
+__all__ = ["score_dataset", "DistributedContext", "distributed_context", "decode_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +90,23 @@ class _RecordImages(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
-        record = self.records[position]
-        if record.error:
-            return position, None, record.error
-        try:
-            image = load_record_image(record, timeout=self.timeout, exif_transpose=self.exif_transpose)
-            return position, preprocess_image(image, self.configs), None
-        except ImageRewardError as err:
-            return position, None, str(err)
-        except Exception as err:  # noqa: BLE001 - one bad image must not stop the run
-            return position, None, f"row {record.index} ({record.image}): {type(err).__name__}: {err}"
+        return (position, *decode_record(self.records[position], self.configs, self.timeout, self.exif_transpose))
+
+
+def decode_record(record: Record, configs: Sequence[PreprocessConfig], timeout: float = 10.0,
+                  exif_transpose: bool = True) -> tuple[Any, str | None]:
+    """``(pixels, None)`` or ``(None, error)`` for one record: the image decoded by
+    :func:`~.datasets.load_record_image` and preprocessed by :func:`ImageReward.engine.preprocess_image` (in a
+    DataLoader worker, or a Ray task of :mod:`.ray_engine`). Never raises: a bad image is its row's error."""
+    if record.error:
+        return None, record.error
+    try:
+        image = load_record_image(record, timeout=timeout, exif_transpose=exif_transpose)
+        return preprocess_image(image, configs), None
+    except ImageRewardError as err:
+        return None, str(err)
+    except Exception as err:  # noqa: BLE001 - one bad image must not stop the run
+        return None, f"row {record.index} ({record.image}): {type(err).__name__}: {err}"
 
 
 def _collate(items: list) -> list:
