@@ -219,3 +219,14 @@ def test_mix_through_load_scorer_and_score_dataset(root, hps3, tmp_path, monkeyp
                       context=DistributedContext())
         by_name = {Path(row["image"]).name: row["score"] for row in map(json.loads, out.read_text().splitlines())}
         assert [by_name[Path(p).name] for p in images] == pytest.approx(list(map(float, want)), abs=1e-5)
+
+
+def test_loading_adopts_the_checkpoint_tensors_without_a_copy():
+    """One copy of the weights: the model's parameters are the tensors read from the file; lm_head is dropped."""
+    state = build_state_dict(HERE / "hpsv3_tiny_weights_recipe.json")
+    patch, head = state["visual.patch_embed.proj.weight"], state["rm_head.0.weight"]
+    scorer = HPSv3Scorer.from_state_dict(state, HERE / "processor")
+    assert state == {}  # emptied: no second reference keeps the tensors alive
+    assert scorer.model.visual.patch_embed.proj.weight.data_ptr() == patch.data_ptr()
+    assert scorer.model.rm_head[0].weight.data_ptr() == head.data_ptr()
+    assert not any(name.startswith("lm_head") for name in scorer.state_dict())

@@ -46,7 +46,7 @@ from ..scorer import Scorer
 from ..tokenizer import check_prompts
 
 __all__ = ["QWEN2_VL_MIN_TRANSFORMERS", "INSTRUCTION", "PROMPT_SUFFIX", "REWARD_TOKEN", "HPSV3_PREPROCESS",
-           "qwen2_vl_classes", "patchify", "HPSv3Model", "HPSv3Scorer", "check_hpsv3_prompts"]
+           "qwen2_vl_classes", "patchify", "rebuild_rotary", "HPSv3Model", "HPSv3Scorer", "check_hpsv3_prompts"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def patchify(pixels: torch.Tensor, patch_size: int = 14, temporal_patch_size: in
             (1, grid_h, grid_w))
 
 
-def _rebuild_rotary(model: nn.Module, config: Any, device: torch.device | str = "cpu") -> None:
+def rebuild_rotary(model: nn.Module, config: Any, device: torch.device | str = "cpu") -> None:
     """(Re)compute the rotary embeddings' non-persistent ``inv_freq`` buffers, which no checkpoint holds: built
     on the meta device they hold nothing. Each rotary module is constructed again, by transformers' own class,
     on ``device`` in float32."""
@@ -144,8 +144,12 @@ def _rebuild_rotary(model: nn.Module, config: Any, device: torch.device | str = 
         for name, module in list(model.named_modules()):
             if "inv_freq" not in module._buffers:
                 continue
-            if hasattr(module, "config"):  # transformers >= 4.5x rotary classes, and 4.45's text rotary
+            if getattr(module, "config", None) is not None:  # transformers >= 4.5x, and 4.45's model-level rotary
                 fresh = type(module)(config=module.config)
+            elif hasattr(module, "rope_kwargs"):  # transformers 4.45's per-layer rotary (unused: positions come in)
+                kwargs = module.rope_kwargs
+                fresh = type(module)(kwargs["dim"], max_position_embeddings=kwargs["max_position_embeddings"],
+                                     base=kwargs["base"], scaling_factor=kwargs["factor"], rope_type=kwargs["rope_type"])
             else:  # transformers 4.45's VisionRotaryEmbedding(dim): half the vision head width
                 fresh = type(module)((vision.embed_dim // vision.num_heads) // 2)
             parent, _, leaf = name.rpartition(".")
@@ -385,7 +389,7 @@ class HPSv3Scorer(Scorer):
 
         def factory() -> HPSv3Model:
             model = HPSv3Model(config)
-            _rebuild_rotary(model, config)
+            rebuild_rotary(model, config)
             return model
 
         model = build_from_state_dict(factory, state, allow_unexpected=("lm_head.weight",), source=source)
