@@ -67,11 +67,10 @@ def build_hpsv3(quick: bool, device: str, dtype):
     """HPSv3 with random weights made on ``device`` (no 33 GB fp32 copy on the CPU), tiny or Qwen2-VL-7B-sized."""
     import torch
 
-    from ImageReward.models.hpsv3 import HPSv3Model, HPSv3Scorer, rebuild_rotary, load_tokenizer, qwen2_vl_classes
+    from ImageReward.models.hpsv3 import HPSv3Model, HPSv3Scorer, load_tokenizer, qwen2_vl_config, rebuild_rotary
 
-    _, _, config_class = qwen2_vl_classes()
     tokenizer, template = load_tokenizer(HPSV3_FIXTURE)
-    config = config_class.from_pretrained(str(HPSV3_FIXTURE))
+    config = qwen2_vl_config(HPSV3_FIXTURE, len(tokenizer))
     text = getattr(config, "text_config", None) or config
     if not quick:
         for key, value in QWEN2_VL_7B.items():
@@ -84,11 +83,10 @@ def build_hpsv3(quick: bool, device: str, dtype):
         text.rope_scaling = {"type": "mrope", "mrope_section": [16, 24, 24]}
         if getattr(text, "rope_parameters", None):  # transformers 5
             text.rope_parameters = {**text.rope_parameters, "mrope_section": [16, 24, 24]}
-    text.vocab_size = len(tokenizer)
-    for sub in (config, text, config.vision_config):
-        sub._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = HPSv3Model(config)
+    model.to(dtype)  # still on meta: the weights are made in their final dtype, on the device
+    model.rm_head.float()
     model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -97,8 +95,6 @@ def build_hpsv3(quick: bool, device: str, dtype):
                 param.fill_(1.0) if name.endswith("weight") else param.zero_()
             else:
                 param.normal_(0.0, 0.02, generator=generator)
-    model.to(dtype)
-    model.rm_head.float()
     rebuild_rotary(model, config, device)
     return HPSv3Scorer(model, tokenizer, template).eval()
 

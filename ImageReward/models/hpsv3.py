@@ -46,7 +46,8 @@ from ..scorer import Scorer
 from ..tokenizer import check_prompts
 
 __all__ = ["QWEN2_VL_MIN_TRANSFORMERS", "INSTRUCTION", "PROMPT_SUFFIX", "REWARD_TOKEN", "HPSV3_PREPROCESS",
-           "qwen2_vl_classes", "patchify", "rebuild_rotary", "HPSv3Model", "HPSv3Scorer", "check_hpsv3_prompts"]
+           "qwen2_vl_classes", "patchify", "rebuild_rotary", "HPSv3Model", "HPSv3Scorer", "check_hpsv3_prompts",
+           "load_tokenizer", "qwen2_vl_config", "hpsv3_preprocess_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +373,6 @@ class HPSv3Scorer(Scorer):
                         ) -> "HPSv3Scorer":
         """Adopts the tensors of ``state`` (the dict is emptied of them, so that no second reference keeps
         memory alive)."""
-        _, _, config_class = qwen2_vl_classes()
         if tokenizer is None:
             tokenizer, chat_template = load_tokenizer(processor_dir)
         if "model.embed_tokens.weight" not in state or "rm_head.0.weight" not in state:
@@ -381,11 +381,8 @@ class HPSv3Scorer(Scorer):
         if rows != len(tokenizer):
             raise CheckpointError(f"{source}: {rows} token embeddings, but the tokenizer of {os.fspath(processor_dir)!r} "
                                   f"with {REWARD_TOKEN} has {len(tokenizer)} tokens")
-        config = config_class.from_pretrained(os.fspath(processor_dir))
-        _text_config(config).vocab_size = rows  # hpsv3's resize_token_embeddings(len(tokenizer))
-        for sub in (config, _text_config(config), config.vision_config):
-            sub._attn_implementation = "sdpa"  # as the original without flash-attn
-        preprocess = processor_preprocess_config(Path(processor_dir) / "preprocessor_config.json")
+        config = qwen2_vl_config(processor_dir, rows)
+        preprocess = hpsv3_preprocess_config(Path(processor_dir) / "preprocessor_config.json")
 
         def factory() -> HPSv3Model:
             model = HPSv3Model(config)
@@ -395,6 +392,17 @@ class HPSv3Scorer(Scorer):
         model = build_from_state_dict(factory, state, allow_unexpected=("lm_head.weight",), source=source)
         state.clear()
         return cls(model, tokenizer, chat_template, preprocess).eval()
+
+
+def qwen2_vl_config(processor_dir: str | os.PathLike, vocab_size: int) -> Any:
+    """The ``Qwen2VLConfig`` of ``processor_dir/config.json`` with ``vocab_size`` token embeddings (hpsv3's
+    ``resize_token_embeddings(len(tokenizer))``) and SDPA attention (the original's, without flash-attn)."""
+    _, _, config_class = qwen2_vl_classes()
+    config = config_class.from_pretrained(os.fspath(processor_dir))
+    _text_config(config).vocab_size = vocab_size
+    for sub in (config, _text_config(config), config.vision_config):
+        sub._attn_implementation = "sdpa"
+    return config
 
 
 def load_tokenizer(processor_dir: str | os.PathLike) -> tuple[Any, str | None]:
@@ -415,7 +423,7 @@ def load_tokenizer(processor_dir: str | os.PathLike) -> tuple[Any, str | None]:
     return tokenizer, template
 
 
-def processor_preprocess_config(path: str | os.PathLike) -> PreprocessConfig:
+def hpsv3_preprocess_config(path: str | os.PathLike) -> PreprocessConfig:
     """:data:`HPSV3_PREPROCESS` with the mean/std of ``preprocessor_config.json`` (absent: CLIP's); patch sizes
     other than Qwen2-VL's 14 / 2 / 2 raise :class:`CheckpointError`."""
     path = Path(path)
