@@ -286,7 +286,14 @@ def build_hpsv3(device: str | torch.device | None = None, download_root: str | o
     path = path or fetch(HPS_V3, download_root, revision=revision)
     logger.info("loading HPSv3 from %s (processor %s)", path, processor)
     scorer = HPSv3Scorer.from_files(path, processor)
-    return place_model(scorer, device, torch.bfloat16 if dtype is None else dtype, keep_fp32=("model.rm_head",))
+    # The reward head stays out of the cast: float32 with the file's values (the original loads the checkpoint into
+    # an fp32 head), never rounded through bf16. The rest is cast where it was read, then moved: a file in another
+    # dtype never reaches the device at its own size.
+    head, scorer.model.rm_head = scorer.model.rm_head, None
+    dtype = torch.bfloat16 if dtype is None else dtype
+    place_model(place_model(scorer, "cpu", dtype), device, dtype)
+    scorer.model.rm_head = head.to(scorer.device).float()
+    return scorer.eval()
 
 
 register_scorer("CLIP", build_clip, files=BASELINE_FILES["CLIP"],
