@@ -107,7 +107,7 @@ def test_all_36_pairs_batched_and_one_by_one_and_ranks_equal_the_original(hps3):
 def test_pathlib_pil_and_str_paths_give_the_same_score(hps3):
     """The original crashes on a pathlib.Path (AttributeError); a PIL image equals the path there."""
     path_score, pil_score = hps3.score(PROMPTS[0], [Path(IMAGES[1]), Image.open(IMAGES[1])])
-    assert path_score == pil_score and abs(path_score - MU[0][1]) < 1e-5
+    assert abs(path_score - pil_score) < 1e-6 and abs(path_score - MU[0][1]) < 1e-5  # rows of one batch: fp32 noise
 
 
 # ------------------------------------------------------------------------------------ typed errors
@@ -132,8 +132,8 @@ def test_sixteen_bit_images_are_scaled_not_clipped(hps3):
     values = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
     sixteen = Image.fromarray(values)  # I;16
     eight = Image.fromarray(((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8), mode="L")
-    scores = hps3.score("a", [sixteen, eight])
-    assert scores[0] == scores[1]
+    scores = hps3.score("a", [sixteen, eight])  # two rows of one batch: equal up to fp32 noise
+    assert torch.equal(hps3.preprocess(sixteen), hps3.preprocess(eight)) and abs(scores[0] - scores[1]) < 1e-6
 
 
 # --------------------------------------------------------------------------- gradients and dtypes
