@@ -25,6 +25,9 @@ Modes:
                  same transformers model and kernels): every call re-reads the whole checkpoint (torch.load +
                  load_state_dict of a file written by the worker), then one image at a time, the prompt encoded
                  again for each image at 77 tokens
+  HPSv3-original   hpsv3's reward(images, prompts) algorithm re-run on the same model and kernels (the package
+                 pins transformers 4.45.2): all pairs as one batch, each pair's image encoded again, the whole chat
+                 text (tokens after <|Reward|> too), the head on every position; fp32
   HPSv3-fp32, HPSv3-bf16   HPSv3 (Qwen2-VL-7B + reward head; 8.3B parameters: 33 GB in fp32, 16.6 GB in bf16, so
                  full size is for a GPU) on our engine; the tokenizer is the tiny one of tests/fixtures/hpsv3 (about
                  the real instruction's token count), the reward head fp32
@@ -55,7 +58,7 @@ BASELINE_CONFIGS = [f"{name}-{dtype}:1x8" for name in ("CLIP", "BLIP", "Aestheti
 # (PickScore's model card) or every pair (hpsv2, which also re-reads its checkpoint on every call)
 ZOO_CONFIGS = [f"{name}-{mode}:{shape}" for name in ("HPSv2", "PickScore") for shape in ("1x8", "8x1")
                for mode in ("original", "fp32", "bf16")] + [f"HPSv3-{mode}:{shape}" for shape in ("1x8", "8x1")
-                                                           for mode in ("fp32", "bf16")]
+                                                           for mode in ("original", "fp32", "bf16")]
 SCORER_NAMES = ("CLIP", "BLIP", "Aesthetic", "HPSv2", "PickScore", "HPSv3")
 HPSV3_FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hpsv3" / "processor"
 # Qwen2-VL-7B-Instruct's sizes (its config.json); the fixture's config.json is the same file with tiny sizes
@@ -218,6 +221,34 @@ def pickscore_original(model, prompt_list, images):
     return torch.cat(probs)
 
 
+def hpsv3_original(model, prompt_list, images):
+    """hpsv3's ``HPSv3RewardInferencer.reward(images, prompts)`` on the same model and kernels: all pairs in one
+    batch, every pair's image preprocessed and encoded again, the whole chat text (the tokens after
+    ``<|Reward|>`` too), the reward head on every position, then the ``<|Reward|>`` rows."""
+    import torch
+
+    from ImageReward.models.hpsv3 import INSTRUCTION, PROMPT_SUFFIX
+
+    embeds = model.encode_images([model.preprocess(image).to(model.device, model.input_dtype) for image in images])
+    between, after = model._text_parts
+    rows = [model._image_prefix_ids + [model.image_token_id] * embed.shape[0]
+            + model._encode(between + INSTRUCTION.format(text_prompt=prompt) + PROMPT_SUFFIX + after)
+            for prompt, embed in zip(prompt_list, embeds)]
+    lengths = [len(row) for row in rows]
+    ids = torch.full((len(rows), max(lengths)), model.pad_token_id, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+    ids = ids.to(model.device)
+    inputs = model.model.model.embed_tokens(ids)
+    inputs = inputs.masked_scatter((ids == model.image_token_id)[..., None], torch.cat(embeds).to(inputs.dtype))
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    mask = (positions[None] < torch.tensor(lengths, device=ids.device)[:, None]).long()
+    hidden = model.model.model(inputs_embeds=inputs, attention_mask=mask, use_cache=False,
+                               position_ids=positions.view(1, 1, -1).expand(3, len(rows), -1)).last_hidden_state
+    logits = model.model.rm_head(hidden.float())
+    return logits[ids == model.reward_token_id].view(len(rows), -1)[:, 0]
+
+
 def count_flops(once, prompt_list: list[str], images: list[str]) -> float:
     """FLOPs that ``once`` executes (matrix products, convolutions, attention), counted by PyTorch's
     FlopCounterMode, taught the oneDNN fused linear and run with math attention, which it can see. 1 x N shapes
@@ -281,6 +312,8 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str
                 hps_original(model, prompt_list, images, checkpoint)
             elif mode == "PickScore-original":
                 pickscore_original(model, prompt_list, images)
+            elif mode == "HPSv3-original":
+                hpsv3_original(model, prompt_list, images)
             else:
                 model.score_batch(prompt_list, images, batch_size=64)
         if device.startswith("cuda"):
@@ -351,7 +384,7 @@ def main() -> int:
 
     baseline = {r["config"].split(":")[1]: r["pairs_per_s"] for r in rows if r["config"].startswith("original:")}
     originals = {(r["config"].split("-")[0], r["config"].split(":")[1]): r["pairs_per_s"]
-                 for r in rows if r["config"].split(":")[0] in ("HPSv2-original", "PickScore-original")}
+                 for r in rows if r["config"].split(":")[0] in ("HPSv2-original", "PickScore-original", "HPSv3-original")}
     print(f"\nScoring throughput ({'tiny models' if args.quick else 'full size'}; {args.device}; "
           f"{rows[0]['threads'] if rows else '?'} threads; best of {args.repeats} x {args.rounds} rounds; 'vs original' compares the same shape)\n")
     peak = f" | % of {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else ""
