@@ -218,8 +218,9 @@ def test_mix_through_load_scorer_and_score_dataset(root, hps3, tmp_path, monkeyp
     folder.mkdir()
     for path in images:
         shutil.copy(path, folder)
-    for scorer, want, out in ((mix, expected, tmp_path / "mix.jsonl"), (hps3, MU[0][:3], tmp_path / "hps3.jsonl")):
-        score_dataset(scorer, folder, out, prompt=PROMPTS[0], progress=False, batch_size=2, num_workers=0,
+    for scorer, want, out, workers in ((mix, expected, tmp_path / "mix.jsonl", 1),
+                                       (hps3, MU[0][:3], tmp_path / "hps3.jsonl", 0)):
+        score_dataset(scorer, folder, out, prompt=PROMPTS[0], progress=False, batch_size=2, num_workers=workers,
                       context=DistributedContext())
         by_name = {Path(row["image"]).name: row["score"] for row in map(json.loads, out.read_text().splitlines())}
         assert [by_name[Path(p).name] for p in images] == pytest.approx(list(map(float, want)), abs=1e-5)
