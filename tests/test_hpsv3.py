@@ -22,7 +22,7 @@ if Version(transformers.__version__) < Version("4.45.0"):  # the WebUI pins: tes
 
 import ImageReward as RM  # noqa: E402
 from ImageReward import factory  # noqa: E402
-from ImageReward.errors import DownloadError, InvalidInputError  # noqa: E402
+from ImageReward.errors import CheckpointError, DownloadError, InvalidInputError  # noqa: E402
 from ImageReward.models.clip import CLIPScorer, build_clip_model, clip_config, tiny_clip_hparams  # noqa: E402
 from ImageReward.models.hpsv3 import INSTRUCTION, PROMPT_SUFFIX, HPSv3Scorer, patchify  # noqa: E402
 from ImageReward.scorer import rank_descending  # noqa: E402
@@ -235,3 +235,18 @@ def test_loading_adopts_the_checkpoint_tensors_without_a_copy():
     assert scorer.model.visual.patch_embed.proj.weight.data_ptr() == patch.data_ptr()
     assert scorer.model.rm_head[0].weight.data_ptr() == head.data_ptr()
     assert not any(name.startswith("lm_head") for name in scorer.state_dict())
+
+
+def test_a_broken_processor_folder_or_checkpoint_is_a_checkpoint_error(root, tmp_path):
+    broken = tmp_path / "Qwen2-VL-7B-Instruct"
+    shutil.copytree(HERE / "processor", broken)
+    (broken / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        RM.load_score("HPSv3", device="cpu", download_root=root, processor=broken)
+    shutil.copy(HERE / "processor" / "tokenizer.json", broken / "tokenizer.json")
+    (broken / "config.json").write_text("not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        RM.load_score("HPSv3", device="cpu", download_root=root, processor=broken)
+    (tmp_path / "HPSv3.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        RM.load_score("HPSv3", device="cpu", checkpoint=tmp_path / "HPSv3.safetensors", processor=HERE / "processor")

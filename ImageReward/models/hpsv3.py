@@ -246,12 +246,18 @@ class HPSv3Scorer(Scorer):
         self._text_cache: dict[str, tuple[int, ...]] = {}
         self.reward_token_id = tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-        self.pad_token_id = tokenizer.pad_token_id
+        # right padding is masked out, so any id would do; the original pads with <|endoftext|>
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # the chat template rendered once around a sentinel: what comes before and after the user's text
         sentinel = "\x00HPSV3_TEXT\x00"
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sentinel}]}]
-        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             **({"chat_template": chat_template} if chat_template else {}))
+        try:
+            chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                 **({"chat_template": chat_template} if chat_template else {}))
+        except Exception as err:  # no template in the folder, or one this code cannot render
+            raise CheckpointError(f"the Qwen2-VL processor folder has no usable chat template ({err})") from err
+        if chat.count(sentinel) != 1 or IMAGE_PAD not in chat.split(sentinel)[0]:
+            raise CheckpointError("the chat template does not place the image before the text as Qwen2-VL's does")
         before_text, after_text = chat.split(sentinel)
         before_image, _, between = before_text.partition(IMAGE_PAD)
         self._image_prefix_ids = self._encode(before_image)  # system turn ... <|vision_start|>
@@ -398,7 +404,10 @@ def qwen2_vl_config(processor_dir: str | os.PathLike, vocab_size: int) -> Any:
     """The ``Qwen2VLConfig`` of ``processor_dir/config.json`` with ``vocab_size`` token embeddings (hpsv3's
     ``resize_token_embeddings(len(tokenizer))``) and SDPA attention (the original's, without flash-attn)."""
     _, _, config_class = qwen2_vl_classes()
-    config = config_class.from_pretrained(os.fspath(processor_dir))
+    try:
+        config = config_class.from_pretrained(os.fspath(processor_dir))
+    except Exception as err:  # missing or malformed config.json
+        raise CheckpointError(f"{os.fspath(processor_dir)!r}: no readable Qwen2-VL config.json ({err})") from err
     _text_config(config).vocab_size = vocab_size
     for sub in (config, _text_config(config), config.vision_config):
         sub._attn_implementation = "sdpa"
@@ -414,7 +423,10 @@ def load_tokenizer(processor_dir: str | os.PathLike) -> tuple[Any, str | None]:
     folder = Path(processor_dir)
     if not (folder / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{str(folder)!r} is not a Qwen2-VL processor folder (no tokenizer_config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(os.fspath(folder))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(folder))
+    except Exception as err:  # missing or malformed tokenizer files
+        raise CheckpointError(f"{str(folder)!r}: cannot load the Qwen2-VL tokenizer ({type(err).__name__}: {err})") from err
     if REWARD_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(REWARD_TOKEN, special=True, normalized=False)], special_tokens=True)
     template = None
