@@ -78,7 +78,6 @@ def move_pixels(pixels: Pixels, device: torch.device, dtype: torch.dtype, non_bl
     return pixels.to(device, dtype, non_blocking=non_blocking)
 
 
-
 def image_key(item: Any) -> tuple:
     """Identity of an image for de-duplication: the resolved path, or the Python object."""
     if isinstance(item, (str, os.PathLike)):
