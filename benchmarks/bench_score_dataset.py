@@ -3,6 +3,7 @@
 
     python benchmarks/bench_score_dataset.py --images 16 --size full      # ViT-L/16 ImageReward, random weights
     python benchmarks/bench_score_dataset.py --images 200 --size tiny     # the I/O path alone
+    python benchmarks/bench_score_dataset.py --images 1024 --batch-size 64 --workers 8 --device cuda --dtype bf16
 
 Weights are random (the architecture decides the speed); no network is used.
 """
@@ -27,6 +28,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the image side in bf16, as RM.load(dtype=torch.bfloat16)")
+    parser.add_argument("--json", help="also write the result to this JSON file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -36,7 +41,9 @@ def main() -> None:
     from ImageReward.scoring.runner import DistributedContext, score_dataset
 
     torch.manual_seed(0)
-    model = RM.ImageReward(BLIPConfig.tiny() if args.size == "tiny" else BLIPConfig()).eval()
+    model = RM.ImageReward(BLIPConfig.tiny() if args.size == "tiny" else BLIPConfig()).eval().to(args.device)
+    if args.dtype == "bf16":
+        model.set_image_dtype(torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "imgs"
         folder.mkdir()
@@ -61,8 +68,11 @@ def main() -> None:
             start = time.perf_counter()
             score_dataset(model, folder, out, prompt=prompt, progress=False, context=DistributedContext())
             results[f"resume pass, nothing left (s) workers={workers}"] = time.perf_counter() - start
-    print(json.dumps({"size": args.size, "images": args.images, "batch_size": args.batch_size,
-                      "threads": torch.get_num_threads(), "images_per_s": results}, indent=2))
+    summary = {"size": args.size, "images": args.images, "batch_size": args.batch_size, "device": args.device,
+               "dtype": args.dtype, "threads": torch.get_num_threads(), "images_per_s": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

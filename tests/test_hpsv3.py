@@ -117,6 +117,8 @@ def test_reserved_special_tokens_in_a_prompt_are_typed_errors_before_reading_ima
             hps3.score_batch(prompt, ["/nonexistent.png"])
         with pytest.raises(InvalidInputError, match="special token"):
             hps3.score_grad(torch.rand(1, 3, 28, 28), prompt)
+    with pytest.raises(InvalidInputError, match="against a prompt"):
+        hps3.score_batch(None, ["/nonexistent.png"])
     # a string the original's processor would turn into image tokens is text here
     assert np.isfinite(hps3.score("a <|placeholder|> sign", IMAGES[5]))
 

@@ -12,7 +12,7 @@ import json
 import sys
 
 from ..validation import arg_non_negative_int, arg_positive_float, arg_positive_int
-from .score import add_model_arguments, load_scorer
+from .score import add_model_arguments, add_progress_arguments, load_scorer, show_progress
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--encoding", default=None,
                         help="text encoding of INPUT and its prompt sidecars, e.g. gbk (default: UTF-8, with or "
                              "without a byte-order mark; UTF-16 with a mark)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_arguments(parser)
+    add_progress_arguments(parser)
     parser.set_defaults(func=_run)
 
 
@@ -59,15 +59,26 @@ def _run(args: argparse.Namespace) -> int:
     if context.device is not None and args.device is None:
         args.device = str(context.device)
     model = load_scorer(args)
+    from ..identity import scorer_identity
+
     html = None if args.html is None else (args.html or f"{args.output.rsplit('.', 1)[0]}.html")
     summary = score_dataset(
         model, args.input, args.output, prompt=args.prompt, prompt_column=args.prompt_column,
         image_column=args.image_column, id_column=args.id_column, split=args.split, revision=args.revision,
         batch_size=args.batch_size, num_workers=args.num_workers, timeout=args.timeout, overwrite=args.overwrite,
         limit=args.limit, html=html, html_per_prompt=args.html_per_prompt, model_name=args.model,
-        progress=not args.no_progress, context=context, encoding=args.encoding,
+        progress=show_progress(args), context=context, encoding=args.encoding,
+        scorer_id=scorer_identity(args.model, args.dtype),
     )
-    if context.is_main:
-        json.dump(summary, sys.stdout)
-        sys.stdout.write("\n")
+    if not context.is_main:
+        return 0
+    json.dump(summary, sys.stdout)
+    sys.stdout.write("\n")
+    total, failed = summary.get("total_rows", 0), summary.get("total_errors", 0)
+    # score_dataset has logged a warning with the count of failed rows (on stderr); a run that scored nothing fails
+    if total and failed == total:
+        example = (summary.get("error_examples") or ["?"])[0]
+        print(f"imagereward score-dataset: error: every row failed ({failed} of {total}; e.g. {example}); "
+              f"nothing was scored into {args.output}", file=sys.stderr)
+        return 1
     return 0

@@ -331,12 +331,12 @@ class HPSv3Scorer(Scorer):
 
     def score_batch(self, prompts: str | Sequence[str], images: Sequence[ImageLike], *, batch_size: int | None = None,
                     progress: bool = False) -> torch.Tensor:
-        check_hpsv3_prompts(prompts)  # before any image is read
+        check_hpsv3_prompts(self._no_prompt_allowed(prompts))  # before any image is read
         return super().score_batch(prompts, images, batch_size=batch_size, progress=progress)
 
     def score_grad(self, pixels: torch.Tensor, prompts: str | Sequence[str], *,
                    value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
-        check_hpsv3_prompts(prompts)
+        check_hpsv3_prompts(self._no_prompt_allowed(prompts))
         return super().score_grad(pixels, prompts, value_range=value_range)
 
     @contextmanager

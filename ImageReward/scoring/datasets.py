@@ -28,9 +28,10 @@ from typing import Any, Iterable
 from PIL import Image
 
 from ..errors import DownloadError, ImageLoadError, InvalidInputError, UnsupportedInputError
-from ..image_io import IMAGE_EXTENSIONS, load_image
+from ..image_io import IMAGE_EXTENSIONS, list_images, load_image
 from ..pretrained import hub_unreachable, offline
 from ..textio import check_encoding, read_json, read_text
+from .embedded import caption_prompt, embedded_prompt
 
 __all__ = ["Record", "ParquetBlob", "read_records", "load_record_image", "IMAGE_EXTENSIONS", "parse_hub_uri"]
 
@@ -162,10 +163,15 @@ def read_records(
     split: str | None = None,
     revision: str | None = None,
     encoding: str | None = None,
+    prompt_free: bool = False,
 ) -> list[Record]:
     """Records of a folder, a table (``.jsonl .json .csv .tsv .parquet``) or ``hf://datasets/OWNER/NAME``.
 
     ``prompt`` scores every image against that one prompt (overriding sidecars and prompt columns).
+    ``prompt_free``: the scorer uses no prompt (``Scorer.uses_prompt`` is false), so none is required: rows
+    without one get ``""`` instead of an error, and a table needs no prompt column.
+    Folder images take their prompt from ``IMAGE.txt`` (an A1111 infotext file gives its positive prompt only),
+    ``IMAGE.json``, or what a generator stored in the image (see :mod:`ImageReward.scoring.embedded`).
     Columns are found by common names (``prompt``/``caption``/``text``; ``image``/``image_path``/
     ``file_name``/``url``...; ``id``) unless named. Relative image paths are relative to the table's folder.
     Text files are read by :func:`ImageReward.textio.read_text` (UTF-8, BOM accepted; ``encoding`` for others).
@@ -190,7 +196,7 @@ def read_records(
             raise UnsupportedInputError(f"{name} must be a column name (str), got {type(value).__name__}")
     check_encoding(encoding)
     columns = dict(prompt_column=prompt_column, image_column=image_column, id_column=id_column,
-                   need_prompt=prompt is None, encoding=encoding)
+                   need_prompt=prompt is None and not prompt_free, encoding=encoding)
     text = os.fspath(source)
     if text.startswith(("hf://", "hf:")):
         records = _read_hub(text, split=split, revision=revision, **columns)
@@ -208,8 +214,9 @@ def read_records(
         else:
             hint = f"; for a Hub dataset write hf://datasets/{text}" if re.fullmatch(r"[\w.-]+/[\w.-]+", text) else ""
             raise InvalidInputError(f"input {text!r} does not exist{hint}")
-    if prompt is not None:
-        records = [_with(r, prompt=prompt, error=None if r.error and r.error.startswith("no prompt") else r.error)
+    if prompt is not None or prompt_free:
+        records = [_with(r, prompt=prompt if prompt is not None else (r.prompt or ""),
+                         error=None if r.error and r.error.startswith("no prompt") else r.error)
                    for r in records]
     ids: set[str] = set()
     for record in records:
@@ -358,7 +365,8 @@ def _read_parquet_rows(path: Path, image_column: str | None) -> tuple[list[dict]
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise InvalidInputError("reading Parquet needs pyarrow: pip install 'image-reward[train]' or pyarrow") from err
+        raise InvalidInputError("reading Parquet needs pyarrow: pip install pyarrow (or, in this project's "
+                                "checkout, pip install -e '.[scoring]')") from err
     parquet = pq.ParquetFile(path)
     schema = parquet.schema_arrow
     columns = list(schema.names)
@@ -390,8 +398,7 @@ def _read_folder(folder: Path, *, need_prompt: bool = False, encoding: str | Non
         if (folder / name).is_file():
             logger.info("using %s (imagefolder metadata)", folder / name)
             return _read_table(folder / name, base=folder, need_prompt=need_prompt, encoding=encoding, **columns)
-    images = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                    key=lambda p: p.relative_to(folder).as_posix())
+    images = list_images(folder)  # hidden and system entries (.ipynb_checkpoints, __MACOSX, ...) skipped
     if not images:
         raise InvalidInputError(f"folder {str(folder)!r} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
     records = []
@@ -399,19 +406,19 @@ def _read_folder(folder: Path, *, need_prompt: bool = False, encoding: str | Non
         rel = image.relative_to(folder).as_posix()
         prompt, error = _sidecar_prompt(image, encoding) if need_prompt else (None, None)
         records.append(Record(index, rel, prompt, rel, str(image), error))
-    if need_prompt and all(record.prompt is None and "sidecar; pass --prompt" in (record.error or "")
+    if need_prompt and all(record.prompt is None and "by a generator; pass --prompt" in (record.error or "")
                            for record in records):
         raise InvalidInputError(f"folder {str(folder)!r}: no image has a prompt (no IMAGE.txt / IMAGE.json "
-                                "sidecars, no metadata.jsonl/csv/parquet); pass --prompt to score every image "
-                                "against one prompt")
+                                "sidecars, no metadata.jsonl/csv/parquet, no prompt stored in the images by "
+                                "A1111/Forge/ComfyUI); pass --prompt to score every image against one prompt")
     return records
 
 
 def _sidecar_prompt(image: Path, encoding: str | None = None) -> tuple[str | None, str | None]:
     text_file, json_file = image.with_suffix(".txt"), image.with_suffix(".json")
     if text_file.is_file():
-        try:
-            return _prompt_value(read_text(text_file, encoding=encoding, what="prompt sidecar").strip(), 0)
+        try:  # an A1111 "parameters" text file gives its positive prompt only (embedded.caption_prompt)
+            return _prompt_value(caption_prompt(read_text(text_file, encoding=encoding, what="prompt sidecar")), 0)
         except InvalidInputError as err:  # one unreadable sidecar is that row's error
             return None, f"no prompt: {err}"
     if json_file.is_file():
@@ -424,7 +431,11 @@ def _sidecar_prompt(image: Path, encoding: str | None = None) -> tuple[str | Non
                 if key in data:
                     return _prompt_value(data[key], 0)
         return None, f"no prompt: {json_file.name} has none of the keys {list(PROMPT_COLUMNS)}"
-    return None, f"no prompt: no {text_file.name} or {json_file.name} sidecar; pass --prompt"
+    embedded = embedded_prompt(image)  # A1111 / Forge infotext, ComfyUI graph
+    if embedded is not None:
+        return embedded
+    return None, (f"no prompt: no {text_file.name} or {json_file.name} sidecar and no prompt stored in the image "
+                  "by a generator; pass --prompt")
 
 
 # ---------------------------------------------------------------------------------------------- the Hub
