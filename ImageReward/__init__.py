@@ -15,6 +15,7 @@ imported by the trainers that need them.
 
 from .errors import (
     CheckpointError,
+    DependencyError,
     DownloadError,
     ImageLoadError,
     ImageRewardError,
@@ -47,6 +48,7 @@ __all__ = [
     "UnsupportedInputError",
     "InvalidInputError",
     "CheckpointError",
+    "DependencyError",
     "UnknownModelError",
     "DownloadError",
 ]

@@ -16,6 +16,9 @@ already in ``download_root``, default ``~/.cache/ImageReward``):
 * PickScore: the folder ``PickScore_v1/`` (Hub ``yuvalkirstain/PickScore_v1``: ``config.json`` +
   ``model.safetensors``) and the processor folder ``CLIP-ViT-H-14-laion2B-s32B-b79K/`` (Hub
   ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``: ``preprocessor_config.json``, tokenizer files).
+* HPSv3: ``HPSv3.safetensors`` (Hub ``MizzenAI/HPSv3``: every weight, transformers 4.45 key names) and the
+  folder ``Qwen2-VL-7B-Instruct/`` (Hub ``Qwen/Qwen2-VL-7B-Instruct``: ``config.json``, tokenizer files, chat
+  template, ``preprocessor_config.json``; not its weights). bf16 by default (reward head float32).
 
 All three are float32 unless ``dtype=torch.float16/bfloat16`` is asked for (the Aesthetic head stays
 float32). Importing this module is cheap (``ImageReward/resolve.py`` imports it, so the names are registered
@@ -37,8 +40,8 @@ from .factory import place_model, register_scorer
 from .pretrained import PretrainedCfg, Requirement, default_cache_dir, fetch, fetch_folder, offline
 
 __all__ = ["BASELINE_FILES", "CLIP_HUB", "CLIP_OPENAI", "BLIP_LARGE", "AESTHETIC_HEAD", "HPS_V2", "HPS_V2_1",
-           "PICKSCORE_V1", "PICKSCORE_PROCESSOR", "clip_weights_path", "build_clip", "build_blip", "build_aesthetic",
-           "build_hps", "build_pickscore"]
+           "PICKSCORE_V1", "PICKSCORE_PROCESSOR", "HPS_V3", "QWEN2_VL_7B_PROCESSOR", "clip_weights_path", "build_clip",
+           "build_blip", "build_aesthetic", "build_hps", "build_pickscore", "build_hpsv3"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +121,28 @@ PICKSCORE_PROCESSOR = PretrainedCfg(
     license="MIT",
     description="the CLIPProcessor PickScore's model card loads (image settings and tokenizer files)",
 )
+# HPSv3's revisions: MizzenAI/HPSv3 at the snapshot id a public project hard-codes in its Hub cache path (one
+# project); Qwen/Qwen2-VL-7B-Instruct at the snapshot id found in many independent projects' cache paths. Neither
+# could be checked against the Hub from here (docs/differences.md); ``revision=`` overrides them per call.
+HPS_V3 = PretrainedCfg(
+    name="HPSv3",
+    filename="HPSv3.safetensors",
+    hf_repo="MizzenAI/HPSv3",
+    hf_filename="HPSv3.safetensors",
+    revision="4f81e3e09edd82fe3c5f636444c721b592a735ca",
+    license="MIT (github.com/MizzenAI/HPSv3); Qwen2-VL-7B-Instruct: Apache-2.0",
+    description="HPSv3: Qwen2-VL-7B-Instruct + reward head at <|Reward|> (8.3B parameters, 16.6 GB in bf16)",
+)
+QWEN2_VL_7B_PROCESSOR = PretrainedCfg(
+    name="HPSv3 processor (Qwen2-VL-7B-Instruct)",
+    filename="Qwen2-VL-7B-Instruct",  # a folder: configuration and processor files, not the weights
+    hf_repo="Qwen/Qwen2-VL-7B-Instruct",
+    revision="eed13092ef92e448dd6875b2a00151bd3f7db0ac",
+    folder_files=("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                  "merges.txt", "chat_template.json"),
+    license="Apache-2.0",
+    description="Qwen2-VL-7B-Instruct's config.json, tokenizer, chat template and image processor settings",
+)
 # What each scorer needs, for listings and "missing files" messages: a file, or a tuple of alternatives (any one
 # will do). PickScore's processor folder is not listed: without it the packaged equivalents are used.
 BASELINE_FILES: dict[str, tuple[Requirement, ...]] = {
@@ -127,6 +152,7 @@ BASELINE_FILES: dict[str, tuple[Requirement, ...]] = {
     "HPSv2": (HPS_V2,),
     "HPSv2.1": (HPS_V2_1,),
     "PickScore": (PICKSCORE_V1,),
+    "HPSv3": (HPS_V3, QWEN2_VL_7B_PROCESSOR),
 }
 
 
@@ -244,6 +270,32 @@ def build_pickscore(device: str | torch.device | None = None, download_root: str
     return place_model(PickScoreScorer.from_folders(model_dir, processor), device, dtype)
 
 
+def build_hpsv3(device: str | torch.device | None = None, download_root: str | os.PathLike | None = None,
+                dtype: torch.dtype | None = None, **kwargs: Any):
+    """``load_score("HPSv3", ...)``: bf16 unless ``dtype`` says otherwise (the reward head stays float32).
+    ``checkpoint=`` names an ``HPSv3.safetensors``, ``processor=`` a Qwen2-VL-7B-Instruct folder, ``revision=`` a Hub
+    revision of ``MizzenAI/HPSv3``. Needs transformers >= 4.45 (:class:`~ImageReward.errors.DependencyError`
+    before any file is read or downloaded otherwise)."""
+    from .models.hpsv3 import HPSv3Scorer, qwen2_vl_classes
+
+    qwen2_vl_classes()
+    revision = kwargs.pop("revision", None)
+    processor = kwargs.pop("processor", None)
+    path = _checkpoint_arg(kwargs, "checkpoint")
+    processor = processor or fetch_folder(QWEN2_VL_7B_PROCESSOR, download_root)
+    path = path or fetch(HPS_V3, download_root, revision=revision)
+    logger.info("loading HPSv3 from %s (processor %s)", path, processor)
+    scorer = HPSv3Scorer.from_files(path, processor)
+    # The reward head stays out of the cast: float32 with the file's values (the original loads the checkpoint into
+    # an fp32 head), never rounded through bf16. The rest is cast where it was read, then moved: a file in another
+    # dtype never reaches the device at its own size.
+    head, scorer.model.rm_head = scorer.model.rm_head, None
+    dtype = torch.bfloat16 if dtype is None else dtype
+    place_model(place_model(scorer, "cpu", dtype), device, dtype)
+    scorer.model.rm_head = head.to(scorer.device).float()
+    return scorer.eval()
+
+
 register_scorer("CLIP", build_clip, files=BASELINE_FILES["CLIP"],
                 description="CLIP ViT-L/14 cosine similarity of prompt and image (OpenAI)")
 register_scorer("BLIP", build_blip, files=BASELINE_FILES["BLIP"],
@@ -256,3 +308,5 @@ register_scorer("HPSv2.1", functools.partial(build_hps, "HPSv2.1"), files=BASELI
                 description="HPSv2.1: HPSv2 retrained on higher-quality HPDv2 data")
 register_scorer("PickScore", build_pickscore, files=BASELINE_FILES["PickScore"],
                 description="PickScore v1: logit_scale.exp() * CLIP ViT-H-14 cosine, tuned on Pick-a-Pic")
+register_scorer("HPSv3", build_hpsv3, files=BASELINE_FILES["HPSv3"],
+                description="HPSv3: mu of a Qwen2-VL-7B reward head at <|Reward|> (MizzenAI, ICCV 2025; bf16 by default)")

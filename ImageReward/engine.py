@@ -35,11 +35,12 @@ if TYPE_CHECKING:  # the engine is called by Scorer; only type hints need the cl
     from .scorer import Scorer
 
 __all__ = ["image_key", "dedupe", "ReadAhead", "preprocess_configs", "preprocess_image", "stack_pixels",
-           "score_pixels", "score_images"]
+           "move_pixels", "score_pixels", "score_images"]
 
-# The pixels of a batch: one normalised [B, 3, S, S] tensor, or, for a mix whose scorers preprocess
-# differently, a tuple with one such tensor per distinct PreprocessConfig (see preprocess_configs).
-Pixels = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+# The pixels of a batch: one normalised [B, 3, S, S] tensor, or a list of [3, H_i, W_i] tensors when the images
+# have different sizes (HPSv3's smart_resize keeps each image's aspect), or, for a mix whose scorers preprocess
+# differently, a tuple with one of those per distinct PreprocessConfig (see preprocess_configs).
+Pixels = Union[torch.Tensor, list[torch.Tensor], tuple[Union[torch.Tensor, list[torch.Tensor]], ...]]
 
 
 def preprocess_configs(scorer: "Scorer") -> tuple[PreprocessConfig, ...]:
@@ -57,15 +58,23 @@ def preprocess_image(image: Image.Image, configs: Sequence[PreprocessConfig]) ->
 
 
 def stack_pixels(items: Sequence[Pixels]) -> Pixels:
-    """Stack per-image pixels (tensors, or tuples of tensors) into a batch."""
+    """Stack per-image pixels (tensors, or tuples of tensors) into a batch: ``[B, 3, H, W]`` when all have one
+    size, else the list of them (a scorer whose preprocessing keeps each image's size takes either)."""
     if isinstance(items[0], tuple):
-        return tuple(torch.stack(group) for group in zip(*items))
-    return torch.stack(list(items))
+        return tuple(_stack(group) for group in zip(*items))
+    return _stack(items)
 
 
-def _to(pixels: Pixels, device: torch.device, dtype: torch.dtype, non_blocking: bool = False) -> Pixels:
-    if isinstance(pixels, tuple):
-        return tuple(p.to(device, dtype, non_blocking=non_blocking) for p in pixels)
+def _stack(group: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    if all(item.shape == group[0].shape for item in group):
+        return torch.stack(list(group))
+    return list(group)
+
+
+def move_pixels(pixels: Pixels, device: torch.device, dtype: torch.dtype, non_blocking: bool = False) -> Pixels:
+    """``pixels`` (a tensor, a list of per-image tensors, or a tuple of those) on ``device`` in ``dtype``."""
+    if isinstance(pixels, (tuple, list)):
+        return type(pixels)(move_pixels(p, device, dtype, non_blocking) for p in pixels)
     return pixels.to(device, dtype, non_blocking=non_blocking)
 
 
@@ -138,21 +147,27 @@ def score_pixels(scorer: "Scorer", prompts: Sequence[str], pixels: Pixels, image
     encoded once, then the pairs are scored in sub-batches of at most ``sub_batch`` (default: all at once),
     shortest prompts first. Returns float32 ``[P]`` on the CPU in input order."""
     with torch.inference_mode():
-        features = scorer.encode_images(_to(pixels, scorer.device, scorer.input_dtype, non_blocking=True))
+        features = scorer.encode_images(move_pixels(pixels, scorer.device, scorer.input_dtype, non_blocking=True))
         return _score_features(scorer, prompts, features, image_index, sub_batch)
 
 
 def _score_features(scorer: "Scorer", prompts: Sequence[str], features: Any, image_index: Sequence[int],
                     sub_batch: int | None) -> torch.Tensor:
-    rewards = torch.empty(len(prompts), dtype=torch.float32)
+    rewards = None  # [P], or [P, K] for a scorer whose score_pairs gives K numbers per pair (HPSv3's mu, sigma)
     order = sorted(range(len(prompts)), key=lambda pair: len(prompts[pair]))  # stable: input order within a length
     step = sub_batch or max(1, len(order))
     for start in range(0, len(order), step):
         part = order[start : start + step]
         index = torch.tensor([image_index[pair] for pair in part], device=scorer.device)
-        scores = scorer.score_pairs([prompts[pair] for pair in part], features, index)
-        rewards[part] = scores.float().cpu()
-    return rewards
+        scores = scorer.score_pairs([prompts[pair] for pair in part], features, index).float().cpu()
+        rewards = _allocate(rewards, len(prompts), scores)
+        rewards[part] = scores
+    return rewards if rewards is not None else torch.empty(0, dtype=torch.float32)
+
+
+def _allocate(rewards: torch.Tensor | None, n: int, scores: torch.Tensor) -> torch.Tensor:
+    """``rewards``, or, at the first sub-batch, a float32 ``[n, *scores.shape[1:]]`` to fill."""
+    return rewards if rewards is not None else torch.empty((n, *scores.shape[1:]), dtype=torch.float32)
 
 
 def score_images(scorer: "Scorer", prompts: Sequence[str], images: Sequence[Any], *, batch_size: int,
@@ -166,7 +181,7 @@ def score_images(scorer: "Scorer", prompts: Sequence[str], images: Sequence[Any]
     for pair, image_id in enumerate(pair_image):
         pairs_of_image[image_id].append(pair)
 
-    rewards = torch.empty(len(images), dtype=torch.float32)
+    rewards = None
     bar = tqdm(total=len(images), desc=f"scoring ({scorer.name})", unit="pair", disable=not progress)
     with ReadAhead(scorer, len(unique_items)) as reader, torch.inference_mode():
         reader.request(unique_items[:batch_size])
@@ -174,11 +189,13 @@ def score_images(scorer: "Scorer", prompts: Sequence[str], images: Sequence[Any]
             chunk = unique_items[start : start + batch_size]
             pixels = reader.collect(chunk)
             reader.request(unique_items[start + batch_size : start + 2 * batch_size])  # decoded meanwhile
-            features = scorer.encode_images(_to(pixels, scorer.device, scorer.input_dtype))
+            features = scorer.encode_images(move_pixels(pixels, scorer.device, scorer.input_dtype))
             # every pair whose image is in this chunk, with its row in `features`
             rows = [(pair, row) for row in range(len(chunk)) for pair in pairs_of_image[start + row]]
-            rewards[[pair for pair, _ in rows]] = _score_features(
+            scores = _score_features(
                 scorer, [prompts[pair] for pair, _ in rows], features, [row for _, row in rows], batch_size)
+            rewards = _allocate(rewards, len(images), scores)
+            rewards[[pair for pair, _ in rows]] = scores
             bar.update(len(rows))
     bar.close()
     return rewards

@@ -33,6 +33,11 @@ class UnknownModelError(ImageRewardError, ValueError):
     """A model or scorer name that is neither registered nor an existing local path."""
 
 
+class DependencyError(ImageRewardError, ImportError):
+    """An installed package is missing or too old for what was asked (e.g. HPSv3 needs transformers >= 4.45,
+    where the Qwen2-VL classes first appear); the message names the package and the version needed."""
+
+
 class DownloadError(ImageRewardError, OSError):
     """A file could not be downloaded (offline, unreachable, or failed its checksum). ``reason``: why, in a
     few words (e.g. ``"HF_HUB_OFFLINE is set"``); ``missing``: when known, every registered file

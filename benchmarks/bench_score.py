@@ -8,7 +8,9 @@ not depend on their values); images are random 512x512 RGB PNGs.
     python benchmarks/bench_score.py --configs original:1x8 batched-fp32:1x8 batched-bf16:1x8
 
     python benchmarks/bench_score.py --baselines          # the CLIP, BLIP and Aesthetic baselines too
-    python benchmarks/bench_score.py --zoo                # HPSv2 and PickScore (ViT-H-14, ~4 GB each in fp32)
+    python benchmarks/bench_score.py --zoo                # HPSv2, PickScore (ViT-H-14, ~4 GB each in fp32) and HPSv3
+    python benchmarks/bench_score.py --quick --zoo        # the same rows on tiny models (HPSv3: the test fixture's)
+    python benchmarks/bench_score.py --device cuda --configs HPSv3-bf16:1x8 HPSv3-bf16:1x32 HPSv3-fp32:1x8  # real size
     python benchmarks/bench_score.py --device cuda --peak-tflops 989 --configs original:1x64 batched-bf16:1x64
     python benchmarks/bench_score.py --quick --configs batched-bf16:1x8 --json rows.json   # rows as JSON too
 
@@ -24,6 +26,12 @@ Modes:
                  same transformers model and kernels): every call re-reads the whole checkpoint (torch.load +
                  load_state_dict of a file written by the worker), then one image at a time, the prompt encoded
                  again for each image at 77 tokens
+  HPSv3-original   hpsv3's reward(images, prompts) algorithm re-run on the same model and kernels (the package
+                 pins transformers 4.45.2): all pairs as one batch, each pair's image encoded again, the whole chat
+                 text (tokens after <|Reward|> too), the head on every position; fp32
+  HPSv3-fp32, HPSv3-bf16   HPSv3 (Qwen2-VL-7B + reward head; 8.3B parameters: 33 GB in fp32, 16.6 GB in bf16, so
+                 full size is for a GPU) on our engine; the tokenizer is the tiny one of tests/fixtures/hpsv3 (about
+                 the real instruction's token count), the reward head fp32
   PickScore-original   PickScore's model-card snippet: per prompt, every image through the ViT as one batch,
                  the prompt unpadded, softmax; images preprocessed one by one (the processor's PIL work)
 Shapes are PROMPTSxIMAGES: 1x32 is one prompt and 32 images, 32x1 is 32 prompts for one image.
@@ -55,8 +63,49 @@ BASELINE_CONFIGS = [f"{name}-{dtype}:1x8" for name in ("CLIP", "BLIP", "Aestheti
 # 1 prompt x 8 images, and 8 prompts x 1 image, where the originals re-encode the image for every prompt
 # (PickScore's model card) or every pair (hpsv2, which also re-reads its checkpoint on every call)
 ZOO_CONFIGS = [f"{name}-{mode}:{shape}" for name in ("HPSv2", "PickScore") for shape in ("1x8", "8x1")
-               for mode in ("original", "fp32", "bf16")]
-SCORER_NAMES = ("CLIP", "BLIP", "Aesthetic", "HPSv2", "PickScore")
+               for mode in ("original", "fp32", "bf16")] + [f"HPSv3-{mode}:{shape}" for shape in ("1x8", "8x1")
+                                                           for mode in ("original", "fp32", "bf16")]
+SCORER_NAMES = ("CLIP", "BLIP", "Aesthetic", "HPSv2", "PickScore", "HPSv3")
+HPSV3_FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hpsv3" / "processor"
+# Qwen2-VL-7B-Instruct's sizes (its config.json); the fixture's config.json is the same file with tiny sizes
+QWEN2_VL_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+               "num_key_value_heads": 4, "vision": {"depth": 32, "embed_dim": 1280, "num_heads": 16, "hidden_size": 3584}}
+
+
+def build_hpsv3(quick: bool, device: str, dtype):
+    """HPSv3 with random weights made on ``device`` (no 33 GB fp32 copy on the CPU), tiny or Qwen2-VL-7B-sized."""
+    import torch
+
+    from ImageReward.models.hpsv3 import HPSv3Model, HPSv3Scorer, load_tokenizer, qwen2_vl_config, rebuild_rotary
+
+    tokenizer, template = load_tokenizer(HPSV3_FIXTURE)
+    config = qwen2_vl_config(HPSV3_FIXTURE, len(tokenizer))
+    text = getattr(config, "text_config", None) or config
+    if not quick:
+        for key, value in QWEN2_VL_7B.items():
+            if key != "vision":
+                setattr(text, key, value)
+        for key, value in QWEN2_VL_7B["vision"].items():
+            setattr(config.vision_config, key, value)
+        if getattr(text, "layer_types", None):  # transformers >= 4.5x: one entry per layer
+            text.layer_types = ["full_attention"] * text.num_hidden_layers
+        text.rope_scaling = {"type": "mrope", "mrope_section": [16, 24, 24]}
+        if getattr(text, "rope_parameters", None):  # transformers 5
+            text.rope_parameters = {**text.rope_parameters, "mrope_section": [16, 24, 24]}
+    with torch.device("meta"):
+        model = HPSv3Model(config)
+    model.to(dtype)  # still on meta: the weights are made in their final dtype, on the device
+    model.rm_head.float()
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("ln_q.weight"):
+                param.fill_(1.0) if name.endswith("weight") else param.zero_()
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    rebuild_rotary(model, config, device)
+    return HPSv3Scorer(model, tokenizer, template).eval()
 
 
 def _randomise(module) -> None:
@@ -178,6 +227,34 @@ def pickscore_original(model, prompt_list, images):
     return torch.cat(probs)
 
 
+def hpsv3_original(model, prompt_list, images):
+    """hpsv3's ``HPSv3RewardInferencer.reward(images, prompts)`` on the same model and kernels: all pairs in one
+    batch, every pair's image preprocessed and encoded again, the whole chat text (the tokens after
+    ``<|Reward|>`` too), the reward head on every position, then the ``<|Reward|>`` rows."""
+    import torch
+
+    from ImageReward.models.hpsv3 import INSTRUCTION, PROMPT_SUFFIX
+
+    embeds = model.encode_images([model.preprocess(image).to(model.device, model.input_dtype) for image in images])
+    between, after = model._text_parts
+    rows = [model._image_prefix_ids + [model.image_token_id] * embed.shape[0]
+            + model._encode(between + INSTRUCTION.format(text_prompt=prompt) + PROMPT_SUFFIX + after)
+            for prompt, embed in zip(prompt_list, embeds)]
+    lengths = [len(row) for row in rows]
+    ids = torch.full((len(rows), max(lengths)), model.pad_token_id, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+    ids = ids.to(model.device)
+    inputs = model.model.model.embed_tokens(ids)
+    inputs = inputs.masked_scatter((ids == model.image_token_id)[..., None], torch.cat(embeds).to(inputs.dtype))
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    mask = (positions[None] < torch.tensor(lengths, device=ids.device)[:, None]).long()
+    hidden = model.model.model(inputs_embeds=inputs, attention_mask=mask, use_cache=False,
+                               position_ids=positions.view(1, 1, -1).expand(3, len(rows), -1)).last_hidden_state
+    logits = model.model.rm_head(hidden.float())
+    return logits[ids == model.reward_token_id].view(len(rows), -1)[:, 0]
+
+
 def vision_tower(model) -> tuple:
     """The ViT of a scorer and its shape ``(image_size, patch_size, width, depth, mlp_width)``: BLIP's
     ``visual_encoder`` (ImageReward, BLIP) or the transformers ``CLIPVisionTransformer`` (CLIP, Aesthetic, HPSv2,
@@ -258,8 +335,11 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str
         from ImageReward.factory import place_model
 
         name = mode.split("-")[0]
-        model = place_model(build_baseline(name, quick), device, getattr(torch, "bfloat16" if dtype_name == "bf16" else "float32"),
-                            keep_fp32=("mlp",) if name == "Aesthetic" else ())
+        dtype = getattr(torch, "bfloat16" if dtype_name == "bf16" else "float32")
+        if name == "HPSv3":
+            model = build_hpsv3(quick, device, dtype)
+        else:
+            model = place_model(build_baseline(name, quick), device, dtype, keep_fp32=("mlp",) if name == "Aesthetic" else ())
         if mode == "HPSv2-original":  # the file hpsv2 re-reads on every call
             checkpoint = image_dir / "HPS_v2.1_compressed.pt"
             torch.save({"state_dict": model.model.state_dict()}, checkpoint)
@@ -282,6 +362,8 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str
                 hps_original(model, prompt_list, images, checkpoint)
             elif mode == "PickScore-original":
                 pickscore_original(model, prompt_list, images)
+            elif mode == "HPSv3-original":
+                hpsv3_original(model, prompt_list, images)
             else:
                 model.score_batch(prompt_list, images, batch_size=64)
         if device.startswith("cuda"):
@@ -303,7 +385,8 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
            "threads": torch.get_num_threads(), "device": device}
-    if not mode.endswith("original"):  # the ViT alone, at the batch the engine gives it (each distinct image once)
+    if not mode.endswith("original") and not mode.startswith("HPSv3"):  # the ViT alone (HPSv3: a Qwen2-VL tower,
+        # no square ViT), at the batch the engine gives it (each distinct image once)
         shape = vision_tower(model)[1]
         row["vit_batch"], row["vit_shape"] = len(set(images)), shape
         row["vit_seconds"] = time_vit(model, row["vit_batch"], device, repeats)

@@ -241,7 +241,7 @@ def test_registry_entries_use_the_original_sources():
     assert len(baselines.CLIP_HUB.revision) == 40 and int(baselines.CLIP_HUB.revision, 16) >= 0
     assert baselines.BLIP_LARGE.url.endswith("/BLIP/models/model_large.pth")
     assert "sac%2Blogos%2Bava1-l14-linearMSE.pth" in baselines.AESTHETIC_HEAD.alt_filenames
-    assert RM.available_scores() == ["CLIP", "BLIP", "Aesthetic", "HPSv2", "HPSv2.1", "PickScore"]
+    assert RM.available_scores() == ["CLIP", "BLIP", "Aesthetic", "HPSv2", "HPSv2.1", "PickScore", "HPSv3"]
 
 
 @pytest.mark.integration

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..engine import move_pixels
 from ..errors import InvalidInputError, UnsupportedInputError
 from ..image_io import ImageLike
 from ..preprocess import PreprocessConfig
@@ -100,14 +101,15 @@ class WeightedReward(Scorer):
     def encode_images(self, pixel_values: torch.Tensor | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:  # type: ignore[override]
         """Normalised ``[B, 3, S, S]`` pixels (or one such tensor per entry of :attr:`preprocess_configs`)
         -> one feature tensor ``[B, ...]`` per component."""
-        return [s.encode_images(p.to(s.device, s.input_dtype)) for s, p in zip(self.scorers, self._pixels_of(pixel_values))]
+        return [s.encode_images(move_pixels(p, s.device, s.input_dtype))
+                for s, p in zip(self.scorers, self._pixels_of(pixel_values))]
 
     def score_encoded(self, prompts: Sequence[str], image_features: list[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         return self._weighted(s.score_encoded(prompts, f) for s, f in zip(self.scorers, image_features))
 
     def score_pairs(self, prompts: Sequence[str], image_features: list[torch.Tensor],  # type: ignore[override]
                     image_index: torch.Tensor) -> torch.Tensor:
-        return self._weighted(s.score_pairs(prompts, f, image_index.to(f.device))
+        return self._weighted(s.score_pairs(prompts, f, image_index.to(s.device))
                               for s, f in zip(self.scorers, image_features))
 
     def _weighted(self, scores) -> torch.Tensor:
