@@ -27,6 +27,7 @@ from .compat import dtype_kwargs, make_pipeline_portable, quiet_torchvision_fall
 from .config import ReFLConfig, ReFLConfigError
 from .data import BatchOrder, load_image_text, load_prompts
 from .families import Conditioning, get_family
+from .grpo import GRPO, optimizer_steps_per_update, train_timestep_count
 from .lora import add_lora, save_lora
 from .losses import refl_loss
 from .rewards import WeightedReward, as_reward
@@ -38,6 +39,7 @@ __all__ = ["ReFLTrainer", "find_checkpoint", "hub_model_id"]
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "refl_state.json"
+_ALGORITHM_NAMES = {"refl": "ReFL", "grpo": "GRPO (online RL)"}
 _TINY_UPDATE_PATIENCE = 10
 
 
@@ -114,8 +116,11 @@ class ReFLTrainer:
         cfg = self.config
         output_dir = Path(cfg.output_dir)
         project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir))
+        grpo = cfg.algorithm == "grpo"
+        # GRPO accumulates over the trained denoising steps of every batch too (flow_grpo's accumulation)
+        accumulation = cfg.gradient_accumulation_steps * (train_timestep_count(cfg) if grpo else 1)
         self.accelerator = acc = Accelerator(
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=accumulation, mixed_precision=cfg.mixed_precision,
             log_with=None if cfg.report_to == "none" else cfg.report_to, project_config=project)
         if acc.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -144,9 +149,9 @@ class ReFLTrainer:
             module.requires_grad_(False).eval().to("cpu" if any(module is e for e in offloaded) else acc.device)
         reward_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
         self.reward = as_reward(self._reward_arg, device=acc.device, download_root=cfg.reward_download_root,
-                                dtype=reward_dtype).to(acc.device)
+                                dtype=reward_dtype, differentiable=not grpo).to(acc.device)
         self.reward.requires_grad_(False).eval()
-        if not self.reward.is_differentiable:
+        if not grpo and not self.reward.is_differentiable:
             raise ReFLConfigError(f"reward {self.reward.name!r} is not differentiable")
         self.monitor: WeightedReward | None = None
         if self._monitor_arg:
@@ -192,11 +197,14 @@ class ReFLTrainer:
         optimizer = optimizer_cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         updates_per_epoch = math.ceil(self.order.batches_per_epoch / cfg.gradient_accumulation_steps)
+        if grpo:  # an update samples sample_batches_per_update batches
+            updates_per_epoch = max(self.order.batches_per_epoch // cfg.sample_batches_per_update, 1)
         self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
-        # accelerate steps a wrapped scheduler once per process per update: scale the horizon to match
+        # accelerate steps a wrapped scheduler once per process per optimizer step: scale the horizon to match
+        optimizer_steps = optimizer_steps_per_update(cfg) if grpo else 1
         lr_scheduler = diffusers.optimization.get_scheduler(
             cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
-            num_training_steps=self.max_train_steps * acc.num_processes)
+            num_training_steps=self.max_train_steps * optimizer_steps * acc.num_processes)
         self.fsdp = acc.distributed_type.name == "FSDP"
         if self.fsdp and (cfg.lora_rank or cfg.use_ema):
             raise ReFLConfigError("the FSDP launch config is for full fine-tuning without --use_ema (a LoRA fits "
@@ -221,6 +229,7 @@ class ReFLTrainer:
             logger.info("grad_scale=%g: on small models gradients may fall below adam_epsilon=%g; the trainer "
                         "warns if updates vanish", cfg.grad_scale, cfg.adam_epsilon)
         self._tiny_updates = 0
+        self.grpo = GRPO(self) if grpo else None
         self._set_up = True
         if cfg.resume_from_checkpoint:
             self.resume(cfg.resume_from_checkpoint)
@@ -297,6 +306,8 @@ class ReFLTrainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer update (``gradient_accumulation_steps`` micro-batches); returns its logged values."""
         cfg, acc = self.config, self.accelerator
+        if self.grpo is not None:
+            return self.grpo.train_step()
         sums: dict[str, float] = {}
         grad_norm = None
         for k in range(cfg.gradient_accumulation_steps):
@@ -340,11 +351,11 @@ class ReFLTrainer:
 
         self.setup()
         cfg, acc = self.config, self.accelerator
-        logger.info("ReFL: %d prompts, %d updates, %d trainable parameters (%s)", len(self.prompts),
+        logger.info("%s: %d prompts, %d updates, %d trainable parameters (%s)", cfg.algorithm, len(self.prompts),
                     self.max_train_steps, self.n_trainable,
                     "LoRA" if cfg.lora_rank else f"full {self.family.denoiser_name}")
         bar = tqdm(total=self.max_train_steps, initial=self.global_step, disable=not acc.is_local_main_process,
-                   desc="ReFL")
+                   desc=cfg.algorithm.upper())
         while self.global_step < self.max_train_steps:
             logs = self.train_step()
             self.history.append(logs)
@@ -591,9 +602,9 @@ class ReFLTrainer:
         if base_id:  # the Hub's base_model must be a repo id; a local folder's path would not be portable
             lines.append(f"base_model: {base_id}")
         lines += [
-            "tags: [image-reward, refl, text-to-image]", "---", "",
-            f"# ReFL fine-tune of {base_name}", "",
-            f"Trained with ImageReward ReFL ("
+            f"tags: [image-reward, {cfg.algorithm}, text-to-image]", "---", "",
+            f"# {_ALGORITHM_NAMES[cfg.algorithm]} fine-tune of {base_name}", "",
+            f"Trained with ImageReward {_ALGORITHM_NAMES[cfg.algorithm]} ("
             f"{'LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else 'full ' + self.family.denoiser_name}, "
             f"family {cfg.model_family}) for {self.global_step} updates on reward `{cfg.reward}`.", "",
             "## Final training values", "", "```json", json.dumps(last, indent=1), "```", "",
