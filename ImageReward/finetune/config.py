@@ -343,7 +343,8 @@ def build_parser(defaults: ReFLConfig | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one ``--option`` per :class:`ReFLConfig` field (defaults from ``defaults``)."""
     from ..cli import OneLineParser  # usage errors: one line, exit 2
 
-    parser = OneLineParser(description="ReFL: fine-tune a diffusion model on a reward model.")
+    parser = OneLineParser(description="Fine-tune a diffusion model on a reward: ReFL (--algorithm refl) or online "
+                                       "RL, Flow-GRPO / DDPO (--algorithm grpo).")
     add_arguments(parser, defaults)
     return parser
 
