@@ -28,6 +28,10 @@ group 2 real), 10 SDE/DDIM steps with log-probabilities, the reward, and 10 poli
 per image (``--beta 0``; ``:grpo:kl`` adds the reference forward of ``--beta 0.01``).
 
     python benchmarks/bench_refl.py --configs sd3:lora4:fp32 sd3:lora4:fp32:grpo sd1:lora4:fp32 sd1:lora4:fp32:grpo
+    BENCH_RESOLUTION=256 flock /tmp/ir-bigmem.lock python benchmarks/bench_refl.py --size real --steps 1 \
+        --configs sd1:lora4:fp32 sd1:lora4:fp32:grpo                # SD1.5-size LoRA at 256 px on the CPU
+
+``BENCH_RESOLUTION`` overrides the image size (default 32 tiny; real: 512, SDXL 1024).
 """
 
 from __future__ import annotations
@@ -158,7 +162,8 @@ def run_one(spec: str, size: str, device: str, steps: int, workdir: Path) -> dic
     cfg = ReFLConfig(
         pretrained_model_name_or_path=str(base), model_family=family, train_data=str(prompts),
         output_dir=str(workdir / f"out-{spec.replace(':', '_')}"), report_to="none", seed=0,
-        resolution=32 if size == "tiny" else (1024 if family == "sdxl" else 512),
+        resolution=int(os.environ.get("BENCH_RESOLUTION", 0)) or (32 if size == "tiny" else
+                                                                  (1024 if family == "sdxl" else 512)),
         backprop_steps=backprop_steps, max_sequence_length=32 if size == "tiny" else None,
         train_batch_size=2 if size == "tiny" else 1, gradient_accumulation_steps=1, max_train_steps=steps + 1,
         lora_rank=int(train[4:]) if train.startswith("lora") else 0, gradient_checkpointing="ckpt" in rest,

@@ -13,7 +13,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from grpo_tiny import Brightness, grpo_config, write_prompts  # noqa: E402
-from refl_tiny import HELD_OUT, PROMPTS, _one_thread, save_tiny  # noqa: E402,F401 (autouse)
+from refl_tiny import (HELD_OUT, PROMPTS, _one_thread, save_tiny,  # noqa: E402,F401 (autouse)
+                       train_and_check_held_out_gain)
 
 from ImageReward.finetune import (ReFLConfigError, ReFLTrainer, RewardUnavailableError, RewardValueError,  # noqa: E402
                                   get_family)
@@ -44,13 +45,8 @@ def test_thirty_updates_raise_a_non_differentiable_held_out_reward(bases, prompt
     reward = Brightness()
     cfg = grpo_config(bases[family_name], family_name, prompt_file, tmp_path / "out", max_train_steps=30,
                       validation_prompts=HELD_OUT, **LEARNING[family_name])
-    trainer = ReFLTrainer(cfg, reward=reward)
-    trainer.setup()
-    before = torch.tensor(trainer.validate()["train_setting"]["reward"])
-    result = trainer.train()
-    after = torch.tensor(result["validation"][-1]["train_setting"]["reward"])
-    gain = after - before
-    assert bool((gain > 0).all()), (before, after)
+    # brightness moves by ~1e-2 on the tiny VAE's images: every held-out prompt must gain (no fixed margin)
+    result = train_and_check_held_out_gain(ReFLTrainer(cfg, reward=reward), margin=False)
     sampled = [h["reward_mean"] for h in result["history"]]
     assert sum(sampled[-5:]) > sum(sampled[:5]), sampled  # the training samples got brighter too
     first = result["history"][0]
@@ -89,27 +85,47 @@ def test_one_update_changes_only_the_lora_or_the_denoiser(bases, prompt_file, tm
 
 # ---------------------------------------------------------------------------------------------- KL penalty
 @pytest.mark.parametrize("family_name, lora_rank", [("sd3", 4), ("sd1", 0)])
-def test_beta_pulls_the_policy_towards_the_base(bases, prompt_file, tmp_path, family_name, lora_rank):
-    """beta = 0 logs no KL; beta > 0 logs the KL of the step means to the base (LoRA disabled, or the frozen copy of
-    a full fine-tune): 0 on the first batch (the policy is the base), > 0 after; the same samples (same seed)
-    train to different weights, and a large beta keeps the model nearer the base."""
+def test_beta_adds_the_kl_to_the_base_model(bases, prompt_file, tmp_path, family_name, lora_rank):
+    """beta = 0 logs no KL; beta > 0 adds beta x the KL of the step means to the reference, which is the base model
+    (LoRA: the adapter disabled; full fine-tune: the frozen copy): 0 while the policy is the base, > 0 after. The
+    same seed gives the same first samples, and the two runs train to different weights."""
     runs = {}
-    for beta in (0.0, 1e3):
+    for beta in (0.0, 0.5):
         trainer = ReFLTrainer(grpo_config(bases[family_name], family_name, prompt_file, tmp_path / str(beta),
-                                          lora_rank=lora_rank, beta=beta, max_train_steps=3, learning_rate=1e-2),
-                              reward=Brightness())
-        trainer.setup()
-        base = {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.unet).state_dict().items()}
+                                          lora_rank=lora_rank, beta=beta, max_train_steps=3, learning_rate=1e-2,
+                                          num_inference_steps=4), reward=Brightness())
+        torch.manual_seed(0)  # the same LoRA init in both runs (peft draws it from the global RNG)
         result = trainer.train()
-        final = trainer.accelerator.unwrap_model(trainer.unet).state_dict()
-        drift = sum(float((final[k].float() - v.float()).pow(2).sum()) for k, v in base.items())
-        runs[beta] = (result["history"], drift, final)
-    plain, penalised = runs[0.0][0], runs[1e3][0]
-    assert all(h["kl"] == 0.0 for h in plain)
+        runs[beta] = (trainer, result["history"])
+    (plain_trainer, plain), (trainer, penalised) = runs[0.0], runs[0.5]
+    assert all(h["kl"] == 0.0 and h["train_loss"] == h["policy_loss"] for h in plain)
     assert plain[0]["reward_mean"] == penalised[0]["reward_mean"]  # the same first samples
-    assert penalised[0]["kl"] > 0 and penalised[-1]["kl"] > 0
-    assert any(not torch.equal(v, runs[1e3][2][k]) for k, v in runs[0.0][2].items())
-    assert runs[1e3][1] < runs[0.0][1]
+    assert all(h["kl"] > 0 for h in penalised)
+    for h in penalised:  # loss = policy + beta * KL (averaged over the update's micro-steps: linear)
+        assert h["train_loss"] == pytest.approx(h["policy_loss"] + 0.5 * h["kl"], rel=1e-3, abs=1e-9)
+    final = {k: v for k, v in trainer.accelerator.unwrap_model(trainer.unet).state_dict().items()}
+    plain_final = plain_trainer.accelerator.unwrap_model(plain_trainer.unet).state_dict()
+    assert any(not torch.equal(v, plain_final[k]) for k, v in final.items())
+
+    # the reference is the base model: the same step means as the freshly loaded base denoiser
+    grpo = trainer.grpo
+    prompts = PROMPTS[:2]
+    samples = grpo.sample(prompts)
+    cond, uncond = grpo._conditioning(prompts)
+    fresh = get_family(family_name).load_components(str(bases[family_name])).unet.eval()
+    with torch.no_grad():
+        with grpo.reference_model() as reference:
+            _, mean_ref, _ = grpo.step_log_prob(reference, prompts, cond, uncond, samples["trajectory"],
+                                                samples["timesteps"], 1)
+        _, mean_base, _ = grpo.step_log_prob(fresh, prompts, cond, uncond, samples["trajectory"],
+                                             samples["timesteps"], 1)
+        _, mean_policy, _ = grpo.step_log_prob(trainer.unet, prompts, cond, uncond, samples["trajectory"],
+                                               samples["timesteps"], 1)
+    torch.testing.assert_close(mean_ref, mean_base, rtol=1e-5, atol=1e-6)
+    assert (mean_policy - mean_base).abs().max() > 1e-5
+    if lora_rank:  # the adapter is back on after the reference forward
+        model = trainer.accelerator.unwrap_model(trainer.unet)
+        assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -121,13 +137,18 @@ class _Killed(Exception):
 def test_kill_and_resume_matches_uninterrupted_run(bases, prompt_file, tmp_path, family_name, lora_rank):
     """Killed right after checkpoint 2, resumed: the same prompts, samples, rewards, and bit-identical weights
     (the rollout generator, the optimizer and the data position come back; two inner epochs draw permutations)."""
-    common = dict(lora_rank=lora_rank, max_train_steps=4, checkpointing_steps=2, num_inner_epochs=2, beta=0.1)
+    common = dict(lora_rank=lora_rank, max_train_steps=4, checkpointing_steps=2, num_inner_epochs=2, beta=0.1,
+                  num_inference_steps=3)
     base = bases[family_name]
     straight = ReFLTrainer(grpo_config(base, family_name, prompt_file, tmp_path / "a", **common), reward=Brightness())
+    # peft draws a new LoRA's A matrices from torch's global RNG (the trainer does not seed it yet; the ReFL tests
+    # get the same effect from tiny_reward()): both runs start from the same LoRA
+    torch.manual_seed(0)
     straight.train()
     first = ReFLTrainer(grpo_config(base, family_name, prompt_file, tmp_path / "b", **common), reward=Brightness())
     real_save = first.save_checkpoint
     first.save_checkpoint = lambda: (_ for _ in ()).throw(_Killed(real_save()))
+    torch.manual_seed(0)
     with pytest.raises(_Killed):
         first.train()
     resumed = ReFLTrainer(grpo_config(base, family_name, prompt_file, tmp_path / "b", resume_from_checkpoint="latest",

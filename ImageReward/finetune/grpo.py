@@ -19,7 +19,7 @@ Every random draw comes from the trainer's rollout generator, which its checkpoi
 
 >>> advantages = group_advantages(["a", "a", "b", "b"], [1.0, 3.0, 2.0, 2.0])
 >>> advantages.tolist()
-[-0.99990..., 0.99990..., 0.0, 0.0]
+[-0.9999000099990001, 0.9999000099990001, 0.0, 0.0]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import DownloadError, ImageRewardError
+from .config import ReFLConfigError
 from .families import Conditioning, ModelFamily
 from .logprob import ddim_step_with_logprob, sde_step_with_logprob
 from .rollout import decode, initial_latents, is_flow_matching
@@ -232,19 +233,13 @@ class GRPO:
         self.flow = is_flow_matching(self.scheduler)
         self.noise = cfg.noise_level if self.flow else cfg.eta
         self.num_train_timesteps = train_timestep_count(cfg)
-        self.images_per_update = cfg.train_batch_size * cfg.sample_batches_per_update
-        self.prompts_per_update = self.images_per_update // cfg.group_size
+        self.prompts_per_update = prompts_per_update(cfg)
         self.reference = None
+        if cfg.beta > 0 and trainer.fsdp:
+            raise ReFLConfigError("--beta > 0 under FSDP would need a sharded reference copy; it is not supported "
+                                  "(use --beta 0, or a LoRA without FSDP)")
         if cfg.beta > 0 and not cfg.lora_rank:  # full fine-tune: a frozen copy of the base is the reference
             self.reference = copy.deepcopy(acc.unwrap_model(trainer.unet)).requires_grad_(False).eval()
-
-    def order(self) -> Any:
-        """The prompts of update ``k``: batches of ``prompts_per_update`` from the trainer's (resumed) seed."""
-        from .data import BatchOrder
-
-        acc = self.trainer.accelerator
-        return BatchOrder(len(self.trainer.prompts), self.prompts_per_update, self.trainer.order.seed,
-                          process_index=acc.process_index, num_processes=acc.num_processes)
 
     # ---------------------------------------------------------------- rewards
     def score(self, prompts: list[str], images: torch.Tensor, groups: list[int]
@@ -336,7 +331,7 @@ class GRPO:
         """One update: sample, score, advantages, ``num_inner_epochs`` passes of the clipped loss."""
         trainer = self.trainer
         cfg, acc = trainer.config, trainer.accelerator
-        prompts = self.order().take(trainer.prompts, trainer.global_step)
+        prompts = trainer.order.take(trainer.prompts, trainer.global_step)  # batches of prompts_per_update
         images_prompts = [p for p in prompts for _ in range(cfg.group_size)]
         groups = [acc.process_index * self.prompts_per_update + i // cfg.group_size
                   for i in range(len(images_prompts))]
@@ -383,12 +378,7 @@ class GRPO:
                         loss, policy_loss, kl_loss = grpo_loss(
                             log_prob, old_log_probs[:, j], advantages[rows], cfg.clip_range, cfg.adv_clip_max,
                             cfg.beta, mean, mean_ref, std)
-                        acc.backward(loss)
-                        if acc.sync_gradients:
-                            grad_norm = acc.clip_grad_norm_(trainer.trainable, cfg.max_grad_norm)
-                        trainer.optimizer.step()
-                        trainer.lr_scheduler.step()
-                        trainer.optimizer.zero_grad(set_to_none=True)
+                        grad_norm = trainer.backward_and_step(loss, grad_norm)
                     stats = {"train_loss": loss.detach(), "policy_loss": policy_loss.detach(), "kl": kl_loss.detach(),
                              **policy_stats(log_prob.detach(), old_log_probs[:, j], cfg.clip_range)}
                     for key, value in stats.items():
@@ -409,6 +399,11 @@ def train_timestep_count(config: Any) -> int:
     """Denoising steps trained on per sample: ``int(num_inference_steps * timestep_fraction)`` (flow_grpo), the
     first ones of the chain."""
     return int(config.num_inference_steps * config.timestep_fraction)
+
+
+def prompts_per_update(config: Any) -> int:
+    """Prompts per update and process: ``train_batch_size * sample_batches_per_update / group_size``."""
+    return config.train_batch_size * config.sample_batches_per_update // config.group_size
 
 
 def optimizer_steps_per_update(config: Any) -> int:

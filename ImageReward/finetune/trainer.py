@@ -27,7 +27,7 @@ from .compat import dtype_kwargs, make_pipeline_portable, quiet_torchvision_fall
 from .config import ReFLConfig, ReFLConfigError
 from .data import BatchOrder, load_image_text, load_prompts
 from .families import Conditioning, get_family
-from .grpo import GRPO, optimizer_steps_per_update, train_timestep_count
+from .grpo import GRPO, optimizer_steps_per_update, prompts_per_update, train_timestep_count
 from .lora import add_lora, save_lora
 from .losses import refl_loss
 from .rewards import WeightedReward, as_reward
@@ -130,8 +130,9 @@ class ReFLTrainer:
         seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed + acc.process_index)  # rollouts, per process
-        self.order = BatchOrder(len(self.prompts), cfg.train_batch_size, seed, process_index=acc.process_index,
-                                num_processes=acc.num_processes)
+        # GRPO takes prompts_per_update prompts per update (each sampled group_size times)
+        self.order = BatchOrder(len(self.prompts), prompts_per_update(cfg) if grpo else cfg.train_batch_size, seed,
+                                process_index=acc.process_index, num_processes=acc.num_processes)
 
         # models ---------------------------------------------------------------------------------
         # every module in an explicit dtype (an fp16 base trains in fp32 without --mixed_precision): frozen ones
@@ -197,8 +198,8 @@ class ReFLTrainer:
         optimizer = optimizer_cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         updates_per_epoch = math.ceil(self.order.batches_per_epoch / cfg.gradient_accumulation_steps)
-        if grpo:  # an update samples sample_batches_per_update batches
-            updates_per_epoch = max(self.order.batches_per_epoch // cfg.sample_batches_per_update, 1)
+        if grpo:
+            updates_per_epoch = self.order.batches_per_epoch
         self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
         # accelerate steps a wrapped scheduler once per process per optimizer step: scale the horizon to match
         optimizer_steps = optimizer_steps_per_update(cfg) if grpo else 1
@@ -315,12 +316,7 @@ class ReFLTrainer:
             prompts = self.order.take(self.prompts, micro_step)
             with acc.accumulate(self.unet):
                 loss, stats = self.compute_loss(prompts, micro_step)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm = self.backward_and_step(loss, grad_norm)
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + float(acc.gather(value.reshape(1).float()).mean())
         if not acc.sync_gradients:  # cannot happen with the step counter at a boundary; guard anyway
@@ -333,6 +329,19 @@ class ReFLTrainer:
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         self._watch_tiny_updates(logs["grad_norm"])
         return logs
+
+    def backward_and_step(self, loss: torch.Tensor, grad_norm: Any = None) -> Any:
+        """One micro-step inside ``accelerator.accumulate``: backward, and on the accumulation boundary clip and
+        step (accelerate makes the optimizer and LR steps no-ops between boundaries). Returns the clipped norm
+        when clipping ran, else ``grad_norm``."""
+        acc = self.accelerator
+        acc.backward(loss)
+        if acc.sync_gradients:
+            grad_norm = acc.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
     def _watch_tiny_updates(self, grad_norm: float) -> None:
         """Warn when gradients stay far below AdamW's eps (updates then vanish: lr * g / eps ~ 0)."""
