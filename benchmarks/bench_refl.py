@@ -146,8 +146,9 @@ def run_one(spec: str, size: str, device: str, steps: int, workdir: Path) -> dic
 
     family, train, precision, *rest = spec.split(":")
     backprop_steps = next((int(r[1:]) for r in rest if r.startswith("k") and r[1:].isdigit()), 1)
-    grpo = dict(algorithm="grpo", num_inference_steps=10, group_size=2, sample_batches_per_update=1,
-                train_batch_size=2, beta=0.01 if "kl" in rest else 0.0) if "grpo" in rest else {}
+    grpo = dict(algorithm="grpo", num_inference_steps=10, group_size=2,  # one group of 2 (batch 2 tiny, 2 x 1 real)
+                sample_batches_per_update=1 if size == "tiny" else 2,
+                beta=0.01 if "kl" in rest else 0.0) if "grpo" in rest else {}
     base = workdir / f"{family}-{size}"
     if not base.exists():
         save_tiny(family, base) if size == "tiny" else real_pipeline(family).save_pretrained(base)
