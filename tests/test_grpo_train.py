@@ -66,8 +66,9 @@ def test_refl_refuses_the_non_differentiable_reward_grpo_takes(bases, prompt_fil
 # ---------------------------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("family_name, lora_rank", [("sd3", 4), ("sdxl", 4), ("sd1", 0)])
 def test_one_update_changes_only_the_lora_or_the_denoiser(bases, prompt_file, tmp_path, family_name, lora_rank):
+    guidance = 3.0 if family_name == "sd3" else 1.0  # sd3: sampling and training with classifier-free guidance
     trainer = ReFLTrainer(grpo_config(bases[family_name], family_name, prompt_file, tmp_path, lora_rank=lora_rank,
-                                      max_train_steps=1), reward=Brightness())
+                                      max_train_steps=1, guidance_scale=guidance), reward=Brightness())
     trainer.setup()
     model = trainer.accelerator.unwrap_model(trainer.unet)
     frozen = [trainer.components.vae, *[e for e in trainer.components.text_encoders if e is not None]]
