@@ -1,4 +1,4 @@
-"""Seconds per ReFL update, peak memory and trainable parameters, printed as a Markdown table.
+"""Seconds per ReFL / GRPO update, peak memory and trainable parameters, printed as a Markdown table.
 
 Each configuration runs in its own subprocess (its own peak memory). Weights are random: timing does not
 depend on their values. ``tiny`` pipelines are the tests' (32 px, ~1M-parameter UNets, ~0.1M-parameter SD3 /
@@ -25,7 +25,16 @@ step does not finish, a loss is not finite, or a LoRA checkpoint holds more than
 
 A config is FAMILY:TRAIN:PRECISION[:ckpt][:kK]: FAMILY sd1|sdxl|sd3|flux, TRAIN full|loraR, PRECISION
 fp32|fp16|bf16, ckpt = denoiser gradient checkpointing, kK = --backprop_steps K. One update = one micro-batch
-(batch 1 real / 2 tiny) of a 40-step rollout stopping at a step in [30, 39].
+(batch 1 real / 2 tiny) of a 40-step rollout stopping at a step in [30, 39]. A trailing ``:grpo`` runs
+``--algorithm grpo`` instead with flow_grpo's 10 sampling steps: one update = one group of 2 images (batch 2 tiny,
+group 2 real), 10 SDE/DDIM steps with log-probabilities, the reward, and 10 policy-gradient forward/backward steps
+per image (``--beta 0``; ``:grpo:kl`` adds the reference forward of ``--beta 0.01``).
+
+    python benchmarks/bench_refl.py --configs sd3:lora4:fp32 sd3:lora4:fp32:grpo sd1:lora4:fp32 sd1:lora4:fp32:grpo
+    BENCH_RESOLUTION=256 flock /tmp/ir-bigmem.lock python benchmarks/bench_refl.py --size real --steps 1 \
+        --configs sd1:lora4:fp32 sd1:lora4:fp32:grpo                # SD1.5-size LoRA at 256 px on the CPU
+
+``BENCH_RESOLUTION`` overrides the image size (default 32 tiny; real: 512, SDXL 1024).
 """
 
 from __future__ import annotations
@@ -45,7 +54,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIGS = ["sd1:full:fp32", "sd1:full:fp32:ckpt", "sd1:lora4:fp32", "sdxl:full:fp32", "sdxl:lora4:fp32",
                 "sd3:full:fp32", "sd3:lora4:fp32", "sd3:lora4:fp32:ckpt:k4", "flux:full:fp32", "flux:lora4:fp32",
-                "flux:lora4:fp32:k4", "flux:lora4:fp32:ckpt:k4"]
+                "flux:lora4:fp32:k4", "flux:lora4:fp32:ckpt:k4", "sd1:lora4:fp32:grpo", "sdxl:lora4:fp32:grpo",
+                "sd3:lora4:fp32:grpo", "sd3:lora4:fp32:grpo:kl", "flux:lora4:fp32:grpo"]
 REAL_CONFIGS = ["sd1:full:fp16", "sd1:full:fp16:ckpt", "sd1:full:bf16:ckpt", "sd1:lora4:bf16",
                 "sdxl:full:bf16:ckpt", "sdxl:lora4:fp16:ckpt", "sdxl:lora4:bf16:ckpt"]
 
@@ -199,7 +209,10 @@ def run_one(spec: str, size: str, device: str, steps: int, workdir: Path) -> dic
     from ImageReward.finetune import ReFLConfig, ReFLTrainer
 
     family, train, precision, *rest = spec.split(":")
-    backprop_steps = next((int(r[1:]) for r in rest if r.startswith("k")), 1)
+    backprop_steps = next((int(r[1:]) for r in rest if r.startswith("k") and r[1:].isdigit()), 1)
+    grpo = dict(algorithm="grpo", num_inference_steps=10, group_size=2,  # one group of 2 (batch 2 tiny, 2 x 1 real)
+                sample_batches_per_update=1 if size == "tiny" else 2,
+                beta=0.01 if "kl" in rest else 0.0) if "grpo" in rest else {}
     base = workdir / f"{family}-{size}"
     if not (base / "model_index.json").is_file():  # built whole into a temporary folder, then renamed
         building = workdir / f"{family}-{size}.building"
@@ -221,11 +234,13 @@ def run_one(spec: str, size: str, device: str, steps: int, workdir: Path) -> dic
     cfg = ReFLConfig(
         pretrained_model_name_or_path=str(base), model_family=family, train_data=str(prompts),
         output_dir=str(workdir / f"out-{spec.replace(':', '_')}"), report_to="none", seed=0,
-        resolution=32 if size == "tiny" else (1024 if family == "sdxl" else 512),
+        resolution=int(os.environ.get("BENCH_RESOLUTION", 0)) or (32 if size == "tiny" else
+                                                                  (1024 if family == "sdxl" else 512)),
         backprop_steps=backprop_steps, max_sequence_length=32 if size == "tiny" else None,
         train_batch_size=2 if size == "tiny" else 1, gradient_accumulation_steps=1, max_train_steps=steps + 1,
         lora_rank=int(train[4:]) if train.startswith("lora") else 0, gradient_checkpointing="ckpt" in rest,
-        mixed_precision=None if precision == "fp32" else precision, checkpointing_steps=10**6, grad_scale=1e-3)
+        mixed_precision=None if precision == "fp32" else precision, checkpointing_steps=10**6, grad_scale=1e-3,
+        **grpo)
     trainer = ReFLTrainer(cfg, reward=reward)
     trainer.setup()
     cuda = trainer.accelerator.device.type == "cuda"

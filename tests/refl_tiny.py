@@ -195,10 +195,10 @@ def save_tiny_reward(directory: Path, seed: int = 0) -> Path:
     return Path(directory)
 
 
-def train_and_check_held_out_gain(trainer) -> dict:
+def train_and_check_held_out_gain(trainer, *, margin: bool = True) -> dict:
     """Render the held-out ``--validation_prompts`` before and after ``trainer.train()`` (same seeds) and assert
-    the reward rose on every prompt, by more than 0.01 and more than twice the gains' spread, with finite losses.
-    Returns the ``train()`` result."""
+    the reward rose on every prompt (with ``margin``: by more than 0.01 and more than twice the gains' spread),
+    with finite losses. Returns the ``train()`` result."""
     import numpy as np
 
     trainer.setup()
@@ -207,6 +207,7 @@ def train_and_check_held_out_gain(trainer) -> dict:
     after = torch.tensor(result["validation"][-1]["train_setting"]["reward"])
     gain = after - before
     assert bool((gain > 0).all()), (before, after)
-    assert gain.mean().item() > 2 * gain.std().item() and gain.mean().item() > 0.01, gain
+    if margin:
+        assert gain.mean().item() > 2 * gain.std().item() and gain.mean().item() > 0.01, gain
     assert all(np.isfinite(h["train_loss"]) for h in result["history"])
     return result

@@ -1,4 +1,4 @@
-"""Command line for ReFL: ``python refl.py [options]``, ``accelerate launch refl.py ...`` or
+"""Command line for ReFL and online RL (``--algorithm grpo``): ``python refl.py [options]``, ``accelerate launch refl.py ...`` or
 ``imagereward refl [options]``. Parses options and calls :class:`ReFLTrainer`; no algorithm here.
 
 >>> main(["--help"])   # doctest: +SKIP
@@ -33,14 +33,16 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(dry_run_report(ReFLTrainer(config))))
         return 0
     result = ReFLTrainer(config).train()
-    print(f"ReFL finished after {result['global_step']} updates; output in {config.output_dir}")
+    name = {"refl": "ReFL", "grpo": "GRPO"}[config.algorithm]
+    print(f"{name} finished after {result['global_step']} updates; output in {config.output_dir}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``imagereward refl``."""
     parser = subparsers.add_parser(
-        "refl", help="fine-tune a diffusion model with ReFL (SD1.x / SDXL / SD3 / FLUX.1, LoRA)")
+        "refl", help="fine-tune a diffusion model on a reward: ReFL, or online RL with --algorithm grpo "
+        "(SD1.x / SDXL / SD3 / FLUX.1, LoRA)")
     add_arguments(parser)
     add_dry_run(parser)
     parser.set_defaults(func=run)

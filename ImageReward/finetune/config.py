@@ -48,6 +48,10 @@ class ReFLConfig:
     change when a run resumes (with a warning and a line in ``refl_args.history.jsonl``); every other field,
     including new ones, is refused on resume when it differs from the checkpoint's value."""
 
+    # algorithm
+    algorithm: str = _opt("refl", "refl: reward backprop (ReFL / DRaFT-K, needs a differentiable reward); grpo: online "
+                          "RL (Flow-GRPO for sd3/flux, DDPO's DDIM sampler for sd1/sdxl; any reward)",
+                          choices=("refl", "grpo"))
     # model
     pretrained_model_name_or_path: str = _opt("CompVis/stable-diffusion-v1-4", "base diffusers model (Hub id or folder)")
     model_family: str = _opt("sd1", "model family of the base model: sd1 (SD 1.x/2.x), sdxl, sd3 (SD3 / SD3.5), "
@@ -126,6 +130,21 @@ class ReFLConfig:
                                                             resume=ACCEPT)
     mixed_precision: str | None = _opt(None, "overrides accelerate config", choices=("no", "fp16", "bf16"))
     seed: int | None = _opt(None, "seed (each process adds its index)")
+    # online RL (--algorithm grpo); defaults are flow_grpo's config/base.py where it has them
+    group_size: int = _opt(8, "grpo: images sampled per prompt (the group of the group-relative advantage)")
+    sample_batches_per_update: int = _opt(4, "grpo: batches of --train_batch_size images sampled per update "
+                                          "(flow_grpo's sample.num_batches_per_epoch)")
+    num_inner_epochs: int = _opt(1, "grpo: passes over each update's samples")
+    noise_level: float = _opt(0.7, "grpo, sd3/flux: SDE noise level a (std = a * sqrt(sigma / (1 - sigma)))")
+    eta: float = _opt(1.0, "grpo, sd1/sdxl: DDIM eta of the sampler (DDPO's 1.0)")
+    timestep_fraction: float = _opt(1.0, "grpo: train on the first int(steps * fraction) denoising steps")
+    clip_range: float = _opt(1e-4, "grpo: PPO ratio clip epsilon")
+    adv_clip_max: float = _opt(5.0, "grpo: advantages are clamped to [-adv_clip_max, adv_clip_max]")
+    beta: float = _opt(0.0, "grpo: weight of the KL to the base model (LoRA disabled, or a frozen copy)")
+    global_std: bool = _opt(True, "grpo: divide advantages by the std of all rewards of the update (else the group's)")
+    reward_aggregation: str = _opt("weighted_sum", "grpo, several rewards: weighted_sum, or group_zscore (each reward "
+                                   "z-scored within its group before weighting)",
+                                   choices=("weighted_sum", "group_zscore"))
     # outputs
     output_dir: str = _opt("checkpoint/refl", "checkpoints, logs and the final model", resume=ACCEPT)
     logging_dir: str = _opt("logs", "log folder, relative to output_dir", resume=ACCEPT)
@@ -171,7 +190,12 @@ class ReFLConfig:
             bad("max_train_steps", "an integer >= 1 (or leave it out)")
         if self.resolution % 8:
             bad("resolution", "a multiple of 8")
-        if not 0 <= self.stop_step_min <= self.stop_step_max < self.num_inference_steps:
+        grpo = self.algorithm == "grpo"
+        if self.algorithm not in ("refl", "grpo"):
+            bad("algorithm", "refl or grpo")
+        if grpo:
+            self._validate_grpo()
+        elif not 0 <= self.stop_step_min <= self.stop_step_max < self.num_inference_steps:
             raise ReFLConfigError(
                 f"--stop_step_min={self.stop_step_min} / --stop_step_max={self.stop_step_max}: expected "
                 f"0 <= min <= max < --num_inference_steps ({self.num_inference_steps})")
@@ -188,7 +212,7 @@ class ReFLConfig:
             bad("resolution", f"a multiple of 16 for --model_family {self.model_family} (VAE factor 8, 2x2 patches)")
         if self.backprop_steps < 1:
             bad("backprop_steps", "an integer >= 1 (1 = ReFL)")
-        if self.backprop_steps > self.stop_step_min + 1:
+        if not grpo and self.backprop_steps > self.stop_step_min + 1:
             raise ReFLConfigError(f"--backprop_steps={self.backprop_steps}: the last K steps must fit before the "
                                   f"earliest stop step; expected K <= --stop_step_min + 1 = {self.stop_step_min + 1}")
         if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
@@ -198,6 +222,8 @@ class ReFLConfig:
         if flow and self.pretrain_loss_weight > 0:
             raise ReFLConfigError(f"--pretrain_loss_weight: the pre-training loss is noise prediction for sd1/sdxl; "
                                   f"it is not implemented for --model_family {self.model_family}")
+        if grpo and self.pretrain_loss_weight > 0:
+            raise ReFLConfigError("--pretrain_loss_weight is for --algorithm refl (GRPO has its --beta KL instead)")
         if self.pretrain_loss_weight < 0:
             bad("pretrain_loss_weight", "a number >= 0")
         if self.pretrain_loss_weight > 0 and not self.pretrain_data:
@@ -235,6 +261,38 @@ class ReFLConfig:
                 raise ReFLConfigError(f"--resume_from_checkpoint {path!r}: no such checkpoint folder "
                                       f"(nor in {self.output_dir!r}); use 'latest' or a checkpoint-N folder")
         return self
+
+    def _validate_grpo(self) -> None:
+        """The options of ``--algorithm grpo`` (groups, batches, clip and KL settings)."""
+        def bad(name: str, expected: str) -> None:
+            raise ReFLConfigError(f"--{name}={getattr(self, name)!r}: expected {expected}")
+
+        if self.group_size < 2:
+            bad("group_size", "an integer >= 2 (a group-relative advantage needs at least two images per prompt)")
+        for name in ("sample_batches_per_update", "num_inner_epochs"):
+            if getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        images = self.train_batch_size * self.sample_batches_per_update
+        if images % self.group_size:
+            raise ReFLConfigError(
+                f"--train_batch_size {self.train_batch_size} x --sample_batches_per_update "
+                f"{self.sample_batches_per_update} = {images} images per update do not divide into groups of "
+                f"--group_size {self.group_size}")
+        if self.sample_batches_per_update % self.gradient_accumulation_steps:
+            raise ReFLConfigError(
+                f"--sample_batches_per_update {self.sample_batches_per_update} is not a multiple of "
+                f"--gradient_accumulation_steps {self.gradient_accumulation_steps} (each update must end on an "
+                "optimizer step)")
+        if not 0 < self.timestep_fraction <= 1:
+            bad("timestep_fraction", "a number in (0, 1]")
+        if int(self.num_inference_steps * self.timestep_fraction) < 1:
+            raise ReFLConfigError(f"--timestep_fraction {self.timestep_fraction} of --num_inference_steps "
+                                  f"{self.num_inference_steps} trains on no step")
+        for name in ("noise_level", "eta", "clip_range", "adv_clip_max"):
+            if not getattr(self, name) > 0:
+                bad(name, "a number > 0")
+        if self.beta < 0:
+            bad("beta", "a number >= 0 (0 = no KL)")
 
     def _check_types(self) -> None:
         """Every int / float option holds a (finite) number of its kind: a config built in Python with
@@ -295,7 +353,8 @@ def build_parser(defaults: ReFLConfig | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one ``--option`` per :class:`ReFLConfig` field (defaults from ``defaults``)."""
     from ..cli import OneLineParser  # usage errors: one line, exit 2
 
-    parser = OneLineParser(description="ReFL: fine-tune a diffusion model on a reward model.")
+    parser = OneLineParser(description="Fine-tune a diffusion model on a reward: ReFL (--algorithm refl) or online "
+                                       "RL, Flow-GRPO / DDPO (--algorithm grpo).")
     add_arguments(parser, defaults)
     return parser
 

@@ -31,6 +31,7 @@ from .compat import dtype_kwargs, make_pipeline_portable, quiet_torchvision_fall
 from .config import ReFLConfig, ReFLConfigError
 from .data import BatchOrder, load_image_text, load_prompts
 from .families import Conditioning, get_family
+from .grpo import GRPO, optimizer_steps_per_update, prompts_per_update, train_timestep_count
 from .lora import add_lora, save_lora
 from .losses import refl_loss
 from .preflight import check_models
@@ -46,6 +47,7 @@ STATE_NAME = "refl_state.json"
 ARGS_NAME = "refl_args.json"  # in each checkpoint: the settings it was made with (checked on resume)
 HISTORY_NAME = "refl_args.history.jsonl"  # in output_dir: one line per start or resume, never rewritten
 _RESUME_HINT = "free space (or lower --checkpoints_total_limit), then resume with --resume_from_checkpoint latest"
+_ALGORITHM_NAMES = {"refl": "ReFL", "grpo": "GRPO (online RL)"}
 _TINY_UPDATE_PATIENCE = 10
 
 
@@ -131,8 +133,11 @@ class ReFLTrainer:
         cfg = self.config
         output_dir = Path(cfg.output_dir)
         project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir))
+        grpo = cfg.algorithm == "grpo"
+        # GRPO accumulates over the trained denoising steps of every batch too (flow_grpo's accumulation)
+        accumulation = cfg.gradient_accumulation_steps * (train_timestep_count(cfg) if grpo else 1)
         self.accelerator = acc = Accelerator(
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=accumulation, mixed_precision=cfg.mixed_precision,
             log_with=None if cfg.report_to == "none" else cfg.report_to, project_config=project)
         if acc.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -144,8 +149,9 @@ class ReFLTrainer:
         from accelerate.utils import set_seed
         set_seed(seed)  # torch, numpy, random: LoRA init (and anything else drawn globally) follows --seed
         self.generator = torch.Generator().manual_seed(seed + acc.process_index)  # rollouts, per process
-        self.order = BatchOrder(len(self.prompts), cfg.train_batch_size, seed, process_index=acc.process_index,
-                                num_processes=acc.num_processes)
+        # GRPO takes prompts_per_update prompts per update (each sampled group_size times)
+        self.order = BatchOrder(len(self.prompts), prompts_per_update(cfg) if grpo else cfg.train_batch_size, seed,
+                                process_index=acc.process_index, num_processes=acc.num_processes)
 
         # models ---------------------------------------------------------------------------------
         # every module in an explicit dtype (an fp16 base trains in fp32 without --mixed_precision): frozen ones
@@ -163,9 +169,9 @@ class ReFLTrainer:
             module.requires_grad_(False).eval().to("cpu" if any(module is e for e in offloaded) else acc.device)
         reward_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
         self.reward = as_reward(self._reward_arg, device=acc.device, download_root=cfg.reward_download_root,
-                                dtype=reward_dtype).to(acc.device)
+                                dtype=reward_dtype, differentiable=not grpo).to(acc.device)
         self.reward.requires_grad_(False).eval()
-        if not self.reward.is_differentiable:
+        if not grpo and not self.reward.is_differentiable:
             raise ReFLConfigError(f"reward {self.reward.name!r} is not differentiable")
         self.monitor: WeightedReward | None = None
         if self._monitor_arg:
@@ -211,11 +217,14 @@ class ReFLTrainer:
         optimizer = optimizer_cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         updates_per_epoch = math.ceil(self.order.batches_per_epoch / cfg.gradient_accumulation_steps)
+        if grpo:
+            updates_per_epoch = self.order.batches_per_epoch
         self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
-        # accelerate steps a wrapped scheduler once per process per update: scale the horizon to match
+        # accelerate steps a wrapped scheduler once per process per optimizer step: scale the horizon to match
+        optimizer_steps = optimizer_steps_per_update(cfg) if grpo else 1
         lr_scheduler = diffusers.optimization.get_scheduler(
             cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
-            num_training_steps=self.max_train_steps * acc.num_processes)
+            num_training_steps=self.max_train_steps * optimizer_steps * acc.num_processes)
         self.fsdp = acc.distributed_type.name == "FSDP"
         if self.fsdp and (cfg.lora_rank or cfg.use_ema):
             raise ReFLConfigError("the FSDP launch config is for full fine-tuning without --use_ema (a LoRA fits "
@@ -240,6 +249,7 @@ class ReFLTrainer:
             logger.info("grad_scale=%g: on small models gradients may fall below adam_epsilon=%g; the trainer "
                         "warns if updates vanish", cfg.grad_scale, cfg.adam_epsilon)
         self._tiny_updates = 0
+        self.grpo = GRPO(self) if grpo else None
         self._set_up = True
         if cfg.resume_from_checkpoint:
             self.resume(cfg.resume_from_checkpoint)
@@ -319,6 +329,8 @@ class ReFLTrainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer update (``gradient_accumulation_steps`` micro-batches); returns its logged values."""
         cfg, acc = self.config, self.accelerator
+        if self.grpo is not None:
+            return self.grpo.train_step()
         sums: dict[str, float] = {}
         grad_norm = None
         for k in range(cfg.gradient_accumulation_steps):
@@ -326,12 +338,7 @@ class ReFLTrainer:
             prompts = self.order.take(self.prompts, micro_step)
             with acc.accumulate(self.unet):
                 loss, stats = self.compute_loss(prompts, micro_step)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm = self.backward_and_step(loss, grad_norm)
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + float(acc.gather(value.reshape(1).float()).mean())
         if not acc.sync_gradients:  # cannot happen with the step counter at a boundary; guard anyway
@@ -344,6 +351,19 @@ class ReFLTrainer:
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         self._watch_tiny_updates(logs["grad_norm"])
         return logs
+
+    def backward_and_step(self, loss: torch.Tensor, grad_norm: Any = None) -> Any:
+        """One micro-step inside ``accelerator.accumulate``: backward, and on the accumulation boundary clip and
+        step (accelerate makes the optimizer and LR steps no-ops between boundaries). Returns the clipped norm
+        when clipping ran, else ``grad_norm``."""
+        acc = self.accelerator
+        acc.backward(loss)
+        if acc.sync_gradients:
+            grad_norm = acc.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
     def _watch_tiny_updates(self, grad_norm: float) -> None:
         """Warn when gradients stay far below AdamW's eps (updates then vanish: lr * g / eps ~ 0)."""
@@ -362,11 +382,11 @@ class ReFLTrainer:
 
         self.setup()
         cfg, acc = self.config, self.accelerator
-        logger.info("ReFL: %d prompts, %d updates, %d trainable parameters (%s)", len(self.prompts),
+        logger.info("%s: %d prompts, %d updates, %d trainable parameters (%s)", cfg.algorithm, len(self.prompts),
                     self.max_train_steps, self.n_trainable,
                     "LoRA" if cfg.lora_rank else f"full {self.family.denoiser_name}")
         bar = tqdm(total=self.max_train_steps, initial=self.global_step, disable=not acc.is_local_main_process,
-                   desc="ReFL")
+                   desc=cfg.algorithm.upper())
         while self.global_step < self.max_train_steps:
             logs = self.train_step()
             self.history.append(logs)
@@ -681,9 +701,9 @@ class ReFLTrainer:
         if base_id:  # the Hub's base_model must be a repo id; a local folder's path would not be portable
             lines.append(f"base_model: {base_id}")
         lines += [
-            "tags: [image-reward, refl, text-to-image]", "---", "",
-            f"# ReFL fine-tune of {base_name}", "",
-            f"Trained with ImageReward ReFL ("
+            f"tags: [image-reward, {cfg.algorithm}, text-to-image]", "---", "",
+            f"# {_ALGORITHM_NAMES[cfg.algorithm]} fine-tune of {base_name}", "",
+            f"Trained with ImageReward {_ALGORITHM_NAMES[cfg.algorithm]} ("
             f"{'LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else 'full ' + self.family.denoiser_name}, "
             f"family {cfg.model_family}) for {self.global_step} updates on reward `{cfg.reward}`.", "",
             "## Final training values", "", "```json", json.dumps(last, indent=1), "```", "",
