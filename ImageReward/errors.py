@@ -54,3 +54,7 @@ def _rebuild_download_error(message: str, reason: str, missing: list[Any]) -> Do
 
 class DiskSpaceError(ImageRewardError, OSError):
     """Too little free disk space for a file or folder about to be written (checked before writing it)."""
+
+
+class RemoteScorerError(ImageRewardError, ConnectionError):
+    """A reward server (``imagereward serve``) could not be reached or did not answer, after the retries."""
