@@ -10,7 +10,7 @@ contract, ``docs/start/http_scorer.md``)::
              | pickle.dumps({"error": "..."})             # HTTP 4xx / 5xx
 
 Request bodies come from the network, so they are never read by the standard unpickler: :func:`safe_loads`
-accepts only plain data (dict, list, tuple, set, str, bytes, int, float, bool, None; pickle protocol 3 or later,
+accepts only plain data (dict, list, tuple, str, bytes, int, float, bool, None; pickle protocol 3 or later,
 as Python 3 writes by default) and refuses every global (a class, a function, a numpy array) with
 :class:`ProtocolError` naming it, before anything of it runs.
 """
