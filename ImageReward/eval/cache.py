@@ -49,6 +49,8 @@ def scorer_identity(spec: str | Resolved, dtype: str = "float32") -> str:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         signature = ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
         return f"path:{path}|{signature}|{dtype}"
+    if resolved.kind == "remote":  # a server URL, without its ?token=
+        return f"remote:{resolved.target.split('?', 1)[0]}|{dtype}"
     return f"{resolved.target}|{dtype}"
 
 
