@@ -268,3 +268,21 @@ def test_sigterm_finishes_requests_in_flight(server, local):
         assert not isinstance(response, Exception) and response.status_code == 200, response
         expected = local.score_batch(f"p{k}", [load_image(data) for data in images])
         assert np.allclose(pickle.loads(response.content)["scores"], expected.numpy(), atol=1e-5)
+
+
+def test_ray_serve_replicas_serve_the_same_app(folder, local, tmp_path):
+    """Two Ray Serve replicas of the same app on a local Ray cluster bound to 127.0.0.1 (CPU)."""
+    pytest.importorskip("ray.serve")
+    from ImageReward.image_io import load_image
+
+    process = ServerProcess(["--model", f"tiny={folder}", "--ray-replicas", "2"], tmp_path / "ray.log", timeout=300)
+    try:
+        images = [jpeg(seed) for seed in range(3)]
+        response = requests.post(process.url + "/score/tiny", timeout=120,
+                                 data=pickle.dumps({"images": images, "prompts": PROMPTS[:3], "metadata": {}}))
+        assert response.status_code == 200, response.content
+        expected = local.score_batch(PROMPTS[:3], [load_image(data) for data in images])
+        assert np.allclose(pickle.loads(response.content)["scores"], expected.numpy(), atol=1e-5)
+        assert requests.get(process.url + "/v1/models", timeout=30).json()["models"][0]["name"] == "tiny"
+    finally:
+        assert process.stop() == 0

@@ -110,17 +110,17 @@ def create_app(models: Sequence[ServedModel], *, limits: Limits | None = None, t
     limits = limits or Limits()
     metrics = metrics or Metrics()
     by_name = {model.name: model for model in models}
-    state = {"started": False}
+
+    def started() -> bool:  # the batchers run (started by the lifespan below, or by whoever built the app)
+        return all(model.batcher.running for model in models)
 
     @asynccontextmanager
     async def lifespan(app):
         for model in models:
             model.batcher.start()
-        state["started"] = True
         try:
             yield
         finally:
-            state["started"] = False
             for model in models:
                 await asyncio.to_thread(model.batcher.stop)
 
@@ -189,7 +189,7 @@ def create_app(models: Sequence[ServedModel], *, limits: Limits | None = None, t
         return by_name[name]
 
     async def score(model: ServedModel, parse: Callable[[], Any]) -> list[float]:
-        if not state["started"] or (ready is not None and not ready()):
+        if not started() or (ready is not None and not ready()):
             raise ProtocolError("the server is starting: models are not ready yet", status=503)
         request = await asyncio.to_thread(parse)
         job = await asyncio.to_thread(model.batcher.prepare, request)
@@ -267,7 +267,7 @@ def create_app(models: Sequence[ServedModel], *, limits: Limits | None = None, t
 
     @app.get("/health")
     async def health() -> Response:
-        ok = state["started"] and (ready is None or ready())
+        ok = started() and (ready is None or ready())
         return JSONResponse({"status": "ok" if ok else "loading", "models": [m.name for m in models]},
                             status_code=200 if ok else 503)
 

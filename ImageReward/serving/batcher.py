@@ -120,6 +120,11 @@ class DynamicBatcher:
         n = min(2, self.max_batch_size)
         finite_scores(score_pixels(self.scorer, ["warm-up"] * n, stack_pixels([pixels] * n), list(range(n))).tolist())
 
+    @property
+    def running(self) -> bool:
+        """Whether the batch thread is serving."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> "DynamicBatcher":
         """Start the batch thread (idempotent)."""
         if self._thread is None:
