@@ -23,6 +23,7 @@ import asyncio
 import io
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -165,12 +166,21 @@ def main() -> int:
     servers = {
         "ours": lambda port: [sys.executable, "-m", "ImageReward.cli", "serve", "--model", str(work / "model"),
                               "--port", str(port), "--device", args.device, "--max-batch-size",
-                              str(args.max_batch_size), "--max-wait-ms", "10"],
+                              str(args.max_batch_size), "--max-wait-ms", "10", "--request-timeout", "3600"],
         "field": lambda port: [sys.executable, "-m", "gunicorn", "-w", str(args.workers), "-k", "sync",
                                "--timeout", "3600", "-b", f"127.0.0.1:{port}", "--chdir", str(work), "field_app:app"],
     }
     threads = {"ours": args.threads, "field": max(1, args.threads // args.workers)}
-    rows = []
+    rows: list[dict] = []
+    try:
+        run_servers(args, servers, threads, env, work, images, rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the saved model: ~1.8 GB at full size
+    print_table(args, threads, rows)
+    return 0
+
+
+def run_servers(args, servers, threads, env, work, images, rows) -> None:
     for name, command in servers.items():
         if args.only and name != args.only:
             continue
@@ -192,6 +202,10 @@ def main() -> int:
         finally:
             stop(process)
 
+
+def print_table(args, threads, rows) -> None:
+    import torch
+
     print(f"\n{'tiny' if args.quick else 'full-size'} ImageReward, random weights, device {args.device}, "
           f"torch {torch.__version__}, {args.threads} CPU threads per server; field = Flask + gunicorn "
           f"{args.workers} sync workers x {threads['field']} threads, original algorithm pair by pair; "
@@ -203,7 +217,6 @@ def main() -> int:
         ratio = r["images_per_s"] / field[(r["clients"], r["size"])] if (r["clients"], r["size"]) in field else None
         print(f"| {r['server']} | {r['clients']} | {r['size']} | {r['images_per_s']:.2f} | {r['p50']:.2f} | "
               f"{r['p99']:.2f} | {'' if ratio is None or r['server'] == 'field' else f'{ratio:.2f}x'} |")
-    return 0
 
 
 if __name__ == "__main__":
