@@ -234,6 +234,17 @@ def test_remote_scorer_works_where_a_scorer_name_does(server, local, folder, tmp
     expected = local.score_batch("a cat", [str(tmp_path / f"{k}.png") for k in range(5)])
     by_name = {row["image"].rsplit("/", 1)[-1]: row["score"] for row in rows}
     assert np.allclose([by_name[f"{k}.png"] for k in range(5)], expected.numpy(), atol=1e-6)
+    # the CLI, token from the environment (kept out of the output)
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "ImageReward.cli", "score", "--model", f"{server.url}/score/tiny",
+                           "--prompt", "a cat", "--json", str(tmp_path / "0.png"), str(tmp_path / "1.png")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "IMAGEREWARD_SERVE_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    cli_scores = [row["score"] for row in json.loads(done.stdout)["results"]]
+    assert np.allclose(cli_scores, expected.numpy()[:2], atol=1e-6)
     # ReFL: monitored, never trained on
     assert load_reward(url, differentiable=False).scorers[0].name.endswith("/score/tiny")
     with pytest.raises(ReFLConfigError, match="not differentiable"):
