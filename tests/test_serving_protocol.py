@@ -115,3 +115,35 @@ def test_metrics_render_prometheus_text():
     assert 'imagereward_batch_size_bucket{model="m",le="4"} 2' in text
     assert 'imagereward_batch_size_bucket{model="m",le="+Inf"} 3' in text
     assert 'imagereward_batch_size_sum{model="m"} 36' in text and "# TYPE imagereward_batch_size histogram" in text
+
+
+@pytest.mark.integration  # a few seconds: a model and a batch thread
+def test_batcher_isolates_failures_and_never_returns_nan(tiny_model):
+    """Jobs of several requests share a model call; one that breaks the batch (pixels of the wrong size) or
+    scores NaN fails alone, the others get their scores, equal to the model's own."""
+    from ImageReward.engine import preprocess_image
+    from ImageReward.serving.batcher import DynamicBatcher, Job
+    from PIL import Image
+
+    batcher = DynamicBatcher(tiny_model, name="tiny", max_batch_size=64, max_wait_ms=200)
+    batcher.warm_up()
+    images = [Image.new("RGB", (40 + 3 * k, 30), (20 * k, 90, 200 - 10 * k)) for k in range(4)]
+    pixels = [preprocess_image(image, batcher.configs) for image in images]
+    good = [Job([f"prompt {k}"], [pixels[k]]) for k in range(3)]
+    wrong_size = Job(["x"], [torch.zeros(3, 16, 16)])
+    nan = Job(["y"], [pixels[3] * float("nan")])
+    batcher.start()
+    try:
+        futures = [batcher.submit(job) for job in (good[0], wrong_size, good[1], nan, good[2])]
+        results = []
+        for future in futures:
+            try:
+                results.append(future.result(timeout=120))
+            except Exception as err:  # noqa: BLE001 - the failures are asserted below
+                results.append(err)
+    finally:
+        batcher.stop()
+    expected = tiny_model.score_batch([f"prompt {k}" for k in range(3)], images[:3])
+    assert [r[0] for r in (results[0], results[2], results[4])] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert isinstance(results[1], Exception) and isinstance(results[3], FloatingPointError)
+    assert 'imagereward_batch_size_count{model="tiny"}' in batcher.metrics.render()

@@ -99,9 +99,11 @@ class DynamicBatcher:
                                      f"{self.limits.max_pixels} (--max-pixels)", status=413)
             image = load_image(data, index=index, exif_transpose=getattr(self.scorer, "exif_transpose", True))
             return preprocess_image(image, self.configs)
+        except Image.DecompressionBombError as err:  # beyond Pillow's own limit: refused from the header too
+            return ProtocolError(f"image #{index}: {err}", status=413)
         except ImageRewardError as err:
             return ProtocolError(str(err), status=422)
-        except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
+        except (OSError, ValueError, SyntaxError) as err:
             return ProtocolError(f"image #{index} ({len(data)} bytes): cannot decode image ({err})", status=422)
 
     def submit(self, job: Job) -> Future:
