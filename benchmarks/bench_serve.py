@@ -148,6 +148,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=32, help="images sent per configuration (about)")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--only", choices=("ours", "field"), default=None)
+    parser.add_argument("--dtype", default="float32", help="our server's image-side dtype (bf16: see bench_score)")
     args = parser.parse_args()
 
     import torch
@@ -166,7 +167,8 @@ def main() -> int:
     servers = {
         "ours": lambda port: [sys.executable, "-m", "ImageReward.cli", "serve", "--model", str(work / "model"),
                               "--port", str(port), "--device", args.device, "--max-batch-size",
-                              str(args.max_batch_size), "--max-wait-ms", "10", "--request-timeout", "3600"],
+                              str(args.max_batch_size), "--max-wait-ms", "10", "--request-timeout", "3600",
+                              "--dtype", args.dtype],
         "field": lambda port: [sys.executable, "-m", "gunicorn", "-w", str(args.workers), "-k", "sync",
                                "--timeout", "3600", "-b", f"127.0.0.1:{port}", "--chdir", str(work), "field_app:app"],
     }
@@ -196,7 +198,8 @@ def run_servers(args, servers, threads, env, work, images, rows) -> None:
                 for clients in args.clients:
                     per_client = max(1, round(args.images / (clients * size)))
                     result = asyncio.run(load_test(url, images, clients, size, per_client))
-                    rows.append({"server": name, "clients": clients, "size": size, **result})
+                    label = name if name == "field" or args.dtype in ("float32", "fp32") else f"{name} ({args.dtype})"
+                    rows.append({"server": label, "clients": clients, "size": size, **result})
                     print(f"{name:6s} clients={clients:3d} images/request={size}: {result['images_per_s']:.2f} img/s, "
                           f"p50 {result['p50']:.2f} s, p99 {result['p99']:.2f} s", file=sys.stderr, flush=True)
         finally:
