@@ -151,8 +151,6 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", help="our server's image-side dtype (bf16: see bench_score)")
     args = parser.parse_args()
 
-    import torch
-
     sys.path.insert(0, str(HERE))
     from bench_score import build_model
 

@@ -96,10 +96,10 @@ def model_info(model: ServedModel) -> dict[str, Any]:
 
 
 def create_app(models: Sequence[ServedModel], *, limits: Limits | None = None, token: str | None = None,
-               metrics: Metrics | None = None, ready: Callable[[], bool] | None = None):
-    """The FastAPI app serving ``models`` (already loaded; their batchers are started with the app and
-    stopped, after finishing what is queued, when it shuts down). ``ready``: whether ``/health`` may say
-    ready (default: once the app has started)."""
+               metrics: Metrics | None = None):
+    """The FastAPI app serving ``models`` (already loaded and warmed up; their batchers are started with the
+    app and stopped, after finishing what is queued, when it shuts down). ``/health`` is ready while every
+    batcher runs."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -189,7 +189,7 @@ def create_app(models: Sequence[ServedModel], *, limits: Limits | None = None, t
         return by_name[name]
 
     async def score(model: ServedModel, parse: Callable[[], Any]) -> list[float]:
-        if not started() or (ready is not None and not ready()):
+        if not started():
             raise ProtocolError("the server is starting: models are not ready yet", status=503)
         request = await asyncio.to_thread(parse)
         job = await asyncio.to_thread(model.batcher.prepare, request)
@@ -267,7 +267,7 @@ def create_app(models: Sequence[ServedModel], *, limits: Limits | None = None, t
 
     @app.get("/health")
     async def health() -> Response:
-        ok = started() and (ready is None or ready())
+        ok = started()
         return JSONResponse({"status": "ok" if ok else "loading", "models": [m.name for m in models]},
                             status_code=200 if ok else 503)
 

@@ -26,7 +26,6 @@ from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from PIL import Image
 
 from ..engine import preprocess_configs, preprocess_image, score_pixels, stack_pixels
