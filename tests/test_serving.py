@@ -246,7 +246,9 @@ def test_remote_scorer_works_where_a_scorer_name_does(server, local, folder, tmp
     cli_scores = [row["score"] for row in json.loads(done.stdout)["results"]]
     assert np.allclose(cli_scores, expected.numpy()[:2], atol=1e-6)
     # ReFL: monitored, never trained on
-    assert load_reward(url, differentiable=False).scorers[0].name.endswith("/score/tiny")
+    monitor = load_reward(url, differentiable=False)  # as ReFL's validation scores its decoded images
+    decoded = [torch.rand(3, 24, 20, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    assert torch.allclose(monitor.score_batch(prompts[:2], decoded), local.score_batch(prompts[:2], decoded), atol=1e-6)
     with pytest.raises(ReFLConfigError, match="not differentiable"):
         load_reward(url)
     with pytest.raises(RM.InvalidInputError, match="answered 401"):
