@@ -7,10 +7,13 @@ ImageReward (random weights, saved once to a temporary folder; timing does not d
 baseline runs the original algorithm (``bench_score.original_algorithm``: ViT and text encoder at batch 1 per
 pair, the original's kernels) in each sync worker, as the ImageReward services of flow_grpo-style projects
 do; it is built here from that description. Clients are asyncio + aiohttp, ``C`` concurrent clients each
-sending requests of ``K`` JPEG images back to back (verl-omni sends ``K = 1``, all of a batch at once).
+sending requests of ``K`` JPEG images back to back (verl-omni sends ``K = 1``, all of a batch at once). Both
+servers run side by side and each configuration runs on one, then the other, so that a shared machine's
+drift hits both alike.
 
     flock /tmp/ir-bigmem.lock python benchmarks/bench_serve.py                  # full size (~1.8 GB a process)
     python benchmarks/bench_serve.py --quick                                     # tiny model: checks the script
+    python benchmarks/bench_serve.py --configs 1x1 8x1 32x1 1x8 8x8 --images 32  # CLIENTSxIMAGES, shorter on CPU
     python benchmarks/bench_serve.py --device cuda --workers 1                   # on a GPU
 
 Needs the ``serve`` extra plus flask, gunicorn and aiohttp (``pip install flask gunicorn aiohttp``).
@@ -143,8 +146,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn sync workers of the baseline")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per server in all")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8], help="images per request")
+    parser.add_argument("--configs", nargs="+", default=["1x1", "8x1", "32x1", "1x8", "8x8", "32x8"],
+                        help="CLIENTSxIMAGES_PER_REQUEST")
     parser.add_argument("--images", type=int, default=32, help="images sent per configuration (about)")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--only", choices=("ours", "field"), default=None)
@@ -181,26 +184,33 @@ def main() -> int:
 
 
 def run_servers(args, servers, threads, env, work, images, rows) -> None:
-    for name, command in servers.items():
-        if args.only and name != args.only:
-            continue
-        port = free_port()
-        server_env = {**env, "OMP_NUM_THREADS": str(threads[name]), "WORKER_THREADS": str(threads[name])}
-        process = subprocess.Popen(command(port), env=server_env, start_new_session=True,
-                                   stdout=subprocess.DEVNULL, stderr=open(work / f"{name}.log", "wb"))
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_ready(url, process)
-            asyncio.run(load_test(url, images, 1, 1, 1))  # warm-up
-            for size in args.sizes:
-                for clients in args.clients:
-                    per_client = max(1, round(args.images / (clients * size)))
-                    result = asyncio.run(load_test(url, images, clients, size, per_client))
-                    label = name if name == "field" or args.dtype in ("float32", "fp32") else f"{name} ({args.dtype})"
-                    rows.append({"server": label, "clients": clients, "size": size, **result})
-                    print(f"{name:6s} clients={clients:3d} images/request={size}: {result['images_per_s']:.2f} img/s, "
-                          f"p50 {result['p50']:.2f} s, p99 {result['p99']:.2f} s", file=sys.stderr, flush=True)
-        finally:
+    """Start every server, then run each configuration on each server in turn (interleaved, so that the
+    drift of a shared machine hits both alike)."""
+    processes, urls = {}, {}
+    try:
+        for name, command in servers.items():
+            if args.only and name != args.only:
+                continue
+            port = free_port()
+            server_env = {**env, "OMP_NUM_THREADS": str(threads[name]), "WORKER_THREADS": str(threads[name])}
+            processes[name] = subprocess.Popen(command(port), env=server_env, start_new_session=True,
+                                               stdout=subprocess.DEVNULL, stderr=open(work / f"{name}.log", "wb"))
+            urls[name] = f"http://127.0.0.1:{port}"
+        for name, url in urls.items():
+            wait_ready(url, processes[name])
+            for _ in range(args.workers if name == "field" else 1):  # warm up every worker
+                asyncio.run(load_test(url, images, 1, 1, 1))
+        for config in args.configs:
+            clients, size = (int(part) for part in config.split("x"))
+            per_client = max(1, round(args.images / (clients * size)))
+            for name, url in urls.items():
+                result = asyncio.run(load_test(url, images, clients, size, per_client))
+                label = name if name == "field" or args.dtype in ("float32", "fp32") else f"{name} ({args.dtype})"
+                rows.append({"server": label, "clients": clients, "size": size, **result})
+                print(f"{label:6s} clients={clients:3d} images/request={size}: {result['images_per_s']:.2f} img/s, "
+                      f"p50 {result['p50']:.2f} s, p99 {result['p99']:.2f} s", file=sys.stderr, flush=True)
+    finally:
+        for process in processes.values():
             stop(process)
 
 
@@ -214,7 +224,7 @@ def print_table(args, threads, rows) -> None:
     print("| server | clients | images / request | images/s | p50 latency (s) | p99 latency (s) | vs field |")
     print("|---|---|---|---|---|---|---|")
     field = {(r["clients"], r["size"]): r["images_per_s"] for r in rows if r["server"] == "field"}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["server"] == "field", r["size"], r["clients"])):
         ratio = r["images_per_s"] / field[(r["clients"], r["size"])] if (r["clients"], r["size"]) in field else None
         print(f"| {r['server']} | {r['clients']} | {r['size']} | {r['images_per_s']:.2f} | {r['p50']:.2f} | "
               f"{r['p99']:.2f} | {'' if ratio is None or r['server'] == 'field' else f'{ratio:.2f}x'} |")
