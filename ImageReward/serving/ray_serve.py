@@ -69,7 +69,8 @@ def run_ray_serve(options: Sequence[str], *, replicas: int, host: str, port: int
     local = {} if address else {"include_dashboard": False}
     if not address and host in ("127.0.0.1", "localhost"):
         local["_node_ip_address"] = "127.0.0.1"  # a local cluster that listens on this machine only
-    ray.init(address=address, ignore_reinit_error=True, **local)
+    # "local": always a new cluster of this process's own, never one another program left running here
+    ray.init(address=address or "local", ignore_reinit_error=True, **local)
     serve.start(http_options={"host": host, "port": port})
     limits = settings.pop("limits", None)
     app = build_deployment(options, replicas=replicas, token=token, limits=limits, **settings)
