@@ -33,11 +33,29 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+_LENIENT_ERRORS = ("backslashreplace", "namereplace", "replace", "xmlcharrefreplace")
+
+
+def safe_output_streams() -> None:
+    """Let stdout and stderr write any text: a character their encoding cannot hold (a Chinese file name on a
+    cp1252 console or pipe, a file name that is not valid UTF-8) is written as a ``\\uXXXX`` escape instead
+    of raising ``UnicodeEncodeError`` after the work is done. The encoding itself is left as it is."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", None) not in _LENIENT_ERRORS:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or detached stream: nothing will be written to it
+                pass
+
+
 def run_command(func: Callable[[], Any], prog: str, *, verbose: bool = False) -> int:
     """Run a command and turn every exception into one line on stderr and an exit status: 2 for a mistake in
     the user's input (an :class:`ImageRewardError`: a bad option, file, image, checkpoint or name), 1 for a
     failure that is not (a :class:`DownloadError` or :class:`DiskSpaceError`, I/O, out of memory, a bug: the
-    traceback is logged only with ``--verbose``), 130 for Ctrl-C."""
+    traceback is logged only with ``--verbose``), 130 for Ctrl-C. Output never fails on encoding (see
+    :func:`safe_output_streams`)."""
+    safe_output_streams()
     try:
         return int(func() or 0)
     except ImageRewardError as err:

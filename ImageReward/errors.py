@@ -56,5 +56,21 @@ class DiskSpaceError(ImageRewardError, OSError):
     """Too little free disk space for a file or folder about to be written (checked before writing it)."""
 
 
+class ResumeSettingsError(InvalidInputError):
+    """A training run asked to resume with settings that change the run (another batch size, learning rate,
+    seed, base model, ...) than those its checkpoint was made with. ``changed``: the dotted setting names."""
+
+    def __init__(self, message: str, *, changed: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.changed = list(changed)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_resume_error, (str(self), self.changed))
+
+
+def _rebuild_resume_error(message: str, changed: list[str]) -> "ResumeSettingsError":
+    return ResumeSettingsError(message, changed=changed)
+
+
 class RemoteScorerError(ImageRewardError, ConnectionError):
     """A reward server (``imagereward serve``) could not be reached or did not answer, after the retries."""

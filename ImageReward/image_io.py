@@ -5,6 +5,15 @@ Accepted: a path (``str`` or ``os.PathLike``), encoded file bytes, a ``PIL.Image
 (``CxHxW`` or ``HxWxC``, same value rules). Anything else, and any file that cannot be decoded, raises a typed
 error that names the offending item, so a bad input can never silently score another image.
 
+A 3-D array or tensor whose first *and* last dimensions could both be channels (1, 3 or 4), e.g. ``[3, 64, 3]``,
+has no single reading (``CxHxW`` and ``HxWxC`` are different pictures): it raises :class:`UnsupportedInputError`
+naming the shape, rather than guessing: pass a ``PIL.Image`` then. A 4-D batch is refused too (pass a list).
+
+Folders are listed by :func:`list_images` / :func:`list_subfolders` (every entry point that reads a folder uses
+them): hidden entries (names starting with ``.``, such as ``.ipynb_checkpoints/`` or macOS ``._photo.png``) and
+operating-system clutter (``__MACOSX``, ``Thumbs.db``, ``desktop.ini``) are skipped, as torchvision's
+``ImageFolder`` and Hugging Face's ``imagefolder`` do, with a count in the log.
+
 Images are read as people see them (differences from the original, see ``docs/differences.md``):
 
 * the EXIF ``Orientation`` tag (2-8) is applied, as ``transformers``/``diffusers`` ``load_image``, ComfyUI and the
@@ -17,6 +26,7 @@ Images are read as people see them (differences from the original, see ``docs/di
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -31,7 +41,14 @@ ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, Any]
 # File extensions taken for images when a folder is listed (score-dataset folders, benchmark generations).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-__all__ = ["ImageLike", "IMAGE_EXTENSIONS", "load_image", "describe", "to_eight_bit"]
+# Names that are never data: OS and tool clutter (dot-names are skipped as well, see is_hidden).
+SYSTEM_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini", "ehthumbs.db", "$recycle.bin",
+                          "system volume information"})
+
+__all__ = ["ImageLike", "IMAGE_EXTENSIONS", "SYSTEM_NAMES", "load_image", "describe", "to_eight_bit", "is_hidden",
+           "list_images", "list_subfolders"]
+
+logger = logging.getLogger(__name__)
 
 # modes that preprocessing converts to RGB directly (8 bits per sample)
 _EIGHT_BIT_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "RGBX", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa"})
@@ -71,18 +88,36 @@ def load_image(item: ImageLike, *, index: int | None = None, exif_transpose: boo
     if isinstance(item, (bytes, bytearray, memoryview)):
         return _checked_pil(_decode(io.BytesIO(bytes(item)), item, index), item, index, exif_transpose)
     if isinstance(item, np.ndarray):
+        _check_unambiguous(item.shape, item, index)
         return _from_array(item, item, index)
     if type(item).__module__.startswith("torch"):
         if getattr(item, "is_meta", False):
             raise UnsupportedInputError(f"{describe(item, index)}: a meta tensor holds no pixels")
         tensor = item.detach().cpu()
-        if tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4) and tensor.shape[-1] not in (1, 3, 4):
+        _check_unambiguous(tuple(tensor.shape), item, index)
+        if tensor.ndim == 3 and tensor.shape[0] in _CHANNELS and tensor.shape[-1] not in _CHANNELS:
             tensor = tensor.permute(1, 2, 0)
         return _from_array(tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy(), item, index)
     raise UnsupportedInputError(
         f"{describe(item, index)}: unsupported type {type(item).__name__}; "
         "expected a file path, image bytes, PIL.Image, numpy array or torch.Tensor"
     )
+
+
+_CHANNELS = (1, 3, 4)
+
+
+def _check_unambiguous(shape: tuple[int, ...], item: Any, index: int | None) -> None:
+    """Refuse a 3-D layout that reads as two different pictures (``[C, H, W]`` and ``[H, W, C]``)."""
+    if len(shape) == 4:
+        raise UnsupportedInputError(
+            f"{describe(item, index)}: a 4-D batch of {shape[0]} images, where one image was expected; pass a "
+            "list of images (e.g. list(batch)), each C x H x W or H x W x C")
+    if len(shape) == 3 and shape[0] in _CHANNELS and shape[-1] in _CHANNELS:
+        raise UnsupportedInputError(
+            f"{describe(item, index)}: ambiguous layout {tuple(shape)}: read as C x H x W it is a "
+            f"{shape[1]}x{shape[2]} picture with {shape[0]} channel(s), read as H x W x C a {shape[0]}x{shape[1]} "
+            f"picture with {shape[2]} channel(s); pass a PIL image instead")
 
 
 def _open_path(path: Path, item: Any, index: int | None) -> Image.Image:
@@ -176,3 +211,62 @@ def to_eight_bit(image: Image.Image, what: str = "image") -> Image.Image:
         return image.convert("LA" if mode == "La" else "RGBA" if "A" in mode or "a" in mode else "RGB")
     except (ValueError, OSError) as err:
         raise UnsupportedInputError(f"{what}: PIL mode {mode!r} cannot be converted to RGB ({err})") from err
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def is_hidden(name: str) -> bool:
+    """True for a file or folder name that holds no data: hidden (``.ipynb_checkpoints``, ``.DS_Store``, macOS
+    ``._photo.png`` resource forks) or operating-system clutter (``__MACOSX``, ``Thumbs.db``, ``desktop.ini``).
+
+    >>> [is_hidden(n) for n in (".ipynb_checkpoints", "__MACOSX", "Thumbs.db", "cat.png")]
+    [True, True, True, False]
+    """
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES
+
+
+def list_images(folder: str | os.PathLike, *, recursive: bool = True,
+                extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Image files in ``folder`` (and its sub-folders when ``recursive``), sorted by their path relative to
+    ``folder`` (``/``-separated). Entries for which :func:`is_hidden` is true are skipped, with the folders
+    below them; how many is logged (INFO). As ``Path.rglob``: links to files are listed, linked folders are
+    not entered.
+
+    >>> list_images("generations/")   # doctest: +SKIP
+    [PosixPath('generations/0001.png'), PosixPath('generations/0002.png')]
+    """
+    root = Path(folder)
+    found: list[Path] = []
+    skipped = 0
+    pending = [root]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = list(os.scandir(current))
+        except OSError as err:
+            logger.warning("cannot list %s (%s): skipped", current, err)
+            continue
+        for entry in entries:
+            if is_hidden(entry.name):
+                skipped += 1
+            elif entry.is_dir(follow_symlinks=False):  # as Path.rglob: linked folders are not entered
+                if recursive:
+                    pending.append(Path(entry.path))
+            elif os.path.splitext(entry.name)[1].lower() in extensions and entry.is_file():
+                found.append(Path(entry.path))
+    if skipped:
+        logger.info("%s: skipped %d hidden or system entr%s (names starting with '.', __MACOSX, Thumbs.db, ...)",
+                    root, skipped, "y" if skipped == 1 else "ies")
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+
+
+def list_subfolders(folder: str | os.PathLike) -> list[str]:
+    """Names of the sub-folders of ``folder``, sorted, without hidden or system ones (see :func:`is_hidden`;
+    how many were skipped is logged). A missing folder has none."""
+    if not os.path.isdir(folder):
+        return []
+    names = [entry.name for entry in os.scandir(folder) if entry.is_dir()]
+    kept = sorted(name for name in names if not is_hidden(name))
+    if len(kept) < len(names):
+        logger.info("%s: skipped %d hidden or system folder(s): %s", folder, len(names) - len(kept),
+                    ", ".join(sorted(set(names) - set(kept))))
+    return kept

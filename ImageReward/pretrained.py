@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .errors import DownloadError, InvalidInputError
 
 __all__ = ["PretrainedCfg", "Requirement", "IMAGE_REWARD_MODELS", "default_cache_dir", "offline", "hub_unreachable",
-           "fetch", "fetch_folder", "fetch_hub_repo", "download_url", "sha256_of"]
+           "url_unreachable", "fetch", "fetch_folder", "fetch_hub_repo", "download_url", "sha256_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +124,15 @@ def hub_unreachable() -> str | None:
     configured (which this check cannot see through). One TCP connection to ``$HF_ENDPOINT`` (default
     huggingface.co:443), at most 5 s, remembered for a minute. Without it an offline machine waits ~25 s in
     huggingface_hub's retries (1+2+4+8+8 s of back-off) for every missing file before the error."""
+    return url_unreachable(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+
+
+def url_unreachable(url: str) -> str | None:
+    """:func:`hub_unreachable` for the host of any ``http(s)://`` URL (e.g. a checkpoint on a plain web
+    server): why it cannot be reached, or ``None`` (also under ``HF_HUB_OFFLINE`` or a proxy)."""
     if offline() or urllib.request.getproxies().keys() & {"https", "http", "all"}:
         return None
-    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    endpoint = urllib.parse.urlsplit(url)
     port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     return _probe(endpoint.hostname or "huggingface.co", port, int(time.monotonic() // 60))
 

@@ -108,13 +108,16 @@ class Scorer(nn.Module):
         progress: bool = False,
     ) -> torch.Tensor:
         """Score pairs: ``prompts[i]`` with ``images[i]`` (a single prompt is broadcast). Returns float32
-        ``[N]`` on the CPU, in input order. Each distinct image is encoded once, in batches.
+        ``[N]`` on the CPU, in input order. Each distinct image is encoded once, in batches. ``prompts=None``:
+        no prompt, for a scorer that uses none (``uses_prompt = False``, e.g. Aesthetic); a scorer that uses
+        prompts raises :class:`InvalidInputError`.
 
         >>> model.score_batch(["a cat", "a dog"], ["cat.png", "cat.png"])  # doctest: +SKIP
         tensor([ 0.71, -1.32])
         """
         batch_size = check_optional_int("batch_size", batch_size)
         items = _as_image_list(images)
+        prompts = self._no_prompt_allowed(prompts)
         prompt_list = check_prompts(prompts)
         if isinstance(prompts, str):
             prompt_list = prompt_list * len(items)
@@ -125,26 +128,39 @@ class Scorer(nn.Module):
         return score_images(self, prompt_list, items, batch_size=batch_size or self.default_batch_size,
                             progress=progress)
 
-    def score(self, prompt: str, image: ImageLike | Sequence[ImageLike], *, batch_size: int | None = None
+    def _no_prompt_allowed(self, prompts: str | Sequence[str] | None) -> str | Sequence[str]:
+        """``prompts``, or ``""`` for ``None`` when this scorer uses no prompt (else :class:`InvalidInputError`)."""
+        if prompts is not None:
+            return prompts
+        if self.uses_prompt:
+            raise InvalidInputError(f"{self.name} scores images against a prompt: pass one (prompt=None is only "
+                                    "for prompt-free scorers such as Aesthetic)")
+        return ""
+
+    def score(self, prompt: str | None, image: ImageLike | Sequence[ImageLike], *, batch_size: int | None = None
               ) -> float | list[float]:
         """Reward of one image (``float``) or of a list/tuple of images (``list[float]``, input order).
+        ``prompt=None`` for a prompt-free scorer (see :meth:`score_batch`).
 
         >>> model.score("a cat", "cat.png")  # doctest: +SKIP
         0.58
         """
         check_optional_int("batch_size", batch_size)
+        prompt = self._no_prompt_allowed(prompt)
         check_prompts(prompt if isinstance(prompt, str) else [prompt])
         if isinstance(image, (list, tuple)):
             return self.score_batch(prompt, image, batch_size=batch_size).tolist()
         return float(self.score_batch(prompt, [image])[0])
 
-    def inference_rank(self, prompt: str, images: Sequence[ImageLike], *, batch_size: int | None = None
-                       ) -> tuple[list[int], list[float]]:
+    def inference_rank(self, prompt: str | None, images: Sequence[ImageLike], *, batch_size: int | None = None,
+                       progress: bool = False) -> tuple[list[int], list[float]]:
         """``(ranking, rewards)``: ``ranking[i]`` is the 1-based rank of image ``i`` (1 = best for
-        ``higher_is_better``); ``rewards`` in input order. Ties keep input order."""
+        ``higher_is_better``); ``rewards`` in input order. Ties keep input order. ``prompt=None`` as in
+        :meth:`score_batch`; ``progress``: a progress bar."""
         check_optional_int("batch_size", batch_size)
+        prompt = self._no_prompt_allowed(prompt)
         check_prompts(prompt if isinstance(prompt, str) else [prompt])
-        rewards = self.score_batch(prompt, images, batch_size=batch_size)
+        rewards = self.score_batch(prompt, images, batch_size=batch_size, progress=progress)
         ranks = rank_descending(rewards if self.higher_is_better else -rewards)
         return ranks, rewards.tolist()
 
@@ -164,6 +180,7 @@ class Scorer(nn.Module):
         check_pixels(pixels, value_range=value_range)
         if value_range[0] == -1.0:
             pixels = (pixels + 1) / 2
+        prompts = self._no_prompt_allowed(prompts)
         prompt_list = check_prompts(prompts)
         if isinstance(prompts, str):
             prompt_list = prompt_list * pixels.shape[0]

@@ -2,15 +2,18 @@
 
 Each configuration runs in its own subprocess (its own peak memory). Weights are random: timing does not
 depend on their values. ``tiny`` pipelines are the tests' (32 px, ~1M-parameter UNets, ~0.1M-parameter SD3 /
-FLUX transformers); ``real`` pipelines have the SD1.x / SDXL / FLUX.1-dev architectures at full size (random
-weights, no download) with a full-size ImageReward. The real FLUX pipeline's T5 is a 2-layer stand-in of T5-XXL's
-width (it runs once per update under no_grad; the real T5-XXL adds 9.5 GB of bf16 weights unless offloaded).
+FLUX transformers); ``real`` pipelines have the SD1.x / SDXL / SD3.5-medium / FLUX.1-dev architectures at full size
+(random weights, no download) with a full-size ImageReward. The real SD3.5 and FLUX pipelines' T5 is a 2-layer
+stand-in of T5-XXL's width (it runs once per update under no_grad; the real T5-XXL adds 9.5 GB of bf16 weights
+unless offloaded). On CUDA a real base is built on the GPU and saved in the config's precision (bf16 / fp16), once
+per ``--workdir`` (``benchmarks/gpu_check.sh`` shares one across its cases).
 
     python benchmarks/bench_refl.py                                  # tiny, CPU: sd1/sdxl/sd3/flux, full/LoRA/K=4
     python benchmarks/bench_refl.py --size real --device cuda        # one real-size update per config (GPU)
     python benchmarks/bench_refl.py --configs sdxl:lora4:bf16:ckpt --size real --device cuda
     python benchmarks/bench_refl.py --size real --device cuda \
         --configs flux:lora16:bf16:ckpt flux:lora16:bf16:ckpt:k4       # FLUX.1-dev-size LoRA, 512 px, K = 1 / 4
+    python benchmarks/bench_refl.py --size real --device cuda --configs sd3:lora16:bf16:ckpt   # SD3.5-medium, 512 px
     python benchmarks/bench_refl.py --real-size                      # the real-size check (CPU, see below)
     python benchmarks/bench_refl.py --vae-memory                     # decode + backward memory of the SD VAE
 
@@ -28,9 +31,11 @@ fp32|fp16|bf16, ckpt = denoiser gradient checkpointing, kK = --backprop_steps K.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,15 +83,55 @@ def real_flux_pipeline():
                         tokenizer_2=t5_tok, transformer=transformer)
 
 
+def real_sd3_pipeline():
+    """SD3.5-medium-shaped pipeline with random weights: the MMDiT of stabilityai/stable-diffusion-3.5-medium's
+    transformer/config.json (24 blocks of 24 x 64 heads, dual attention in blocks 0-12, QK RMS-norm, 2.5B
+    parameters), the SD3 VAE (16 latent channels, scaling 1.5305, shift 0.0609), CLIP-L and OpenCLIP bigG/14 with
+    projections, a 2-layer T5 stand-in of T5-XXL's width, and the SD3 scheduler (shift 3)."""
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from refl_tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    torch.manual_seed(0)
+    tok, tok_2, t5_tok = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+               max_position_embeddings=77, vocab_size=49408)
+    clip_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                        num_attention_heads=12, projection_dim=768, **ids))
+    big_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                       num_attention_heads=20, projection_dim=1280,
+                                                       hidden_act="gelu", **ids))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=10240, num_layers=2,
+                                 num_heads=64, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1))
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=16,
+                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip_l, tokenizer=tok, text_encoder_2=big_g, tokenizer_2=tok_2, text_encoder_3=t5,
+        tokenizer_3=t5_tok)
+
+
 def real_pipeline(family: str):
-    """SD1.5-, SDXL- or FLUX.1-dev-shaped pipeline with random weights: the configs of runwayml/stable-diffusion-v1-5
-    and stabilityai/stable-diffusion-xl-base-1.0 (UNet, VAE, CLIP ViT-L/14 and OpenCLIP bigG/14 text encoders with
-    the 49,408-token embedding), written here so no download is needed, or :func:`real_flux_pipeline`. The
-    tokenizer is the tests' byte-level one (ids < 514): the weights are random anyway."""
+    """SD1.5-, SDXL-, SD3.5-medium- or FLUX.1-dev-shaped pipeline with random weights: the configs of
+    runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0 (UNet, VAE, CLIP ViT-L/14 and
+    OpenCLIP bigG/14 text encoders with the 49,408-token embedding), written here so no download is needed, or
+    :func:`real_sd3_pipeline` / :func:`real_flux_pipeline`. The tokenizer is the tests' byte-level one (ids < 514):
+    the weights are random anyway."""
     if family == "flux":
         return real_flux_pipeline()
+    if family == "sd3":
+        return real_sd3_pipeline()
     if family not in ("sd1", "sdxl"):
-        raise SystemExit(f"no real-size builder for {family!r} (real sizes: sd1, sdxl, flux)")
+        raise SystemExit(f"no real-size builder for {family!r} (real sizes: sd1, sdxl, sd3, flux)")
     import torch
     from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
@@ -125,6 +170,25 @@ def real_pipeline(family: str):
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
 
 
+PRECISIONS = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def save_real(family: str, directory: Path, device: str, dtype=None) -> None:
+    """Build :func:`real_pipeline` (on the GPU when ``device`` is CUDA: random init there takes seconds, not
+    minutes), cast it to ``dtype`` if given (the trainer casts every module to its own dtype on loading anyway)
+    and save it to ``directory``."""
+    import torch
+
+    with torch.device("cuda" if device.startswith("cuda") else "cpu"):
+        pipe = real_pipeline(family)
+    if dtype is not None:
+        pipe = pipe.to(dtype)
+    pipe.save_pretrained(directory)
+    del pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_one(spec: str, size: str, device: str, steps: int, workdir: Path) -> dict:
     import torch
 
@@ -137,8 +201,15 @@ def run_one(spec: str, size: str, device: str, steps: int, workdir: Path) -> dic
     family, train, precision, *rest = spec.split(":")
     backprop_steps = next((int(r[1:]) for r in rest if r.startswith("k")), 1)
     base = workdir / f"{family}-{size}"
-    if not base.exists():
-        save_tiny(family, base) if size == "tiny" else real_pipeline(family).save_pretrained(base)
+    if not (base / "model_index.json").is_file():  # built whole into a temporary folder, then renamed
+        building = workdir / f"{family}-{size}.building"
+        shutil.rmtree(building, ignore_errors=True)
+        if size == "tiny":
+            save_tiny(family, building)
+        else:
+            save_real(family, building, device, None if precision == "fp32" else getattr(torch, PRECISIONS[precision]))
+        shutil.rmtree(base, ignore_errors=True)
+        building.rename(base)
     if size == "tiny":
         reward = tiny_reward()
     else:
@@ -341,7 +412,10 @@ def main() -> None:
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--family", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--vae-phase", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", default=None, help="--real-size: where the temporary bases go (default TMPDIR)")
+    parser.add_argument("--workdir", default=None, help="--real-size: where the temporary bases go (default TMPDIR); "
+                        "--configs: the folder where the bases are built once and kept for later runs (default: a "
+                        "temporary folder)")
+    parser.add_argument("--json", default=None, help="--configs: also write the rows to this JSON file (after each)")
     args = parser.parse_args()
     if args.phase:
         print("RESULT " + json.dumps(real_size_phase(args.family, args.phase, Path(args.workdir), args.resolution,
@@ -364,7 +438,9 @@ def main() -> None:
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     rows = []
-    with tempfile.TemporaryDirectory() as workdir:
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory() as workdir:
         for spec in configs:
             cmd = [sys.executable, __file__, "--one", spec, "--size", args.size, "--device", args.device,
                    "--steps", str(args.steps), "--workdir", workdir]
@@ -375,6 +451,9 @@ def main() -> None:
             else:
                 rows.append(json.loads(line[0][7:]))
             print(f"done {spec}", file=sys.stderr)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"size": args.size, "device": args.device, "steps": args.steps,
+                                                       "rows": rows}, indent=1))
     print(f"| config | size | device | s/update | trainable params | peak CUDA GiB | peak RSS MiB | finite |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

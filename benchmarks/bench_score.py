@@ -10,6 +10,7 @@ not depend on their values); images are random 512x512 RGB PNGs.
     python benchmarks/bench_score.py --baselines          # the CLIP, BLIP and Aesthetic baselines too
     python benchmarks/bench_score.py --zoo                # HPSv2 and PickScore (ViT-H-14, ~4 GB each in fp32)
     python benchmarks/bench_score.py --device cuda --peak-tflops 989 --configs original:1x64 batched-bf16:1x64
+    python benchmarks/bench_score.py --quick --configs batched-bf16:1x8 --json rows.json   # rows as JSON too
 
 Modes:
   original       the original's algorithm and kernels: one image at a time through the ViT and the text encoder,
@@ -26,6 +27,11 @@ Modes:
   PickScore-original   PickScore's model-card snippet: per prompt, every image through the ViT as one batch,
                  the prompt unpadded, softmax; images preprocessed one by one (the processor's PIL work)
 Shapes are PROMPTSxIMAGES: 1x32 is one prompt and 32 images, 32x1 is 32 prompts for one image.
+
+Every mode but the originals also times the ViT alone on a batch of its distinct images (random pixels in the
+model's input dtype) and reports its rate from the FLOPs its config implies (``vit_flops``): "ViT TFLOP/s", and
+with ``--peak-tflops`` the share of that peak. ``--json`` writes the rows (rewritten after each configuration, so
+a run stopped part-way keeps what finished), with peak GPU memory on CUDA.
 """
 
 from __future__ import annotations
@@ -172,6 +178,50 @@ def pickscore_original(model, prompt_list, images):
     return torch.cat(probs)
 
 
+def vision_tower(model) -> tuple:
+    """The ViT of a scorer and its shape ``(image_size, patch_size, width, depth, mlp_width)``: BLIP's
+    ``visual_encoder`` (ImageReward, BLIP) or the transformers ``CLIPVisionTransformer`` (CLIP, Aesthetic, HPSv2,
+    PickScore). Its forward takes pixels ``[B, 3, image_size, image_size]``."""
+    if hasattr(model, "blip"):
+        vision = model.blip.config.vision
+        return model.blip.visual_encoder, (vision.image_size, vision.patch_size, vision.width, vision.depth,
+                                           int(vision.width * vision.mlp_ratio))
+    tower = model.model.vision_model if hasattr(model, "model") else model.vision_model
+    config = tower.config
+    return tower, (config.image_size, config.patch_size, config.hidden_size, config.num_hidden_layers,
+                   config.intermediate_size)
+
+
+def vit_flops(image_size: int, patch_size: int, width: int, depth: int, mlp_width: int) -> int:
+    """FLOPs of one image through a ViT (a multiply-add counts 2; matrix products and the patch convolution,
+    as PyTorch's FlopCounterMode counts them; norms, softmax and GELU are left out). T = patches + [CLS]:
+    patch embedding 2 * patches * 3 * p^2 * d, and per block the qkv, output and MLP products 2T(4d^2 + 2dm)
+    plus attention scores and values 4T^2 d (Dosovitskiy et al. 2021, the standard transformer count)."""
+    patches = (image_size // patch_size) ** 2
+    tokens = patches + 1
+    per_block = 2 * tokens * (4 * width * width + 2 * width * mlp_width) + 4 * tokens * tokens * width
+    return 2 * patches * 3 * patch_size * patch_size * width + depth * per_block
+
+
+def time_vit(model, batch: int, device: str, repeats: int) -> float:
+    """Best seconds of the scorer's ViT alone on ``batch`` random images in its input dtype (after a warm-up)."""
+    import torch
+
+    tower, (image_size, *_) = vision_tower(model)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device, model.input_dtype)
+    best = float("inf")
+    with torch.inference_mode():
+        for attempt in range(1 + max(repeats, 3)):
+            start = time.perf_counter()
+            tower(pixels)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if attempt:  # the first run is the warm-up
+                best = min(best, time.perf_counter() - start)
+    return best
+
+
 def count_flops(once, prompt_list: list[str], images: list[str]) -> float:
     """FLOPs that ``once`` executes (matrix products, convolutions, attention), counted by PyTorch's
     FlopCounterMode, taught the oneDNN fused linear and run with math attention, which it can see. 1 x N shapes
@@ -180,11 +230,11 @@ def count_flops(once, prompt_list: list[str], images: list[str]) -> float:
 
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
     from ImageReward.models.kernels import fused_kernels_available
 
-    if fused_kernels_available():
+    if fused_kernels_available() and torch.ops.mkldnn._linear_pointwise not in flop_registry:  # once per process
         def fused_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
             return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
@@ -248,10 +298,34 @@ def run_one(config: str, quick: bool, image_dir: Path, repeats: int, device: str
         once()
         timings.append(time.perf_counter() - start)
     best = min(timings)
-    return {"config": config, "pairs": pairs, "images": len(set(images)), "seconds": best, "pairs_per_s": pairs / best,
-            "gflop_per_s": flops / best / 1e9,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "threads": torch.get_num_threads()}
+    row = {"config": config, "pairs": pairs, "images": len(set(images)), "seconds": best, "pairs_per_s": pairs / best,
+           "gflop_per_s": flops / best / 1e9,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
+           "threads": torch.get_num_threads(), "device": device}
+    if not mode.endswith("original"):  # the ViT alone, at the batch the engine gives it (each distinct image once)
+        shape = vision_tower(model)[1]
+        row["vit_batch"], row["vit_shape"] = len(set(images)), shape
+        row["vit_seconds"] = time_vit(model, row["vit_batch"], device, repeats)
+        row["vit_tflop_per_s"] = vit_flops(*shape) * row["vit_batch"] / row["vit_seconds"] / 1e12
+    return row
+
+
+def vs_original(rows: list[dict]) -> dict[str, tuple[float, str]]:
+    """Per config, pairs/s over its original algorithm's, and the original's config: ImageReward's
+    batched/compiled modes against ``original``, HPSv2 and PickScore modes against ``HPSv2-original`` /
+    ``PickScore-original``; at the same shape, or per pair against the original at another shape when it ran at
+    none other (``HPSv2-original`` re-reads its checkpoint for every pair, so it is run on fewer)."""
+    ratios = {}
+    for row in rows:
+        mode, shape = row["config"].split(":")
+        family = mode.split("-")[0]
+        original = "original" if family in ("batched", "compiled") else f"{family}-original"
+        bases = [r for r in rows if r["config"].split(":")[0] == original]
+        base = next((r for r in bases if r["config"] == f"{original}:{shape}"), bases[0] if bases else None)
+        if base is not None and not mode.endswith("original"):
+            ratios[row["config"]] = (row["pairs_per_s"] / base["pairs_per_s"], base["config"])
+    return ratios
 
 
 def main() -> int:
@@ -267,6 +341,9 @@ def main() -> int:
     parser.add_argument("--baselines", action="store_true", help="also run CLIP, BLIP and Aesthetic (1 prompt x 8)")
     parser.add_argument("--zoo", action="store_true", help="also run HPSv2 and PickScore against their original "
                         "algorithms (ViT-H-14: ~4 GB each in fp32, ~9 GB for HPSv2-original)")
+    parser.add_argument("--json", help="also write the rows to this JSON file (after each configuration)")
+    parser.add_argument("--in-process", action="store_true", help="run every configuration in this process instead "
+                        "of a fresh one each (faster to start; peak memory is then the whole run's): for checks")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--image-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -286,38 +363,54 @@ def main() -> int:
         best: dict[str, dict] = {}  # per config, the fastest of its rounds
         for round_index in range(args.rounds):  # whole rounds, so that a slow spell of the machine hits every mode
             for config in configs:
-                command = [sys.executable, __file__, "--worker", config, "--image-dir", folder,
-                           "--repeats", str(args.repeats), "--device", args.device]
-                if args.quick:
-                    command.append("--quick")
-                result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
-                if result.returncode != 0:
-                    print(f"{config}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                row = json.loads(result.stdout.strip().splitlines()[-1])
+                if args.in_process:
+                    row = run_one(config, args.quick, Path(folder), args.repeats, args.device)
+                else:
+                    command = [sys.executable, __file__, "--worker", config, "--image-dir", folder,
+                               "--repeats", str(args.repeats), "--device", args.device]
+                    if args.quick:
+                        command.append("--quick")
+                    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+                    if result.returncode != 0:
+                        print(f"{config}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+                        continue
+                    row = json.loads(result.stdout.strip().splitlines()[-1])
                 print(f"round {round_index + 1}, {config}: {row['pairs_per_s']:.2f} pairs/s", file=sys.stderr)
                 if config not in best or row["seconds"] < best[config]["seconds"]:
                     best[config] = row
+                if args.json:
+                    write_json(args.json, [best[c] for c in configs if c in best], args)
         rows = [best[config] for config in configs if config in best]
 
-    baseline = {r["config"].split(":")[1]: r["pairs_per_s"] for r in rows if r["config"].startswith("original:")}
-    originals = {(r["config"].split("-")[0], r["config"].split(":")[1]): r["pairs_per_s"]
-                 for r in rows if r["config"].split(":")[0] in ("HPSv2-original", "PickScore-original")}
+    ratios = vs_original(rows)
     print(f"\nScoring throughput ({'tiny models' if args.quick else 'full size'}; {args.device}; "
           f"{rows[0]['threads'] if rows else '?'} threads; best of {args.repeats} x {args.rounds} rounds; 'vs original' compares the same shape)\n")
     peak = f" | % of {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else ""
-    print(f"| mode | prompts x images | seconds | images/s | pairs/s | vs original | GFLOP/s{peak} | peak RSS (MB) |")
-    print("|---|---|---:|---:|---:|---:|---:|" + ("---:|" if peak else "") + "---:|")
+    print(f"| mode | prompts x images | seconds | images/s | pairs/s | vs original | GFLOP/s{peak} | ViT TFLOP/s{peak} "
+          f"| peak RSS (MB) | peak GPU (MiB) |")
+    print("|---|---|---:|---:|---:|---:|---:|" + ("---:|" if peak else "") + "---:|" + ("---:|" if peak else "") + "---:|---:|")
     for row in rows:
         mode, shape = row["config"].split(":")
-        speedup = row["pairs_per_s"] / baseline[shape] if shape in baseline and mode.split("-")[0] in ("batched", "compiled") else float("nan")
-        if (mode.split("-")[0], shape) in originals and not mode.endswith("original"):
-            speedup = row["pairs_per_s"] / originals[(mode.split("-")[0], shape)]
-        ratio = "–" if speedup != speedup else f"{speedup:.2f}x"
+        ratio, base = ratios.get(row["config"], (None, None))
+        ratio = "–" if ratio is None else f"{ratio:.2f}x" + ("" if base.endswith(f":{shape}") else f" (per pair, vs {base})")
         fraction = f" | {100 * row['gflop_per_s'] / (args.peak_tflops * 1000):.0f}%" if peak else ""
+        vit = f"{row['vit_tflop_per_s']:.3g}" if "vit_tflop_per_s" in row else "–"
+        if peak:
+            vit += f" | {100 * row['vit_tflop_per_s'] / args.peak_tflops:.0f}%" if "vit_tflop_per_s" in row else " | –"
+        gpu = f"{row['peak_cuda_mib']:.0f}" if row.get("peak_cuda_mib") is not None else "–"
         print(f"| {mode} | {shape} | {row['seconds']:.2f} | {row['images'] / row['seconds']:.2f} | {row['pairs_per_s']:.2f} | "
-              f"{ratio} | {row['gflop_per_s']:.0f}{fraction} | {row['peak_rss_mb']:.0f} |")
+              f"{ratio} | {row['gflop_per_s']:.0f}{fraction} | {vit} | {row['peak_rss_mb']:.0f} | {gpu} |")
     return 0
+
+
+def write_json(path: str, rows: list[dict], args: argparse.Namespace) -> None:
+    """The rows so far, each with ``vs_original`` (and ``vs_original_config``) where its original ran, and the
+    run's settings."""
+    ratios = vs_original(rows)
+    rows = [dict(row, vs_original=ratios.get(row["config"], (None,))[0],
+                 vs_original_config=ratios.get(row["config"], (None, None))[1]) for row in rows]
+    Path(path).write_text(json.dumps({"quick": args.quick, "device": args.device, "repeats": args.repeats,
+                                      "rounds": args.rounds, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

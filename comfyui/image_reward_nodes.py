@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +87,14 @@ def local_checkpoints() -> list[str]:
         names = folder_paths.get_filename_list(MODEL_FOLDER)
     except (ImportError, KeyError):
         return []
+    from ImageReward.image_io import is_hidden
     from ImageReward.resolve import weight_files
 
     official = {name for cfg in weight_files() for name in (cfg.filename, *cfg.alt_filenames)}
     found: list[str] = []
     for name in names:
+        if any(is_hidden(part) for part in name.replace("\\", "/").split("/")):
+            continue  # .ipynb_checkpoints/, ._model.pt, __MACOSX/ ...: never a checkpoint of the user's
         folder, _, leaf = name.replace("\\", "/").rpartition("/")
         if folder and leaf == "config.json" and folder not in official:
             found.append(folder + "/")
@@ -293,7 +297,8 @@ class ImageRewardScore:
                 "scorer": (SCORER,),
                 "images": ("IMAGE",),
                 "prompt": ("STRING", {"multiline": True, "default": "",
-                                      "tooltip": "The prompt the images were generated from"}),
+                                      "tooltip": "The prompt the images were generated from (may stay empty for "
+                                                 "prompt-free scorers such as Aesthetic)"}),
             },
             "optional": {"batch_size": ("INT", {"default": 8, "min": 1, "max": 256})},
         }
@@ -312,12 +317,17 @@ class ImageRewardScore:
         batch_size = check_positive_int("batch_size", batch_size)
         check_images(images)
         model = activate(scorer)
+        if not prompt.strip() and getattr(model, "uses_prompt", True):
+            raise ValueError(f"prompt is empty: {getattr(model, 'name', 'this scorer')} scores images against the "
+                             "prompt they were generated from (only prompt-free scorers such as Aesthetic need none)")
         total = images.shape[0]
         progress = _progress_bar(total)
         values: list[float] = []
         for start in range(0, total, batch_size):
             _check_interrupted()
-            chunk = images_to_arrays(images, start, start + batch_size)
+            # PIL images: the layout is ComfyUI's [H, W, C], never re-guessed by the library (a 3-pixel-high image)
+            chunk = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+                     for a in images_to_arrays(images, start, start + batch_size)]
             values += model.score_batch(prompt, chunk, batch_size=batch_size).tolist()
             if progress is not None:
                 progress.update(len(chunk))

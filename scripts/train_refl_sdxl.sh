@@ -5,9 +5,13 @@
 # The SDXL VAE is run in fp32 unless an fp16-fix VAE is given (VAE=madebyollin/sdxl-vae-fp16-fix).
 # Optional pre-training regulariser: add --pretrain_data pairs.json --image_base_dir images/ --pretrain_loss_weight 1
 # Needs: pip install -e . -r requirements_refl_sdxl.txt  and  python data/download_refl_data.py
+# --help prints this and refl.py's options; --dry_run checks the prompts, the model files and the settings in one
+# process (nothing is downloaded or trained) and prints what the run would do.
 set -euo pipefail
+source "$(dirname "$0")/help_or_dry_run.sh"
+help_or_dry_run "$(dirname "$0")/../refl.py" "$@"
 cd "$(dirname "$0")/.."
-[ -f data/refl_data.json ] || python data/download_refl_data.py
+(( DRY_RUN )) || [ -f data/refl_data.json ] || python data/download_refl_data.py
 NUM_GPUS="${NUM_GPUS:-2}"
 LORA_RANK="${LORA_RANK:-0}"
 EXTRA=()
@@ -18,8 +22,13 @@ else
 fi
 if [ -n "${VAE:-}" ]; then EXTRA+=(--pretrained_vae_model_name_or_path "$VAE"); fi
 MULTI=(); [ "$NUM_GPUS" -gt 1 ] && MULTI=(--multi_gpu)
+if (( DRY_RUN )); then
+  LAUNCH=(env WORLD_SIZE="$NUM_GPUS" python)  # one process; WORLD_SIZE only sizes the plan it prints
+else
+  LAUNCH=(accelerate launch "${MULTI[@]}" --mixed_precision=fp16 --num_processes="$NUM_GPUS")
+fi
 
-accelerate launch "${MULTI[@]}" --mixed_precision=fp16 --num_processes="$NUM_GPUS" refl.py \
+"${LAUNCH[@]}" refl.py \
   --model_family sdxl \
   --pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0" \
   --train_data="data/refl_data.json" \

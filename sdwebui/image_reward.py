@@ -249,6 +249,11 @@ class Script(scripts.Script):
         filter_out_low_scores, lower_score_limit, sort_by_score, scorer_name = script_arguments(args, early)
         limit = parse_limit(lower_score_limit) if filter_out_low_scores else None
         model = load_scorer(scorer_name)  # before generating: a bad name fails fast
+        if isinstance(p.prompt, str) and not p.prompt.strip() and not getattr(p, "styles", None) \
+                and getattr(model, "uses_prompt", True):
+            raise ImageRewardScriptError(
+                f"The prompt is empty: {scorer_name} scores images against the prompt they were generated from "
+                "(only prompt-free scorers such as Aesthetic need none)")
 
         do_not_save, do_not_save_grid = p.do_not_save_samples, p.do_not_save_grid
         save_samples = bool(getattr(shared.opts, "samples_save", True)) and not do_not_save

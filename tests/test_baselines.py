@@ -99,6 +99,7 @@ def test_clip_tokenizer_rejects_non_strings():
 
 
 # ------------------------------------------------------------------------------- OpenAI checkpoints
+@pytest.mark.integration
 def test_torchscript_reader_matches_jit_load(openai_archive):
     path = openai_archive / "ViT-L-14.pt"
     assert is_torchscript_archive(path)
@@ -243,6 +244,7 @@ def test_registry_entries_use_the_original_sources():
     assert RM.available_scores() == ["CLIP", "BLIP", "Aesthetic", "HPSv2", "HPSv2.1", "PickScore"]
 
 
+@pytest.mark.integration
 def test_importing_baselines_stays_cheap():
     code = ("import sys, ImageReward as RM; RM.available_scores(); "
             "print(sorted(m for m in ('transformers', 'diffusers', 'accelerate', 'ImageReward.models.clip') if m in sys.modules))")

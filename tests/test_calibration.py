@@ -69,6 +69,7 @@ def test_reference_stats_round_trip_and_bad_references(tmp_path):
     assert len(big.quantiles) == 100 and big.quantiles[0] == 0.0 and big.quantiles[-1] == 49_999.0
 
 
+@pytest.mark.integration
 def test_importing_the_package_stays_light():
     code = ("import sys, ImageReward, ImageReward.scoring; "
             "print(sorted(m for m in ('pyarrow', 'accelerate', 'huggingface_hub.hf_api') if m in sys.modules))")

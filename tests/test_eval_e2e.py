@@ -20,6 +20,8 @@ from ImageReward.commands.eval import main_benchmark, main_preference
 from ImageReward.models.blip import BLIPConfig
 from ImageReward.scorer import Scorer
 
+pytestmark = pytest.mark.integration  # end-to-end runs: minutes on 2 cores (CI runs them)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

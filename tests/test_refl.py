@@ -96,6 +96,7 @@ def test_rollout_no_grad_prefix_and_x0_formula(sd1_dir):
     torch.testing.assert_close(x0.detach(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_gradients_reach_only_the_unet(sd1_dir, prompt_file, tmp_path):
     trainer = ReFLTrainer(tiny_config(sd1_dir, prompt_file, tmp_path / "out"), reward=tiny_reward())
     trainer.setup()
@@ -114,6 +115,7 @@ def test_gradients_reach_only_the_unet(sd1_dir, prompt_file, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- learning
+@pytest.mark.integration
 def test_thirty_steps_raise_held_out_reward(sd1_dir, prompt_file, tmp_path):
     cfg = tiny_config(sd1_dir, prompt_file, tmp_path / "out", max_train_steps=30, validation_prompts=HELD_OUT,
                       validation_steps=1000, report_to="tensorboard")
@@ -139,6 +141,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.integration
 def test_kill_and_resume_matches_uninterrupted_run(sd1_dir, prompt_file, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -282,6 +285,7 @@ def test_launcher_reports_bad_options_without_traceback(tmp_path, capsys):
     assert "--train_data" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_sd1_lora_reloads_in_diffusers(sd1_dir, prompt_file, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -299,3 +303,18 @@ def test_sd1_lora_reloads_in_diffusers(sd1_dir, prompt_file, tmp_path):
         torch.testing.assert_close(reloaded, trained(sample, 300, hidden).sample, rtol=1e-5, atol=1e-6)
         pipe.unload_lora_weights()
         assert (pipe.unet(sample, 300, hidden).sample - reloaded).abs().max() > 1e-4  # the LoRA did change it
+
+
+def test_old_package_name_is_the_same_modules():
+    """``ImageReward.refl`` (the package's name before online RL joined ReFL) still imports, as the very same
+    module objects as ``ImageReward.finetune``: one class, so ``isinstance`` and patches agree."""
+    import importlib
+
+    import ImageReward.finetune as finetune
+    import ImageReward.finetune.trainer as new_trainer
+    import ImageReward.refl as refl
+    from ImageReward.refl.trainer import ReFLTrainer
+
+    assert refl is finetune
+    assert ReFLTrainer is new_trainer.ReFLTrainer
+    assert importlib.import_module("ImageReward.refl.rollout") is importlib.import_module("ImageReward.finetune.rollout")

@@ -64,6 +64,7 @@ def record_calls(model) -> list[tuple[bool, float]]:
 
 
 # ---------------------------------------------------------------------------------------------- the rollout
+@pytest.mark.integration
 @pytest.mark.parametrize("base_name, guidance", [("sd3", 1.0), ("sd3", 3.0), ("flux", 1.0), ("schnell", 1.0)])
 def test_inference_rollout_equals_the_diffusers_pipeline(bases, base_name, guidance):
     """stop_index=None runs the whole chain: the same latents as StableDiffusion3Pipeline / FluxPipeline given the
@@ -113,6 +114,7 @@ def test_inference_rollout_equals_the_diffusers_pipeline(bases, base_name, guida
     torch.testing.assert_close(final, expected.float(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family_name", FLOW)
 @pytest.mark.parametrize("backprop_steps", [1, 3])
 def test_rollout_no_grad_prefix_last_k_steps_and_x0(bases, family_name, backprop_steps):
@@ -214,6 +216,7 @@ def test_loss_equals_a_hand_computation(bases, prompt_file, tmp_path, family_nam
     assert stats["reward_mean"].item() == pytest.approx(rewards.mean().item(), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family_name", FLOW)
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_gradients_reach_only_the_transformer_or_its_lora(bases, prompt_file, tmp_path, family_name, lora_rank):
@@ -245,6 +248,7 @@ def test_gradients_reach_only_the_transformer_or_its_lora(bases, prompt_file, tm
 
 
 # ---------------------------------------------------------------------------------------------- learning
+@pytest.mark.integration
 @pytest.mark.parametrize("family_name, backprop_steps", [("sd3", 1), ("flux", 1), ("flux", 3)])
 def test_thirty_lora_updates_raise_held_out_reward(bases, prompt_file, tmp_path, family_name, backprop_steps):
     cfg = flow_config(bases[family_name], family_name, prompt_file, tmp_path / "out", lora_rank=4,
@@ -272,6 +276,7 @@ def test_backprop_steps_three_differs_from_one(bases, prompt_file, tmp_path):
     assert cos < 0.999 and not torch.allclose(grads[1][1], grads[3][1])  # ... a different gradient
 
 
+@pytest.mark.integration
 def test_random_backprop_steps_are_drawn_per_update(bases, prompt_file, tmp_path):
     cfg = flow_config(bases["sd3"], "sd3", prompt_file, tmp_path, lora_rank=4, backprop_steps=4,
                       random_backprop_steps=True, max_train_steps=6)
@@ -285,6 +290,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family_name, lora_rank", [("flux", 4), ("sd3", 0)])
 def test_kill_and_resume_matches_uninterrupted_run(bases, prompt_file, tmp_path, family_name, lora_rank):
     common = dict(lora_rank=lora_rank, max_train_steps=4, checkpointing_steps=2, backprop_steps=2)

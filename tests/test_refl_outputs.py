@@ -56,6 +56,7 @@ def config(base: Path, prompts: Path, out: Path, family: str = "sd1", **override
 
 
 # ---------------------------------------------------------------------------------------------- fp16 bases
+@pytest.mark.integration
 @pytest.mark.parametrize("family, variant, lora_rank", [("sd1", "fp16", 0), ("sd1", None, 0), ("sdxl", "fp16", 4)])
 def test_fp16_base_trains_in_fp32_validates_and_saves_a_loadable_model(prompt_file, tmp_path, family, variant,
                                                                        lora_rank):
@@ -125,6 +126,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.integration
 def test_lora_checkpoint_holds_only_the_lora_and_resumes_exactly(prompt_file, tmp_path):
     from refl_tiny import save_tiny
 
@@ -251,6 +253,7 @@ def test_xformers_flag_is_checked_before_any_model_loads(prompt_file, tmp_path, 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("torchvision") is not None,
                     reason="the warnings exist only without torchvision")
+@pytest.mark.integration
 def test_no_torchvision_fallback_warnings(tmp_path):
     """Importing the pipelines the trainer uses printed two transformers warnings per run; they are gone, and
     the same imports without the filter still print them (so this test sees the real thing)."""

@@ -56,6 +56,7 @@ def record_unet_calls(trainer: ReFLTrainer) -> list[dict]:
     return calls
 
 
+@pytest.mark.integration
 def test_conditioning_time_ids_and_resolution(sdxl_dir, prompt_file, tmp_path):
     trainer = ReFLTrainer(sdxl_config(sdxl_dir, prompt_file, tmp_path, resolution=48), reward=tiny_reward())
     trainer.setup()
@@ -77,6 +78,7 @@ def test_family_mismatch_is_a_clear_error(sdxl_dir, prompt_file, tmp_path):
         trainer.setup()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_gradients_reach_only_trained_parameters(sdxl_dir, prompt_file, tmp_path, lora_rank):
     trainer = ReFLTrainer(sdxl_config(sdxl_dir, prompt_file, tmp_path, lora_rank=lora_rank), reward=tiny_reward())
@@ -100,6 +102,7 @@ def test_gradients_reach_only_trained_parameters(sdxl_dir, prompt_file, tmp_path
         assert all(not p.requires_grad and p.grad is None for p in module.parameters())
 
 
+@pytest.mark.integration
 def test_thirty_lora_steps_raise_held_out_reward(sdxl_dir, prompt_file, tmp_path):
     cfg = sdxl_config(sdxl_dir, prompt_file, tmp_path / "out", lora_rank=4, max_train_steps=30,
                       validation_prompts=HELD_OUT)
@@ -110,6 +113,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.integration
 def test_lora_resume_save_and_reload_in_diffusers(sdxl_dir, prompt_file, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open
@@ -206,6 +210,7 @@ def test_fp16_sdxl_step_has_no_nan(sdxl_dir, prompt_file, tmp_path):
     assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["grad_norm"]) for h in result["history"])
 
 
+@pytest.mark.integration
 def test_bf16_lora_step_keeps_the_lora_in_fp32(sdxl_dir, prompt_file, tmp_path):
     """Mixed precision on the CPU (bf16 autocast): the half-precision path, short of a GPU's fp16."""
     cfg = sdxl_config(sdxl_dir, prompt_file, tmp_path, mixed_precision="bf16", lora_rank=4, max_train_steps=1,

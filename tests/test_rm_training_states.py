@@ -18,7 +18,7 @@ from rm_training_synthetic import tiny_config_dict, write_task  # noqa: E402
 import ImageReward as RM  # noqa: E402
 from ImageReward.cli import main  # noqa: E402
 from ImageReward.errors import CheckpointError, DiskSpaceError  # noqa: E402
-from ImageReward.rm_training import states as states_module  # noqa: E402
+from ImageReward import disk as disk_module  # noqa: E402 (free-space checks of both trainers)
 from ImageReward.rm_training.config import config_from_dict  # noqa: E402
 from ImageReward.rm_training.data import read_groups  # noqa: E402
 from ImageReward.rm_training.export import export_model, group_rewards  # noqa: E402
@@ -85,9 +85,19 @@ def test_states_hold_only_the_trainable_weights(stopped):
 
 
 def test_resume_on_other_frozen_weights_is_refused(task, stopped, tmp_path):
+    import shutil
+
+    from ImageReward.errors import ResumeSettingsError
+
     cfg, result = stopped
     data = _data(task, Path(cfg.checkpoint_base).parent, max_steps=4, seed=4,  # seed 4: other random frozen layers
                  resume_from_checkpoint=str(result.run_dir / "states" / "checkpoint-3"))
+    with pytest.raises(ResumeSettingsError, match=r"checkpoint-3: config key 'train.seed' 3 -> 4"):
+        train_reward_model(config_from_dict(data))  # the settings check comes first, before any model loads
+    # a state whose settings cannot be compared (written by an older version): the frozen-weight fingerprint
+    old_state = shutil.copytree(result.run_dir / "states" / "checkpoint-3", tmp_path / "old" / "checkpoint-3")
+    (old_state / "train_config.json").unlink()
+    data["train"]["resume_from_checkpoint"] = str(old_state)
     with pytest.raises(CheckpointError, match=r"checkpoint-3.*trainable.safetensors.*other frozen weights"):
         train_reward_model(config_from_dict(data))
     other = config_from_dict({**_data(task, tmp_path), "train": {**_data(task, tmp_path)["train"], "fix_rate": 0.0}})
@@ -140,8 +150,8 @@ def test_export_from_best_and_from_a_state(task, stopped, tmp_path, capsys):
 
 
 def test_no_free_space_fails_before_writing_a_state(task, tmp_path, monkeypatch):
-    real = states_module.shutil.disk_usage
-    monkeypatch.setattr(states_module.shutil, "disk_usage",
+    real = disk_module.shutil.disk_usage
+    monkeypatch.setattr(disk_module.shutil, "disk_usage",
                         lambda path: real(path)._replace(free=10 << 20))  # 10 MB free
     cfg = config_from_dict(_data(task, tmp_path, max_steps=1, validate_at_start=False, valid_per_epoch=1))
     with pytest.raises(DiskSpaceError, match=r"training state checkpoint-1 .*needs about .* free"):

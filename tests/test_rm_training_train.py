@@ -25,6 +25,8 @@ from ImageReward.rm_training.export import export_model, group_rewards  # noqa: 
 from ImageReward.rm_training.states import frozen_fingerprint, load_trainable  # noqa: E402
 from ImageReward.rm_training.trainer import _initial_model, find_latest_state, train_reward_model  # noqa: E402
 
+pytestmark = pytest.mark.integration  # end-to-end runs: minutes on 2 cores (CI runs them)
+
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):

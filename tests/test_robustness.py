@@ -923,6 +923,7 @@ def test_an_extreme_aspect_ratio_is_scored_without_gigabytes(tiny_model):
      "no-such.json", 1),  # data that cannot be fetched: a failure (DownloadError)
     ("scripts/test-benchmark.py", ["--batch-size", "-2"], "--batch-size", 2),
 ])
+@pytest.mark.integration
 def test_every_script_entry_point_is_one_line(script, args, needle, code, tmp_path):
     import subprocess
     import sys

@@ -22,6 +22,8 @@ from PIL import Image
 
 from ImageReward.scoring.writers import parts_dir, read_journal, read_output
 
+pytestmark = pytest.mark.integration  # end-to-end runs: minutes on 2 cores (CI runs them)
+
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -170,6 +170,7 @@ def test_modes_rgba_palette_grayscale(tiny_model):
     assert all(np.isfinite(scores))
 
 
+@pytest.mark.integration
 def test_import_is_light():
     import subprocess
     import sys

@@ -266,6 +266,7 @@ def test_wrong_number_of_run_arguments(webui, tmp_path, args):
     assert loads == []
 
 
+@pytest.mark.integration
 def test_model_reuse_unload_twice_and_reload(webui, tmp_path):
     shim, plugin, loads = webui
     run_script(shim, plugin, make_p(shim, tmp_path, n_iter=1), False, "0", True)
@@ -286,6 +287,7 @@ def test_model_reuse_unload_twice_and_reload(webui, tmp_path):
     assert loads == ["ImageReward-v1.0", "ImageReward-v1.0"]
 
 
+@pytest.mark.integration
 def test_other_scorers_and_switching(webui, tmp_path):
     shim, plugin, loads = webui
     processed = run_script(shim, plugin, make_p(shim, tmp_path), True, "0.5", True, "Brightness")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..validation import arg_dtype, arg_non_negative_float, arg_non_negative_int, arg_positive_int
-from .score import load_scorer
+from .score import add_progress_arguments, load_scorer, show_progress
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None, help="score cache file (default: <output dir>/score_cache.sqlite)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the score cache")
     parser.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    add_progress_arguments(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -100,6 +100,48 @@ def scorer_label(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
+def scorer_labels(specs: Sequence[str]) -> list[str]:
+    """:func:`scorer_label` of each spec, made unique so that no two scorers share result files: a local
+    checkpoint whose label another one has (``run1/ImageReward`` and ``run2/ImageReward``, or a folder named
+    like a registered scorer) takes as many of its parent folders as it needs (``run1_ImageReward``). Labels are
+    compared case-insensitively (file names on Windows and macOS are). A scorer listed twice, or labels that
+    stay equal, raise :class:`InvalidInputError` before any model is loaded."""
+    from ImageReward.errors import InvalidInputError
+    from ImageReward.resolve import resolve
+
+    labels = [scorer_label(spec) for spec in specs]
+    paths = {i: Path(resolve(spec).target).resolve() for i, spec in enumerate(specs) if resolve(spec).kind == "path"}
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        key = str(paths.get(i, spec))
+        if key in seen:
+            raise InvalidInputError(f"scorer {spec!r} is listed twice (as {specs[seen[key]]!r} too): its result "
+                                    "files would overwrite each other; list it once")
+        seen[key] = i
+    depth = 1
+    while True:
+        folded = [label.casefold() for label in labels]
+        clashing = [i for i in paths if folded.count(folded[i]) > 1]
+        if not clashing:
+            break
+        depth += 1
+        for i in clashing:
+            parts = paths[i].parts[-depth:]
+            labels[i] = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join((*parts[:-1], Path(parts[-1]).stem or parts[-1])))
+        if depth > max(len(path.parts) for path in paths.values()):
+            break
+    folded = [label.casefold() for label in labels]
+    for i, label in enumerate(labels):
+        if folded.count(folded[i]) > 1:
+            others = [specs[j] for j in range(len(specs)) if folded[j] == folded[i] and j != i]
+            raise InvalidInputError(f"scorers {specs[i]!r} and {others[0]!r} would both be labelled {label!r} and "
+                                    "overwrite each other's result files; evaluate them in separate runs or "
+                                    "rename one")
+    if labels != [scorer_label(spec) for spec in specs]:
+        logger.info("scorer labels made unique: %s", ", ".join(labels))
+    return labels
+
+
 def _device(args: argparse.Namespace) -> str | None:
     if args.gpu_id is not None and args.device is None:
         import torch
@@ -125,6 +167,17 @@ def _check_common(args: argparse.Namespace) -> None:
     resolve_device(_device(args), "--device")
     check_encoding(args.encoding, "--encoding")
     check_download_root(args.rm_path, "--rm-path")
+
+
+def _check_prompts(model, label: str, prompts: Sequence[tuple[str, str]]) -> None:
+    """Empty prompts are fine for a prompt-free scorer (``uses_prompt = False``), refused for the others."""
+    from ImageReward.errors import InvalidInputError
+
+    empty = [str(pid) for pid, prompt in prompts if not prompt.strip()]
+    if empty and getattr(model, "uses_prompt", True):
+        raise InvalidInputError(f"{label} scores images against their prompt, but {len(empty)} prompt(s) are empty "
+                                f"(id {', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}); only prompt-free "
+                                "scorers such as Aesthetic score without one")
 
 
 def _open_cache(args: argparse.Namespace, default_dir: str):
@@ -156,7 +209,7 @@ def scorer_specs(text: str) -> list[str]:
 def run_preference(args: argparse.Namespace) -> int:
     from ImageReward.eval import (dataset_stats, evaluate_preference, load_imagerewarddb, load_test_json,
                                   preference_table, write_predictions, write_preference_report)
-    from ImageReward.eval.cache import scorer_identity
+    from ImageReward.identity import scorer_identity
     from ImageReward.eval.download import ensure_test_images, ensure_test_json
 
     _check_common(args)
@@ -173,18 +226,19 @@ def run_preference(args: argparse.Namespace) -> int:
     print(f"{stats['prompts']} prompts, {stats['images']} images, {stats['strict_pairs']} pairs "
           f"({stats['human_ties']} human ties skipped)")
     specs = list(ALL_SCORERS) if args.model_type == "all" else scorer_specs(args.model_type)
+    labels = scorer_labels(specs)
     os.makedirs(args.target_dir, exist_ok=True)
     cache = _open_cache(args, args.target_dir)
     results = []
     try:
-        for spec in specs:
-            label = scorer_label(spec)
+        for spec, label in zip(specs, labels):
             print(f"{label} Test begin: ")
             model = _load(spec, args)
+            _check_prompts(model, label, [(item.id, item.prompt) for item in items])
             result = evaluate_preference(model, items, name=label, cache=cache,
                                          scorer_id=scorer_identity(spec, args.dtype), batch_size=args.batch_size,
                                          tie_threshold=args.tie_threshold, n_boot=args.bootstrap, seed=args.seed,
-                                         progress=args.progress)
+                                         progress=show_progress(args))
             write_predictions(result, os.path.join(args.target_dir, f"test_{label}.json"))
             print(f"{label:>16s} Test Acc: {100 * result.metrics['original'].value:.2f}%")
             results.append(result)
@@ -231,7 +285,7 @@ def _human_ranking(text: str | None, models: Sequence[str], encoding: str | None
 
 def run_benchmark(args: argparse.Namespace) -> int:
     from ImageReward.eval import benchmark_table, evaluate_benchmark, load_benchmark_prompts, write_benchmark_outputs
-    from ImageReward.eval.cache import scorer_identity
+    from ImageReward.identity import scorer_identity
     from ImageReward.eval.download import (DEFAULT_BENCHMARK_MODELS, ensure_benchmark_generations,
                                            ensure_benchmark_prompts)
 
@@ -242,23 +296,33 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if args.model == "default":
         models = list(DEFAULT_BENCHMARK_MODELS)
     elif args.model == "all":
-        models = sorted(e.name for e in os.scandir(args.img_dir) if e.is_dir()) if os.path.isdir(args.img_dir) else []
+        from ImageReward.image_io import list_subfolders
+
+        models = list_subfolders(args.img_dir)  # not .ipynb_checkpoints, __MACOSX, ...
     else:
         models = _split(args.model)
+    repeated = sorted({m for m in models if [x.casefold() for x in models].count(m.casefold()) > 1})
+    if repeated:
+        from ImageReward.errors import InvalidInputError
+
+        raise InvalidInputError(f"--model lists {', '.join(map(repr, repeated))} more than once: their result "
+                                "files would overwrite each other")
     ensure_benchmark_generations(args.img_dir, models, download=download)
     human = _human_ranking(args.human_ranking, models, args.encoding)
+    specs = scorer_specs(args.benchmark)
+    labels = scorer_labels(specs)
     os.makedirs(args.result_dir, exist_ok=True)
     cache = _open_cache(args, args.result_dir)
     results = []
     try:
-        for spec in scorer_specs(args.benchmark):
-            label = scorer_label(spec)
+        for spec, label in zip(specs, labels):
             print(f"Loading {label} model...")
             model = _load(spec, args)
+            _check_prompts(model, label, [(p["id"], p["prompt"]) for p in prompts])
             print(f"{label} benchmark begins!")
             result = evaluate_benchmark(model, prompts, args.img_dir, models, name=label, cache=cache,
                                         scorer_id=scorer_identity(spec, args.dtype), batch_size=args.batch_size,
-                                        progress=args.progress)
+                                        progress=show_progress(args))
             written = write_benchmark_outputs(result, args.result_dir)
             print(f"{label} benchmark finished with result dumped to {written[-1]}!")
             results.append(result)

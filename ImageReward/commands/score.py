@@ -24,6 +24,51 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score image files as stored, ignoring their EXIF orientation (the original's behaviour)")
 
 
+def add_progress_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress``; neither: a progress bar when stderr is a terminal (see :func:`show_progress`)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--progress", dest="progress", action="store_true", default=None,
+                       help="show progress bars (default: only when stderr is a terminal)")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """The ``--progress`` choice, else whether stderr (where tqdm draws) is a terminal."""
+    choice = getattr(args, "progress", None)
+    if choice is not None:
+        return bool(choice)
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+def check_prompt_given(spec: str, prompt: str | None, option: str = "--prompt") -> None:
+    """Before loading weights: refuse a missing or empty ``prompt`` when ``spec`` names an ImageReward
+    checkpoint (registered, a local file or folder, a Hub id), which always scores against a prompt. Registered
+    scorers and mixes are checked once loaded (:func:`check_prompt_needed`)."""
+    from ..resolve import resolve
+
+    if resolve(spec).kind in ("checkpoint", "path", "hub"):
+        _require_prompt(spec, prompt, option)
+
+
+def check_prompt_needed(model, prompt: str | None, option: str = "--prompt") -> None:
+    """Refuse a missing or empty ``prompt`` when the loaded ``model`` uses prompts (``uses_prompt``; a mix
+    uses them when any member does)."""
+    if getattr(model, "uses_prompt", True):
+        _require_prompt(getattr(model, "name", "this scorer"), prompt, option)
+
+
+def _require_prompt(name: str, prompt: str | None, option: str) -> None:
+    from ..errors import InvalidInputError
+
+    if prompt is None or not prompt.strip():
+        raise InvalidInputError(f"{option} is {'empty' if prompt is not None else 'required'}: {name} scores images "
+                                "against a prompt (only prompt-free scorers such as Aesthetic need none; for images "
+                                "that carry their own prompts, use score-dataset)")
+
+
 def load_scorer(args: argparse.Namespace):
     """The scorer named by ``--model``, through the one resolver (:func:`ImageReward.load_scorer`)."""
     import ImageReward as RM
@@ -37,16 +82,22 @@ def load_scorer(args: argparse.Namespace):
 def register(subparsers: argparse._SubParsersAction) -> None:
     for name, help_text in (("score", "score images for a prompt"), ("rank", "rank images for a prompt, best first")):
         parser = subparsers.add_parser(name, help=help_text)
-        parser.add_argument("--prompt", required=True)
+        parser.add_argument("--prompt", default=None,
+                            help="the prompt the images were generated from (not needed by prompt-free scorers "
+                                 "such as Aesthetic)")
         parser.add_argument("images", nargs="+", help="image files")
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
         add_model_arguments(parser)
+        add_progress_arguments(parser)
         parser.set_defaults(func=_run, sort=(name == "rank"))
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_prompt_given(args.model, args.prompt)
     model = load_scorer(args)
-    ranking, rewards = model.inference_rank(args.prompt, args.images, batch_size=args.batch_size)
+    check_prompt_needed(model, args.prompt)
+    ranking, rewards = model.inference_rank(args.prompt or None, args.images, batch_size=args.batch_size,
+                                            progress=show_progress(args))
     rows = [{"image": path, "rank": rank, "score": score} for path, rank, score in zip(args.images, ranking, rewards)]
     if args.sort:
         rows.sort(key=lambda row: row["rank"])

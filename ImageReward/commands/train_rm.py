@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of training (use the run's config)")
     parser.add_argument("--export-dir", dest="export_dir", default=None, metavar="DIR",
                         help="with --export-from: where to write the export (default: the run folder)")
+    parser.add_argument("--dry_run", "--dry-run", dest="dry_run", action="store_true",
+                        help="check the config, the model files (no download), the data and, when resuming, the "
+                             "state's settings; print what the run would do, then exit without training")
     parser.add_argument("--rank_pair", action="store_true", help="accepted for compatibility (always pairwise)")
     parser.add_argument("--load_pair_store", action="store_true",
                         help="accepted for compatibility (pairs are built on the fly; images decoded by workers)")
@@ -101,6 +104,11 @@ def _run(args: argparse.Namespace) -> int:
     from ..rm_training.trainer import export_from_state, train_reward_model
 
     cfg = config_from_args(args)
+    if getattr(args, "dry_run", False):
+        from ..rm_training.preflight import dry_run_report
+
+        print("\n".join(dry_run_report(cfg)))
+        return 0
     if args.export_from:
         result = export_from_state(cfg, args.export_from, out_dir=args.export_dir)
     else:

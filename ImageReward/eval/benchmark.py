@@ -89,7 +89,7 @@ def evaluate_benchmark(scorer, prompts: Sequence[Mapping[str, str]], img_dir: st
 def _dump(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(path.name + ".tmp")
-    temp.write_text(json.dumps(data, indent=4, ensure_ascii=False), encoding="utf-8")
+    temp.write_text(json.dumps(data, indent=4, ensure_ascii=False), encoding="utf-8", errors="backslashreplace")
     os.replace(temp, path)
 
 

@@ -20,7 +20,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from ..errors import ImageLoadError, InvalidInputError
-from ..resolve import Resolved, resolve
+from ..identity import scorer_identity  # noqa: F401 - its home before it was shared with score-dataset
 
 __all__ = ["ScoreCache", "cached_scores", "image_identity", "scorer_identity"]
 
@@ -35,23 +35,6 @@ def image_identity(path: str | os.PathLike) -> str:
     except OSError as err:
         raise ImageLoadError(f"image {os.fspath(path)!r}: file does not exist") from err
     return f"{absolute}|{info.st_size}|{info.st_mtime_ns}"
-
-
-def scorer_identity(spec: str | Resolved, dtype: str = "float32") -> str:
-    """A cache key for a scorer named on the command line, read by the one resolver: registered names as
-    they are, local checkpoints by absolute path plus the size and mtime of their files (a retrained
-    checkpoint gets new entries), a mix by its parts and weights."""
-    resolved = spec if isinstance(spec, Resolved) else resolve(spec)
-    if resolved.kind == "mix":
-        return "mix:" + ",".join(f"{scorer_identity(part, dtype)}*{weight!r}" for part, weight in resolved.parts)
-    if resolved.kind == "path":
-        path = Path(resolved.target).resolve()
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        signature = ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-        return f"path:{path}|{signature}|{dtype}"
-    if resolved.kind == "remote":  # a server URL, without its ?token=
-        return f"remote:{resolved.target.split('?', 1)[0]}|{dtype}"
-    return f"{resolved.target}|{dtype}"
 
 
 class ScoreCache:

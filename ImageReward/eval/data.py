@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..errors import InvalidInputError
-from ..image_io import IMAGE_EXTENSIONS
+from ..image_io import list_images
 from ..preference.groups import read_json, validate_groups
 from ..preference.imagerewarddb import convert_split, hub_fetcher, local_fetcher, prepare_split
 from ..pretrained import default_cache_dir
@@ -116,11 +116,10 @@ def find_generations(model_dir: str | os.PathLike, prompt_ids: Iterable[str]) ->
         raise InvalidInputError(f"generation folder {str(model_dir)!r} does not exist")
     wanted = set(prompt_ids)
     found: dict[str, list[tuple[int, str]]] = {}
-    for entry in os.scandir(model_dir):
-        stem, ext = os.path.splitext(entry.name)
-        match = _GENERATION.match(stem)
-        if ext.lower() in IMAGE_EXTENSIONS and match and match["id"] in wanted and entry.is_file():
-            found.setdefault(match["id"], []).append((int(match["k"]), entry.path))
+    for path in list_images(model_dir, recursive=False):  # hidden files (._1_0.png, ...) skipped
+        match = _GENERATION.match(path.stem)
+        if match and match["id"] in wanted:
+            found.setdefault(match["id"], []).append((int(match["k"]), str(path)))
     missing = [pid for pid in prompt_ids if pid not in found]
     if missing:
         raise InvalidInputError(f"{model_dir}: no images <id>_<k>.png for {len(missing)} prompt(s), "

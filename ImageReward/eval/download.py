@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..errors import DownloadError, InvalidInputError
+from ..image_io import list_images
 from ..preference.archives import extract_archive_to
 from ..pretrained import download_url, hub_unreachable, offline
 
@@ -108,7 +109,7 @@ def ensure_benchmark_generations(img_dir: str | os.PathLike, models: list[str], 
     img_dir = Path(img_dir)
     for model in models:
         folder = img_dir / model
-        if folder.is_dir() and any(folder.iterdir()):
+        if folder.is_dir() and list_images(folder, recursive=False):  # a lone .ipynb_checkpoints/ is not data
             continue
         if model not in BENCHMARK_GENERATIONS:
             raise InvalidInputError(f"no generations for model {model!r} in {folder} and no published archive "

@@ -90,6 +90,7 @@ def write_predictions(result: PreferenceResult, path: str | os.PathLike) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(path.name + ".tmp")
-    temp.write_text(json.dumps(result.records, indent=4, ensure_ascii=False), encoding="utf-8")
+    temp.write_text(json.dumps(result.records, indent=4, ensure_ascii=False), encoding="utf-8",
+                    errors="backslashreplace")  # a lone surrogate (undecodable file name) as its JSON escape
     os.replace(temp, path)
     return path

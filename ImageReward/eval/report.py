@@ -162,6 +162,6 @@ def write_preference_report(results: Sequence[PreferenceResult], items: Sequence
         out.append(f"<p>{len(items) - max_prompts} more prompts not shown.</p>")
     out.append("</body></html>")
     temp = path.with_name(path.name + ".tmp")
-    temp.write_text("\n".join(out), encoding="utf-8")
+    temp.write_text("\n".join(out), encoding="utf-8", errors="backslashreplace")
     os.replace(temp, path)
     return path

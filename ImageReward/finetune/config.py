@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..errors import InvalidInputError
+from ..run_settings import ACCEPT, IGNORE
 from ..textio import check_encoding
 from ..resolve import parse_mix
 
@@ -41,7 +42,11 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 @dataclass
 class ReFLConfig:
     """All options of a ReFL run. Defaults reproduce the original SD1.x recipe (``scripts/train_refl.sh``
-    adds the multi-GPU launch, EMA, fp16 and gradient checkpointing)."""
+    adds the multi-GPU launch, EMA, fp16 and gradient checkpointing).
+
+    ``resume=`` in a field's metadata (:mod:`ImageReward.run_settings`): ``ACCEPT`` marks a setting that may
+    change when a run resumes (with a warning and a line in ``refl_args.history.jsonl``); every other field,
+    including new ones, is refused on resume when it differs from the checkpoint's value."""
 
     # model
     pretrained_model_name_or_path: str = _opt("CompVis/stable-diffusion-v1-4", "base diffusers model (Hub id or folder)")
@@ -53,8 +58,9 @@ class ReFLConfig:
     # reward
     reward: str = _opt("ImageReward-v1.0", "scorer or weighted mix: 'ImageReward-v1.0:1.0,Aesthetic:0.1' "
                        "(registered names, load_score names, or saved ImageReward folders)")
-    monitor_reward: str | None = _opt(None, "held-out scorer(s), logged only, never trained on (shows reward hacking)")
-    reward_download_root: str | None = _opt(None, "where reward-model weights are cached")
+    monitor_reward: str | None = _opt(None, "held-out scorer(s), logged only, never trained on (shows reward hacking)",
+                                      resume=ACCEPT)
+    reward_download_root: str | None = _opt(None, "where reward-model weights are cached", resume=ACCEPT)
     grad_scale: float = _opt(1e-3, "lambda: loss = grad_scale * mean(relu(reward_margin - reward))")
     reward_margin: float = _opt(2.0, "hinge of the ReFL loss (the original's unexplained 2)")
     # rollout
@@ -73,20 +79,21 @@ class ReFLConfig:
     drop_t5: bool = _opt(False, "sd3: do not load the T5 encoder (its embedding becomes zeros, as "
                          "StableDiffusion3Pipeline with text_encoder_3=None); saves ~9.5 GB in bf16")
     offload_text_encoders: bool = _opt(False, "keep text encoders on the CPU and move them to the accelerator "
-                                       "only while a batch of prompts is encoded")
+                                       "only while a batch of prompts is encoded", resume=ACCEPT)
     resolution: int = _opt(512, "image size of rollouts and of pre-training images (multiple of 8)")
     center_crop: bool = _opt(False, "pre-training images: centre crop (default random crop)")
     random_flip: bool = _opt(False, "pre-training images: random horizontal flip")
     # data
-    train_data: str | None = _opt("data/refl_data.json", "prompt file: JSON [{'text': ...}], JSONL, CSV or TXT")
-    dataset_name: str | None = _opt(None, "Hub dataset of prompts (instead of --train_data)")
-    dataset_config_name: str | None = _opt(None, "configuration of --dataset_name")
-    caption_column: str = _opt("text", "prompt column")
+    train_data: str | None = _opt("data/refl_data.json", "prompt file: JSON [{'text': ...}], JSONL, CSV or TXT",
+                                  resume=ACCEPT)  # the prompts themselves are compared on resume
+    dataset_name: str | None = _opt(None, "Hub dataset of prompts (instead of --train_data)", resume=ACCEPT)
+    dataset_config_name: str | None = _opt(None, "configuration of --dataset_name", resume=ACCEPT)
+    caption_column: str = _opt("text", "prompt column", resume=ACCEPT)
     image_column: str = _opt("image", "image column of --pretrain_data")
     max_train_samples: int | None = _opt(None, "use only the first N prompts after a seeded shuffle")
-    cache_dir: str | None = _opt(None, "cache for Hub datasets and models")
+    cache_dir: str | None = _opt(None, "cache for Hub datasets and models", resume=ACCEPT)
     encoding: str | None = _opt(None, "text encoding of --train_data / --pretrain_data when not UTF-8, e.g. gbk "
-                                      "(a byte-order mark is always honoured)")
+                                      "(a byte-order mark is always honoured)", resume=ACCEPT)
     # pre-training regularisation (the paper's; absent from the original code)
     pretrain_data: str | None = _opt(None, "image-text file (JSON/JSONL/CSV with image paths) for the pre-training loss")
     pretrain_loss_weight: float = _opt(0.0, "weight of the noise-prediction loss (0 = off, the original)")
@@ -97,11 +104,12 @@ class ReFLConfig:
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank)")
     # optimisation
     train_batch_size: int = _opt(2, "prompts per device per micro-step")
-    max_train_steps: int | None = _opt(100, "optimizer updates (overrides --num_train_epochs)")
-    num_train_epochs: int = _opt(100, "epochs over the prompts when --max_train_steps is not given")
+    max_train_steps: int | None = _opt(100, "optimizer updates (overrides --num_train_epochs)", resume=ACCEPT)
+    num_train_epochs: int = _opt(100, "epochs over the prompts when --max_train_steps is not given", resume=ACCEPT)
     gradient_accumulation_steps: int = _opt(4, "micro-steps per optimizer update")
     gradient_checkpointing: bool = _opt(False, "gradient checkpointing of the denoiser and the VAE decoder (with "
-                                        "--backprop_steps > 1 each differentiable step is also recomputed whole)")
+                                        "--backprop_steps > 1 each differentiable step is also recomputed whole)",
+                                        resume=ACCEPT)
     learning_rate: float = _opt(1e-5, "AdamW learning rate")
     scale_lr: bool = _opt(False, "lr *= accumulation * batch * processes")
     lr_scheduler: str = _opt("constant", "diffusers get_scheduler name")
@@ -113,22 +121,24 @@ class ReFLConfig:
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm")
     use_ema: bool = _opt(False, "keep an EMA of the UNet; it is what gets saved")
-    allow_tf32: bool = _opt(False, "allow TF32 matmuls on Ampere+")
-    enable_xformers_memory_efficient_attention: bool = _opt(False, "xformers attention (default: torch SDPA)")
+    allow_tf32: bool = _opt(False, "allow TF32 matmuls on Ampere+", resume=ACCEPT)
+    enable_xformers_memory_efficient_attention: bool = _opt(False, "xformers attention (default: torch SDPA)",
+                                                            resume=ACCEPT)
     mixed_precision: str | None = _opt(None, "overrides accelerate config", choices=("no", "fp16", "bf16"))
     seed: int | None = _opt(None, "seed (each process adds its index)")
     # outputs
-    output_dir: str = _opt("checkpoint/refl", "checkpoints, logs and the final model")
-    logging_dir: str = _opt("logs", "log folder, relative to output_dir")
-    report_to: str = _opt("tensorboard", "tensorboard, wandb, all or none")
-    tracker_project_name: str = _opt("text2image-refl", "tracker project")
-    checkpointing_steps: int = _opt(100, "save state every N optimizer updates")
-    checkpoints_total_limit: int | None = _opt(3, "keep at most N checkpoints (0 = keep all)")
-    resume_from_checkpoint: str | None = _opt(None, "checkpoint folder, its name in output_dir, or 'latest'")
-    validation_prompts: list[str] | None = _opt(None, "prompts rendered at every validation", nargs="+")
-    validation_steps: int = _opt(100, "validate every N optimizer updates (and at the end)")
-    push_to_hub: bool = _opt(False, "upload output_dir to the Hub at the end")
-    hub_model_id: str | None = _opt(None, "Hub repository for --push_to_hub")
+    output_dir: str = _opt("checkpoint/refl", "checkpoints, logs and the final model", resume=ACCEPT)
+    logging_dir: str = _opt("logs", "log folder, relative to output_dir", resume=ACCEPT)
+    report_to: str = _opt("tensorboard", "tensorboard, wandb, all or none", resume=ACCEPT)
+    tracker_project_name: str = _opt("text2image-refl", "tracker project", resume=ACCEPT)
+    checkpointing_steps: int = _opt(100, "save state every N optimizer updates", resume=ACCEPT)
+    checkpoints_total_limit: int | None = _opt(3, "keep at most N checkpoints (0 = keep all)", resume=ACCEPT)
+    resume_from_checkpoint: str | None = _opt(None, "checkpoint folder, its name in output_dir, or 'latest'",
+                                              resume=IGNORE)
+    validation_prompts: list[str] | None = _opt(None, "prompts rendered at every validation", nargs="+", resume=ACCEPT)
+    validation_steps: int = _opt(100, "validate every N optimizer updates (and at the end)", resume=ACCEPT)
+    push_to_hub: bool = _opt(False, "upload output_dir to the Hub at the end", resume=ACCEPT)
+    hub_model_id: str | None = _opt(None, "Hub repository for --push_to_hub", resume=ACCEPT)
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> "ReFLConfig":

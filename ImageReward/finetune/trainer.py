@@ -9,6 +9,7 @@ on accelerate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +22,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..disk import atomic_write_text, disk_errors, ensure_free_space, replace_dir
+from ..errors import DiskSpaceError, ResumeSettingsError
+from ..run_settings import append_history, check_resume, resume_policies
 from ..scorer import Scorer
 from ..trainable_state import TRAINABLE_NAME, load_trainable, save_trainable
 from .compat import dtype_kwargs, make_pipeline_portable, quiet_torchvision_fallback
@@ -29,6 +33,7 @@ from .data import BatchOrder, load_image_text, load_prompts
 from .families import Conditioning, get_family
 from .lora import add_lora, save_lora
 from .losses import refl_loss
+from .preflight import check_models
 from .rewards import WeightedReward, as_reward
 from .rollout import (decode, draw_backprop_steps, draw_stop_index, initial_latents, rollout,
                       training_scheduler)
@@ -38,6 +43,9 @@ __all__ = ["ReFLTrainer", "find_checkpoint", "hub_model_id"]
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "refl_state.json"
+ARGS_NAME = "refl_args.json"  # in each checkpoint: the settings it was made with (checked on resume)
+HISTORY_NAME = "refl_args.history.jsonl"  # in output_dir: one line per start or resume, never rewritten
+_RESUME_HINT = "free space (or lower --checkpoints_total_limit), then resume with --resume_from_checkpoint latest"
 _TINY_UPDATE_PATIENCE = 10
 
 
@@ -96,6 +104,14 @@ class ReFLTrainer:
                                                      image_base_dir=config.image_base_dir, encoding=config.encoding)
         self._reward_arg = reward if reward is not None else config.reward
         self._monitor_arg = monitor if monitor is not None else config.monitor_reward
+        self.model_files: list[str] = []
+        self.prompts_sha256 = hashlib.sha256(json.dumps(self.prompts).encode()).hexdigest()
+        self.resume_changes: list = []
+        self._checked_resume: Path | None = None
+        if config.resume_from_checkpoint:
+            path = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
+            if path is not None:
+                self.check_resume_settings(path)
         self.global_step = 0
         self.history: list[dict[str, float]] = []
         self.validations: list[dict[str, Any]] = []
@@ -106,6 +122,7 @@ class ReFLTrainer:
         """Build accelerator, models, optimizer, EMA and trackers; resume if asked. Called by :meth:`train`."""
         if self._set_up:
             return
+        self.check_model_files()
         quiet_torchvision_fallback()  # before diffusers imports its pipeline modules
         import diffusers
         from accelerate import Accelerator
@@ -124,6 +141,8 @@ class ReFLTrainer:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
         self.seed = seed
+        from accelerate.utils import set_seed
+        set_seed(seed)  # torch, numpy, random: LoRA init (and anything else drawn globally) follows --seed
         self.generator = torch.Generator().manual_seed(seed + acc.process_index)  # rollouts, per process
         self.order = BatchOrder(len(self.prompts), cfg.train_batch_size, seed, process_index=acc.process_index,
                                 num_processes=acc.num_processes)
@@ -224,6 +243,9 @@ class ReFLTrainer:
         self._set_up = True
         if cfg.resume_from_checkpoint:
             self.resume(cfg.resume_from_checkpoint)
+        if acc.is_main_process:
+            append_history(output_dir / HISTORY_NAME, "resume" if self.global_step else "start", cfg.to_dict(),
+                           changes=self.resume_changes, step=self.global_step, seed=self.seed)
 
     # ================================================================== one step
     def latent_size(self) -> tuple[int, int]:
@@ -368,6 +390,10 @@ class ReFLTrainer:
         validation only reports, it must never lose training."""
         try:
             return self.validate()
+        except DiskSpaceError as err:  # one clear line; the next checkpoint will say it again if still full
+            logger.error("validation at step %d: %s; training continues", self.global_step, err)
+            self.validations.append({"step": self.global_step, "error": f"DiskSpaceError: {err}"})
+            return None
         except Exception as err:  # noqa: BLE001 - any failure of the report; training goes on
             logger.exception("validation at step %d failed; training continues and weights are saved",
                              self.global_step)
@@ -376,29 +402,43 @@ class ReFLTrainer:
 
     # ================================================================== checkpoints
     def save_checkpoint(self) -> Path:
-        """``accelerate.save_state`` into ``checkpoint-N.tmp``, then an atomic rename to ``checkpoint-N``."""
+        """``accelerate.save_state`` into ``checkpoint-N.tmp``, then an atomic rename to ``checkpoint-N``. A disk
+        too full for it raises :class:`~ImageReward.errors.DiskSpaceError` (before writing when the free space is
+        visibly short, else when a write fails); the partial folder is removed, earlier checkpoints stay."""
         from safetensors.torch import save_file
 
         acc = self.accelerator
         out = Path(self.config.output_dir)
         final, tmp = out / f"checkpoint-{self.global_step}", out / f"checkpoint-{self.global_step}.tmp"
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        tmp.mkdir(parents=True, exist_ok=True)
-        acc.save_state(str(tmp))
-        save_file({"generator": self.generator.get_state()}, str(tmp / f"refl_rng_{acc.process_index}.safetensors"))
         if acc.is_main_process:
-            state = {"global_step": self.global_step, "seed": self.seed, "tiny_updates": self._tiny_updates}
-            if self.ema is not None:
-                save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)},
-                          str(tmp / "ema.safetensors"))
-                state["ema_optimization_step"] = self.ema.optimization_step
-            if self.config.lora_rank:
-                unet = acc.unwrap_model(self.unet)
-                save_trainable(unet, tmp)  # what resume reads (exact, by parameter name)
-                save_lora(self.family, unet, tmp / "lora", kohya=False)  # the diffusers file, for users
-            (tmp / STATE_NAME).write_text(json.dumps(state))
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            # fp32 weights + AdamW's two moments (+ the EMA copy)
+            needed = self.n_trainable * 4 * (3 + (self.ema is not None))
+            ensure_free_space(out, needed, f"checkpoint {final.name}", hint=_RESUME_HINT)
+        acc.wait_for_everyone()
+        try:
+            with disk_errors(f"checkpoint {final.name}", out, hint=_RESUME_HINT):
+                tmp.mkdir(parents=True, exist_ok=True)
+                acc.save_state(str(tmp))
+                save_file({"generator": self.generator.get_state()},
+                          str(tmp / f"refl_rng_{acc.process_index}.safetensors"))
+                if acc.is_main_process:
+                    state = {"global_step": self.global_step, "seed": self.seed, "tiny_updates": self._tiny_updates,
+                             "prompts_sha256": self.prompts_sha256}
+                    if self.ema is not None:
+                        save_file({f"p{i}": p.detach().cpu().contiguous()
+                                   for i, p in enumerate(self.ema.shadow_params)}, str(tmp / "ema.safetensors"))
+                        state["ema_optimization_step"] = self.ema.optimization_step
+                    if self.config.lora_rank:
+                        unet = acc.unwrap_model(self.unet)
+                        save_trainable(unet, tmp)  # what resume reads (exact, by parameter name)
+                        save_lora(self.family, unet, tmp / "lora", kohya=False)  # the diffusers file, for users
+                    self.config.save(tmp / ARGS_NAME)  # the settings resume compares against
+                    (tmp / STATE_NAME).write_text(json.dumps(state))  # last: marks the checkpoint complete
+        except DiskSpaceError:
+            shutil.rmtree(tmp, ignore_errors=True)  # give back what the partial save took
+            raise
         acc.wait_for_everyone()
         if acc.is_main_process:
             if final.exists():
@@ -454,12 +494,14 @@ class ReFLTrainer:
         state_file = path / STATE_NAME
         if not state_file.is_file():
             raise ReFLConfigError(f"{str(path)!r} is not a complete ReFL checkpoint (no {STATE_NAME})")
+        if self._checked_resume != path:
+            self.check_resume_settings(path)
         acc = self.accelerator
         acc.load_state(str(path))
         state = json.loads(state_file.read_text())
         self.global_step = int(state["global_step"])
-        if state.get("seed") != self.seed:
-            logger.warning("resuming with seed %s, checkpoint was made with %s", self.seed, state.get("seed"))
+        if state.get("seed") != self.seed:  # --seed left out: the run keeps the seed it drew at its start
+            logger.info("resuming with the checkpoint's seed %s", state.get("seed"))
         self.seed = state.get("seed", self.seed)
         self.order.seed = self.seed
         self._tiny_updates = int(state.get("tiny_updates", 0))
@@ -472,6 +514,34 @@ class ReFLTrainer:
                 param.data.copy_(shadow[f"p{i}"].to(param.device))
             self.ema.optimization_step = int(state["ema_optimization_step"])
         logger.info("resumed from %s at step %d", path, self.global_step)
+
+    def check_model_files(self) -> list[str]:
+        """Every model file of the run (base model, VAE, reward models given by name) is there or can be
+        downloaded now, checked before anything loads (:func:`~ImageReward.finetune.preflight.check_models`:
+        one :class:`ReFLConfigError` naming each option and every missing file); returns one line per model."""
+        self.model_files = check_models(self.config, self.family, reward=isinstance(self._reward_arg, str),
+                                        monitor=isinstance(self._monitor_arg, str))
+        return self.model_files
+
+    def check_resume_settings(self, path: Path) -> list:
+        """Compare this run's settings and prompts with those checkpoint ``path`` was made with: a setting that
+        changes the run raises :class:`~ImageReward.errors.ResumeSettingsError` naming it (the rule of each
+        option is its ``resume`` metadata in :class:`ReFLConfig`); harmless changes are logged and returned."""
+        args_file, state_file = path / ARGS_NAME, path / STATE_NAME
+        if not args_file.is_file():
+            logger.warning("%s holds no %s (made by an older version): its settings cannot be checked", path, ARGS_NAME)
+            self._checked_resume = path
+            return []
+        saved = json.loads(args_file.read_text(encoding="utf-8"))
+        self.resume_changes = check_resume(saved, self.config.to_dict(), resume_policies(ReFLConfig), source=path,
+                                           defaults=ReFLConfig().to_dict())
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        if state.get("prompts_sha256") not in (None, self.prompts_sha256):
+            raise ResumeSettingsError(f"cannot resume from {path}: the prompts differ from those it was trained on "
+                                      f"(--train_data {self.config.train_data!r}); resume with the same prompts, or "
+                                      "start a new run in another output folder", changed=["prompts"])
+        self._checked_resume = path
+        return self.resume_changes
 
     # ================================================================== validation
     @torch.no_grad()
@@ -523,11 +593,12 @@ class ReFLTrainer:
         from PIL import Image
 
         folder = Path(self.config.output_dir) / "validation" / f"step-{self.global_step}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for setting, batch in images.items():
-            arrays = (batch.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
-            for i, array in enumerate(arrays):
-                Image.fromarray(array).save(folder / f"{setting}_{i:02d}.png")
+        with disk_errors("validation images", folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            for setting, batch in images.items():
+                arrays = (batch.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+                for i, array in enumerate(arrays):
+                    Image.fromarray(array).save(folder / f"{setting}_{i:02d}.png")
             for tracker in self.accelerator.trackers:
                 if tracker.name == "tensorboard":
                     tracker.writer.add_images(f"validation/{setting}", arrays, self.global_step, dataformats="NHWC")
@@ -535,12 +606,14 @@ class ReFLTrainer:
                     import wandb
                     tracker.log({f"validation/{setting}": [wandb.Image(a, caption=p) for a, p in zip(arrays, prompts)]},
                                 step=self.global_step)
-        (folder / "prompts.json").write_text(json.dumps(prompts, indent=1))
+        atomic_write_text(folder / "prompts.json", json.dumps(prompts, indent=1))
 
     # ================================================================== final artefacts
     def save_final(self) -> Path:
         """Full fine-tune: a ``from_pretrained``-loadable pipeline folder (EMA weights if ``--use_ema``).
-        LoRA: ``pytorch_lora_weights.safetensors`` (+ kohya file). Both with a model card."""
+        LoRA: ``pytorch_lora_weights.safetensors`` (+ kohya file). Both with a model card. Written into
+        ``output_dir/final.tmp`` and moved into ``output_dir`` when complete (a full disk raises
+        :class:`~ImageReward.errors.DiskSpaceError` and leaves the checkpoints and any earlier export as they were)."""
         acc, cfg = self.accelerator, self.config
         acc.wait_for_everyone()
         out = Path(cfg.output_dir)
@@ -552,13 +625,26 @@ class ReFLTrainer:
                 with torch.device("meta"):
                     unet = type(self.components.unet).from_config(self.components.unet.config)
                 unet.load_state_dict(full_state, assign=True)
-            if cfg.lora_rank:
-                save_lora(self.family, unet, out)
-            else:
-                if self.ema is not None:
-                    self.ema.copy_to(unet.parameters())
-                self._save_pipeline(unet, out)
-            self._write_model_card(out)
+            staging = out / "final.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            hint = "free space, then resume with --resume_from_checkpoint latest to write the final weights"
+            try:
+                with disk_errors("the final weights", out, hint=hint):
+                    if cfg.lora_rank:
+                        ensure_free_space(out, 2 * 4 * self.n_trainable, "the final LoRA", hint=hint)
+                        save_lora(self.family, unet, staging)
+                    else:
+                        if self.ema is not None:
+                            self.ema.copy_to(unet.parameters())
+                        self._save_pipeline(unet, staging)
+                    self._write_model_card(staging)
+                    for entry in sorted(staging.iterdir()):  # each file or folder replaced whole
+                        if entry.is_dir():
+                            replace_dir(entry, out / entry.name)
+                        else:
+                            os.replace(entry, out / entry.name)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
             if cfg.push_to_hub:
                 from huggingface_hub import create_repo, upload_folder
                 repo_id = create_repo(cfg.hub_model_id or out.name, exist_ok=True).repo_id
@@ -578,6 +664,10 @@ class ReFLTrainer:
             kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, cache_dir=cfg.cache_dir,
                                                           **fp32)
         pipe = self.family.pipeline_class().from_pretrained(cfg.pretrained_model_name_or_path, **kwargs)
+        full = sum(p.numel() for module in pipe.components.values() if isinstance(module, torch.nn.Module)
+                   for p in module.parameters())
+        ensure_free_space(out.parent, 4 * full, "the final pipeline",
+                          hint="free space, then resume with --resume_from_checkpoint latest")
         pipe.save_pretrained(out)
         make_pipeline_portable(out)
 
@@ -601,5 +691,5 @@ class ReFLTrainer:
         if final_val is not None:
             lines += ["## Final validation rewards", "", "```json", json.dumps(final_val, indent=1), "```", ""]
         lines += ["## Arguments", "", "```json", json.dumps(_portable_arguments(cfg.to_dict()), indent=1), "```", ""]
-        (out / "README.md").write_text("\n".join(lines))
-        cfg.save(out / "refl_args.json")
+        atomic_write_text(out / "README.md", "\n".join(lines))
+        atomic_write_text(out / ARGS_NAME, json.dumps(cfg.to_dict(), indent=2))  # earlier runs: HISTORY_NAME

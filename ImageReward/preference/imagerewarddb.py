@@ -79,7 +79,8 @@ def read_metadata(path: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             import pyarrow.parquet as pq
         except ImportError as err:
-            raise ImportError("reading ImageRewardDB needs pyarrow: pip install 'image-reward[train]'") from err
+            raise ImportError("reading ImageRewardDB needs pyarrow: pip install pyarrow (or, in this project's "
+                              "checkout, pip install -e '.[train]')") from err
         table = pq.read_table(path)
         missing = [c for c in _COLUMNS if c not in table.column_names]
         if missing:

@@ -13,17 +13,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import InvalidInputError
+from ..run_settings import ACCEPT, IGNORE
 from ..textio import check_encoding
 
 __all__ = ["BLIPSection", "ImageRewardSection", "TrainOptions", "RMTrainConfig", "load_config", "config_from_dict",
            "apply_overrides", "BLIP_LARGE_URL"]
 
 BLIP_LARGE_URL = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_large.pth"
+
+# what a resumed run may change (ImageReward.run_settings): keys marked _ACCEPT are harmless (logged and kept in
+# <run>/train_config.history.jsonl); every other key, including new ones, is refused when it differs
+_ACCEPT, _IGNORE = {"resume": ACCEPT}, {"resume": IGNORE}
 
 
 @dataclass
@@ -48,7 +54,7 @@ class TrainOptions:
     """The original ``options.py`` / ``train_one_node.sh`` options (same names, ``-`` spelled ``_``), plus
     accelerate-era ones. Defaults are the shipped script's values."""
 
-    savepath: str = "blip_uni_cross_mul"
+    savepath: str = field(default="blip_uni_cross_mul", metadata=_ACCEPT)
     seed: int = 1234
     batch_size: int = 4               # pairs per process per micro-batch
     accumulation_steps: int = 4       # effective batch = batch_size * accumulation_steps * processes (64 on 4 GPUs)
@@ -63,25 +69,34 @@ class TrainOptions:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     valid_per_epoch: int = 4
-    validate_at_start: bool = True    # the original validated at iteration 0
+    validate_at_start: bool = field(default=True, metadata=_ACCEPT)  # the original validated at iteration 0
     preload_path: str = ""            # ImageReward checkpoint (file, folder or registry name) to start from
-    std_log: bool = False             # also write the log to log_base/<run>.txt
-    clear_visualizer: bool = False    # delete an existing TensorBoard folder of the run (fresh runs only)
+    std_log: bool = field(default=False, metadata=_ACCEPT)  # also write the log to log_base/<run>.txt
+    # delete an existing TensorBoard folder of the run (fresh runs only)
+    clear_visualizer: bool = field(default=False, metadata=_ACCEPT)
     # accelerate-era options
-    num_workers: int = 4              # DataLoader workers that decode and preprocess images
+    # DataLoader workers that decode and preprocess images
+    num_workers: int = field(default=4, metadata=_ACCEPT)
     mixed_precision: str = "no"       # no | fp16 | bf16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata=_ACCEPT)
     max_grad_norm: float = 0.0        # 0 = no clipping (as the original)
-    checkpointing_steps: int = 500    # save_state every N optimizer steps (and at each epoch end)
-    checkpoints_total_limit: int = 2  # states kept; one more exists while the newest is written
-    resume_from_checkpoint: str = ""  # "", "latest" or a state folder
-    max_steps: int = 0                # stop after N optimizer steps (0 = run all epochs); the state is saved
-    reference_split: str = "valid"    # generations whose raw rewards give the exported mean/std
-    test_at_end: bool = True
-    report_to: str = "tensorboard"    # tensorboard | none
-    log_every: int = 10               # log the mean train loss/accuracy every N optimizer steps (the bar shows each)
-    export_format: str = "folder"     # folder (ImageReward/: config.json + model.safetensors) | pt | both
-    download_root: str = ""           # where model_large.pth / checkpoints are cached ("" = ~/.cache/ImageReward)
+    # save_state every N optimizer steps (and at each epoch end)
+    checkpointing_steps: int = field(default=500, metadata=_ACCEPT)
+    # states kept; one more exists while the newest is written
+    checkpoints_total_limit: int = field(default=2, metadata=_ACCEPT)
+    resume_from_checkpoint: str = field(default="", metadata=_IGNORE)  # "", "latest" or a state folder
+    # stop after N optimizer steps (0 = run all epochs); the state is saved
+    max_steps: int = field(default=0, metadata=_ACCEPT)
+    # generations whose raw rewards give the exported mean/std
+    reference_split: str = field(default="valid", metadata=_ACCEPT)
+    test_at_end: bool = field(default=True, metadata=_ACCEPT)
+    report_to: str = field(default="tensorboard", metadata=_ACCEPT)  # tensorboard | none
+    # log the mean train loss/accuracy every N optimizer steps (the bar shows each)
+    log_every: int = field(default=10, metadata=_ACCEPT)
+    # folder (ImageReward/: config.json + model.safetensors) | pt | both
+    export_format: str = field(default="folder", metadata=_ACCEPT)
+    # where model_large.pth / checkpoints are cached ("" = ~/.cache/ImageReward)
+    download_root: str = field(default="", metadata=_ACCEPT)
 
 
 @dataclass
@@ -90,13 +105,15 @@ class RMTrainConfig:
 
     blip_path: str = BLIP_LARGE_URL   # BLIP pre-training checkpoint (URL or file); "" = random init
     med_config: str = "src/config/med_config.json"
-    checkpoint_base: str = "checkpoint"
-    visual_base: str = "visualization"
-    log_base: str = "log"
-    data_base: str = "dataset"        # {train,valid,test}.json in the grouped format
-    data_encoding: str = ""           # text encoding of those files when not UTF-8, e.g. gbk ("" = UTF-8, BOM accepted)
+    checkpoint_base: str = field(default="checkpoint", metadata=_ACCEPT)
+    visual_base: str = field(default="visualization", metadata=_ACCEPT)
+    log_base: str = field(default="log", metadata=_ACCEPT)
+    data_base: str = field(default="dataset", metadata=_ACCEPT)  # {train,valid,test}.json in the grouped format
+    # text encoding of those files when not UTF-8, e.g. gbk ("" = UTF-8, BOM accepted)
+    data_encoding: str = field(default="", metadata=_ACCEPT)
     image_base: str = "images"        # root the `generations` paths are relative to
-    pair_store_base: str = "pair_store_clip"  # accepted for compatibility; pairs are built on the fly
+    # accepted for compatibility; pairs are built on the fly
+    pair_store_base: str = field(default="pair_store_clip", metadata=_IGNORE)
     BLIP: BLIPSection = field(default_factory=BLIPSection)
     ImageReward: ImageRewardSection = field(default_factory=ImageRewardSection)
     train: TrainOptions = field(default_factory=TrainOptions)
@@ -125,6 +142,9 @@ _CHOICES = {
 }
 
 
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _coerce(where: str, value: Any, default: Any) -> Any:
     """Check ``value`` against the type of the field's default (ints accepted for floats)."""
     expected = type(default)
@@ -133,6 +153,8 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
             raise InvalidInputError(f"config key {where!r}: expected true/false, got {value!r}")
         return value
     if expected is float:
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string; --lr 1e-05 arrives so too
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidInputError(f"config key {where!r}: expected a number, got {value!r}")
         if not math.isfinite(float(value)):

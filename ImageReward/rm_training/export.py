@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +24,7 @@ from ..eval.metrics import pooled_pair_accuracy
 from ..image_io import load_image
 from ..models.image_reward import ImageReward
 from ..preprocess import PreprocessConfig, preprocess_pil
+from ..disk import disk_errors
 from .states import ensure_free_space, replace_dir
 
 __all__ = ["group_rewards", "test_accuracy", "reference_stats", "export_model"]
@@ -122,18 +124,24 @@ def export_model(model: ImageReward, directory: str | os.PathLike, *, mean: floa
     folder = pt_path = None
     old = model.mean, model.std
     model.mean, model.std = float(mean), float(std)
+    temp = None
     try:
-        if formats in ("folder", "both"):
-            folder = directory / folder_name
-            temp = folder.with_name(folder.name + ".tmp")
-            model.save_pretrained(temp)
-            replace_dir(temp, folder)
-        if formats in ("pt", "both"):
-            pt_path = directory / pt_name
-            temp = pt_path.with_suffix(".pt.part")
-            torch.save(model.checkpoint_state(), temp)
-            os.replace(temp, pt_path)
+        with disk_errors(f"the export {folder_name}", directory,
+                         hint="free space, then export with --export-from <run>/best"):
+            if formats in ("folder", "both"):
+                folder = directory / folder_name
+                temp = folder.with_name(folder.name + ".tmp")
+                model.save_pretrained(temp)
+                replace_dir(temp, folder)
+            if formats in ("pt", "both"):
+                pt_path = directory / pt_name
+                temp = pt_path.with_suffix(".pt.part")
+                torch.save(model.checkpoint_state(), temp)
+                os.replace(temp, pt_path)
+            temp = None
     finally:
         model.mean, model.std = old
+        if temp is not None and temp.exists():  # a failed write: drop the partial copy, keep the old export
+            shutil.rmtree(temp, ignore_errors=True) if temp.is_dir() else temp.unlink()
     logger.info("exported %s (mean %.6f, std %.6f)", " and ".join(str(p) for p in (folder, pt_path) if p), mean, std)
     return folder, pt_path

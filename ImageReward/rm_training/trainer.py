@@ -16,6 +16,7 @@ A progress bar shows loss, accuracy, lr and the step rate; ``train.std_log`` als
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,13 +33,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, InvalidInputError
+from ..disk import atomic_write_text, disk_errors
+from ..errors import CheckpointError, DiskSpaceError, InvalidInputError, ResumeSettingsError
 from ..models.blip import BLIPConfig
 from ..preprocess import PreprocessConfig
+from ..run_settings import append_history, check_resume, flatten, resume_policies
 from .config import RMTrainConfig, TrainOptions
 from .data import PairDataset, ShardedEpochSampler, collate_pairs, drop_missing_images, expand_pairs, read_groups
 from .export import export_model, reference_stats, test_accuracy
 from .model import PairRewardModel, blip_config_for, build_model
+from .preflight import check_model_files
 from .states import (PROGRESS_NAME, TRAINABLE_NAME, ensure_free_space, find_latest_state, format_bytes,
                      free_bytes, frozen_fingerprint, load_trainable, replace_dir, save_trainable, trainable_bytes)
 
@@ -47,6 +51,9 @@ __all__ = ["TrainResult", "lr_at", "pair_loss", "train_reward_model", "export_fr
 logger = logging.getLogger(__name__)
 
 BEST_INFO = "best.json"
+CONFIG_NAME = "train_config.json"  # in each state: the settings it was made with (checked on resume)
+HISTORY_NAME = "train_config.history.jsonl"  # in the run folder: one line per start or resume
+_RESUME_HINT = "free space (or lower train.checkpoints_total_limit), then resume with resume_from_checkpoint=latest"
 
 
 @dataclass
@@ -233,8 +240,9 @@ class _Run:
             shutil.rmtree(visual_dir)
         self.acc.wait_for_everyone()
         if use_tb:
-            self.acc.init_trackers(self.run_name, config={k: v for k, v in _flat(cfg.to_dict()).items()})
+            self.acc.init_trackers(self.run_name, config=flatten(cfg.to_dict()))
         self.resume_from = resume
+        self.resume_changes = check_resume_settings(cfg, resume) if resume is not None else []
 
         from accelerate.utils import set_seed
 
@@ -267,6 +275,9 @@ class _Run:
         if self.acc.is_main_process and free_bytes(self.run_dir) < peak:
             logger.warning("only %s free under %s: the run may stop with a DiskSpaceError before it ends",
                            format_bytes(free_bytes(self.run_dir)), self.run_dir)
+        if self.acc.is_main_process:
+            append_history(self.run_dir / HISTORY_NAME, "resume" if resume else "start", cfg.to_dict(),
+                           changes=self.resume_changes, state=str(resume) if resume else None)
 
     # ------------------------------------------------------------------------------------------ setup
     def _resume_path(self) -> Path | None:
@@ -297,6 +308,7 @@ class _Run:
     def _build_data(self) -> None:
         is_main = self.acc.is_main_process
         self.groups = {split: _load_split(self.cfg, split, self.run_dir, is_main) for split in ("train", "valid")}
+        self.data_sha256 = hashlib.sha256(json.dumps(self.groups, sort_keys=True, default=str).encode()).hexdigest()
         self.train_loader = self._loader(self.groups["train"], shuffle=True, pad=True)
         self.valid_loader = self._loader(self.groups["valid"], shuffle=False, pad=False)
         if len(self.train_loader.dataset) == 0:
@@ -353,9 +365,14 @@ class _Run:
         ensure_free_space(self.run_dir, self.weight_bytes, "best/")
         temp = best.with_name("best.tmp")
         shutil.rmtree(temp, ignore_errors=True)
-        save_trainable(self.acc.unwrap_model(self.net).model, temp, self.fingerprint)
-        (temp / BEST_INFO).write_text(json.dumps(record, indent=1))
-        replace_dir(temp, best)
+        try:
+            with disk_errors("best/", self.run_dir, hint=_RESUME_HINT):
+                save_trainable(self.acc.unwrap_model(self.net).model, temp, self.fingerprint)
+                (temp / BEST_INFO).write_text(json.dumps(record, indent=1))
+                replace_dir(temp, best)
+        except DiskSpaceError:
+            shutil.rmtree(temp, ignore_errors=True)  # the previous best/ stays
+            raise
 
     # ---------------------------------------------------------------------------------------- states
     def save_state(self) -> Path:
@@ -369,12 +386,20 @@ class _Run:
             for stale in self.states_dir.glob("checkpoint-*.tmp"):  # left by a crash mid-save
                 shutil.rmtree(stale, ignore_errors=True)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(temp))  # optimizer, RNG per rank, scaler (the save hook drops the weights)
-        self.acc.wait_for_everyone()
+        try:
+            with disk_errors(f"training state {path.name}", self.states_dir, hint=_RESUME_HINT):
+                self.acc.save_state(str(temp))  # optimizer, RNG per rank, scaler (the save hook drops the weights)
+                self.acc.wait_for_everyone()
+                if self.acc.is_main_process:
+                    save_trainable(self.acc.unwrap_model(self.net).model, temp, self.fingerprint)
+                    (temp / CONFIG_NAME).write_text(json.dumps(self.cfg.to_dict(), indent=1))
+                    progress = {**self.progress, "data_sha256": self.data_sha256}
+                    (temp / PROGRESS_NAME).write_text(json.dumps(progress, indent=1))  # marks it complete
+                    replace_dir(temp, path)
+        except DiskSpaceError:
+            shutil.rmtree(temp, ignore_errors=True)  # earlier states stay; free what the partial one took
+            raise
         if self.acc.is_main_process:
-            save_trainable(self.acc.unwrap_model(self.net).model, temp, self.fingerprint)
-            (temp / PROGRESS_NAME).write_text(json.dumps(self.progress, indent=1))  # marks it complete
-            replace_dir(temp, path)
             states = sorted((int(p.name.split("-")[-1]), p) for p in self.states_dir.glob("checkpoint-*")
                             if p.name.split("-")[-1].isdigit())
             for _, old in states[: max(0, len(states) - self.opts.checkpoints_total_limit)]:
@@ -383,10 +408,16 @@ class _Run:
         return path
 
     def load_state(self, path: Path) -> None:
+        progress = json.loads((path / PROGRESS_NAME).read_text())
+        saved_data = progress.pop("data_sha256", None)
+        if saved_data not in (None, self.data_sha256):
+            raise ResumeSettingsError(f"cannot resume from {path}: the training or validation data under "
+                                      f"{self.cfg.data_base!r} differ from those it was trained on; resume with the "
+                                      "same data, or start a new run (another savepath)", changed=["data"])
         self.acc.load_state(str(path))  # optimizer, RNG, scaler
         if (path / TRAINABLE_NAME).is_file():  # (a state of an older version holds the full model instead)
             load_trainable(self.acc.unwrap_model(self.net).model, path, self.fingerprint)
-        self.progress = json.loads((path / PROGRESS_NAME).read_text())
+        self.progress = progress
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.progress["global_step"],
                     self.progress["epoch"], self.progress["batch_in_epoch"])
 
@@ -498,7 +529,7 @@ class _Run:
             _test_and_export(model, self.cfg, self.run_dir, result, log=self.acc.log,
                              reference_groups=self.groups.get(self.opts.reference_split))
             summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items() if k != "history"}
-            (self.run_dir / "result.json").write_text(json.dumps(summary, indent=1))
+            atomic_write_text(self.run_dir / "result.json", json.dumps(summary, indent=1))
         self.acc.wait_for_everyone()
         return result
 
@@ -536,20 +567,25 @@ def _test_and_export(model: Any, cfg: RMTrainConfig, run_dir: Path, result: Trai
                                                      pt_name=f"{folder_name}.pt")
 
 
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def check_resume_settings(cfg: RMTrainConfig, state: Path) -> list:
+    """Compare ``cfg`` with the settings the saved ``state`` was made with: a key that changes the run raises
+    :class:`~ImageReward.errors.ResumeSettingsError` naming it (each key's rule is its ``resume`` metadata in
+    :mod:`.config`; unmarked keys are refused); harmless changes are logged and returned."""
+    saved_file = state / CONFIG_NAME
+    if not saved_file.is_file():
+        logger.warning("%s holds no %s (made by an older version): its settings cannot be checked", state,
+                       CONFIG_NAME)
+        return []
+    return check_resume(json.loads(saved_file.read_text(encoding="utf-8")), cfg.to_dict(),
+                        resume_policies(RMTrainConfig), source=state, option=lambda name: f"config key {name!r}",
+                        defaults=RMTrainConfig().to_dict())
 
 
 def train_reward_model(cfg: RMTrainConfig, *, blip_config: BLIPConfig | None = None,
                        accelerator: Any | None = None) -> TrainResult:
     """Train (or resume) a reward model as configured; returns a :class:`TrainResult`. Paths in ``cfg`` are
     relative to the working directory. ``blip_config`` overrides the model size from ``cfg.BLIP``."""
+    check_model_files(cfg)  # a missing checkpoint fails here, in one line, before anything loads
     run = _Run(cfg, blip_config, accelerator)
     try:
         return run.finish(run.fit())
@@ -572,6 +608,7 @@ def export_from_state(cfg: RMTrainConfig, source: str | os.PathLike, *, out_dir:
     if not source.is_dir() or not (source / TRAINABLE_NAME).is_file():
         raise CheckpointError(f"--export-from {str(source)!r}: expected a state folder (states/checkpoint-<step>) "
                               f"or best/ holding {TRAINABLE_NAME}")
+    check_model_files(cfg)
     is_state = (source / PROGRESS_NAME).is_file()
     info = json.loads((source / (PROGRESS_NAME if is_state else BEST_INFO)).read_text()) \
         if (source / (PROGRESS_NAME if is_state else BEST_INFO)).is_file() else {}

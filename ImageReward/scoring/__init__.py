@@ -2,8 +2,10 @@
 
 * :mod:`.calibration`: what a score means; ``preference_probability``, ``zscore``, ``percentile_rank``.
 * :mod:`.datasets`: readers for a folder, a JSONL/CSV/Parquet table or a Hugging Face Hub dataset.
+* :mod:`.shards`: readers for WebDataset tar shards and img2dataset output folders.
 * :mod:`.writers`: resumable JSONL journals, merging, Parquet output.
 * :mod:`.runner`: ``score_dataset(scorer, input, output)``, sharded under ``accelerate launch``.
+* :mod:`.ray_engine`: ``score_dataset_ray(model, shards, output_folder)`` on a Ray cluster (Ray loaded on use).
 * :mod:`.gallery`: the HTML gallery of the best and worst images per prompt.
 
 >>> from ImageReward.scoring import preference_probability
@@ -21,10 +23,11 @@ from .calibration import IMAGE_REWARD_STD, ReferenceStats, percentile_rank, pref
 
 __all__ = [
     "preference_probability", "zscore", "percentile_rank", "ReferenceStats", "IMAGE_REWARD_STD",
-    "score_dataset", "read_records", "write_gallery",
+    "score_dataset", "score_dataset_ray", "read_records", "write_gallery",
 ]
 
-_LAZY = {"score_dataset": ".runner", "read_records": ".datasets", "write_gallery": ".gallery"}
+_LAZY = {"score_dataset": ".runner", "score_dataset_ray": ".ray_engine", "read_records": ".datasets",
+         "write_gallery": ".gallery"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
-"""Dataset readers for ``score-dataset``: a folder, a JSONL/JSON/CSV/Parquet table, or a Hub dataset.
+"""Dataset readers for ``score-dataset``: a folder, a JSONL/JSON/CSV/Parquet table, a Hub dataset, or
+WebDataset / img2dataset tar shards (:mod:`.shards`).
 
 Every reader returns a list of :class:`Record` (prompt, where the image is, a stable ``id``), cheap to
 build even for large datasets: images are *referenced* (path, URL, or a row of a Parquet file), and decoded
@@ -28,11 +29,12 @@ from typing import Any, Iterable
 from PIL import Image
 
 from ..errors import DownloadError, ImageLoadError, InvalidInputError, UnsupportedInputError
-from ..image_io import IMAGE_EXTENSIONS, load_image
+from ..image_io import IMAGE_EXTENSIONS, list_images, load_image
 from ..pretrained import hub_unreachable, offline
 from ..textio import check_encoding, read_json, read_text
+from .embedded import caption_prompt, embedded_prompt
 
-__all__ = ["Record", "ParquetBlob", "read_records", "load_record_image", "IMAGE_EXTENSIONS", "parse_hub_uri"]
+__all__ = ["Record", "ParquetBlob", "TarMember", "read_records", "load_record_image", "IMAGE_EXTENSIONS", "parse_hub_uri"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +57,23 @@ class ParquetBlob:
 
 
 @dataclass(frozen=True)
+class TarMember:
+    """An image stored in a tar shard: ``size`` bytes at byte ``offset`` of ``file`` (read without tarfile)."""
+
+    file: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
 class Record:
     """One (prompt, image) pair to score.
 
     ``index``: position in the input (sharding and output order); ``id``: stable key used to resume;
     ``image``: what the output row shows (path, URL, or ``file.parquet#row``); ``source``: how to load it
-    (a path, an ``http(s)`` URL, a :class:`ParquetBlob`, or raw bytes); ``error``: a problem found while
-    reading (no prompt, no image), written as the row's error without loading anything.
+    (a path, an ``http(s)`` URL, a :class:`ParquetBlob`, a :class:`TarMember`, or raw bytes); ``error``: a
+    problem found while reading (no prompt, no image), written as the row's error without loading anything;
+    ``shard``: the tar shard the row comes from (WebDataset / img2dataset inputs), else ``None``.
     """
 
     index: int
@@ -70,6 +82,7 @@ class Record:
     image: str
     source: Any = None
     error: str | None = None
+    shard: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -130,8 +143,22 @@ def load_record_image(record: Record, *, timeout: float = 10.0, exif_transpose: 
     source = record.source
     if isinstance(source, ParquetBlob):
         source = _row_group_column(source.file, source.row_group, source.column)[source.row]
+    elif isinstance(source, TarMember):
+        source = _read_tar_member(source, what)
     return load_image(_load_value(source, what, base=None, timeout=timeout, index=record.index),
                       index=record.index, exif_transpose=exif_transpose)
+
+
+def _read_tar_member(member: TarMember, what: str) -> bytes:
+    try:
+        with open(member.file, "rb") as handle:
+            handle.seek(member.offset)
+            data = handle.read(member.size)
+    except OSError as err:
+        raise ImageLoadError(f"{what}: cannot read the shard ({err})") from err
+    if len(data) != member.size:
+        raise ImageLoadError(f"{what}: the shard is cut short ({len(data)} of {member.size} bytes)")
+    return data
 
 
 def _load_value(value: Any, what: str, *, base: Path | None, timeout: float, index: int) -> Image.Image:
@@ -162,10 +189,17 @@ def read_records(
     split: str | None = None,
     revision: str | None = None,
     encoding: str | None = None,
+    prompt_free: bool = False,
 ) -> list[Record]:
-    """Records of a folder, a table (``.jsonl .json .csv .tsv .parquet``) or ``hf://datasets/OWNER/NAME``.
+    """Records of a folder, a table (``.jsonl .json .csv .tsv .parquet``), ``hf://datasets/OWNER/NAME``, or
+    WebDataset tar shards (a ``.tar``, a glob, a brace range ``shard-{00000..00099}.tar``, or a folder of
+    ``.tar`` files such as img2dataset's output; see :func:`ImageReward.scoring.shards.read_shard`).
 
     ``prompt`` scores every image against that one prompt (overriding sidecars and prompt columns).
+    ``prompt_free``: the scorer uses no prompt (``Scorer.uses_prompt`` is false), so none is required: rows
+    without one get ``""`` instead of an error, and a table needs no prompt column.
+    Folder images take their prompt from ``IMAGE.txt`` (an A1111 infotext file gives its positive prompt only),
+    ``IMAGE.json``, or what a generator stored in the image (see :mod:`ImageReward.scoring.embedded`).
     Columns are found by common names (``prompt``/``caption``/``text``; ``image``/``image_path``/
     ``file_name``/``url``...; ``id``) unless named. Relative image paths are relative to the table's folder.
     Text files are read by :func:`ImageReward.textio.read_text` (UTF-8, BOM accepted; ``encoding`` for others).
@@ -190,10 +224,14 @@ def read_records(
             raise UnsupportedInputError(f"{name} must be a column name (str), got {type(value).__name__}")
     check_encoding(encoding)
     columns = dict(prompt_column=prompt_column, image_column=image_column, id_column=id_column,
-                   need_prompt=prompt is None, encoding=encoding)
+                   need_prompt=prompt is None and not prompt_free, encoding=encoding)
     text = os.fspath(source)
+    from .shards import is_shard_input, read_shard_records  # shards.py builds Records: imported here
+
     if text.startswith(("hf://", "hf:")):
         records = _read_hub(text, split=split, revision=revision, **columns)
+    elif is_shard_input(text):
+        records = read_shard_records(text, need_prompt=prompt is None and not prompt_free)
     else:
         path = Path(text)
         if path.is_dir():
@@ -208,9 +246,7 @@ def read_records(
         else:
             hint = f"; for a Hub dataset write hf://datasets/{text}" if re.fullmatch(r"[\w.-]+/[\w.-]+", text) else ""
             raise InvalidInputError(f"input {text!r} does not exist{hint}")
-    if prompt is not None:
-        records = [_with(r, prompt=prompt, error=None if r.error and r.error.startswith("no prompt") else r.error)
-                   for r in records]
+    records = with_prompt(records, prompt, prompt_free=prompt_free)
     ids: set[str] = set()
     for record in records:
         if record.id in ids:
@@ -219,6 +255,15 @@ def read_records(
         ids.add(record.id)
     logger.info("read %d records from %s", len(records), text)
     return records
+
+
+def with_prompt(records: list[Record], prompt: str | None, *, prompt_free: bool = False) -> list[Record]:
+    """``records`` scored against the one ``prompt`` (or, for a prompt-free scorer, whatever prompt they have):
+    their "no prompt" errors cleared, other errors kept. Unchanged when neither applies."""
+    if prompt is None and not prompt_free:
+        return records
+    return [_with(r, prompt=prompt if prompt is not None else (r.prompt or ""),
+                  error=None if r.error and r.error.startswith("no prompt") else r.error) for r in records]
 
 
 def _with(record: Record, **changes: Any) -> Record:
@@ -358,7 +403,8 @@ def _read_parquet_rows(path: Path, image_column: str | None) -> tuple[list[dict]
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise InvalidInputError("reading Parquet needs pyarrow: pip install 'image-reward[train]' or pyarrow") from err
+        raise InvalidInputError("reading Parquet needs pyarrow: pip install pyarrow (or, in this project's "
+                                "checkout, pip install -e '.[scoring]')") from err
     parquet = pq.ParquetFile(path)
     schema = parquet.schema_arrow
     columns = list(schema.names)
@@ -390,8 +436,7 @@ def _read_folder(folder: Path, *, need_prompt: bool = False, encoding: str | Non
         if (folder / name).is_file():
             logger.info("using %s (imagefolder metadata)", folder / name)
             return _read_table(folder / name, base=folder, need_prompt=need_prompt, encoding=encoding, **columns)
-    images = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                    key=lambda p: p.relative_to(folder).as_posix())
+    images = list_images(folder)  # hidden and system entries (.ipynb_checkpoints, __MACOSX, ...) skipped
     if not images:
         raise InvalidInputError(f"folder {str(folder)!r} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
     records = []
@@ -399,19 +444,19 @@ def _read_folder(folder: Path, *, need_prompt: bool = False, encoding: str | Non
         rel = image.relative_to(folder).as_posix()
         prompt, error = _sidecar_prompt(image, encoding) if need_prompt else (None, None)
         records.append(Record(index, rel, prompt, rel, str(image), error))
-    if need_prompt and all(record.prompt is None and "sidecar; pass --prompt" in (record.error or "")
+    if need_prompt and all(record.prompt is None and "by a generator; pass --prompt" in (record.error or "")
                            for record in records):
         raise InvalidInputError(f"folder {str(folder)!r}: no image has a prompt (no IMAGE.txt / IMAGE.json "
-                                "sidecars, no metadata.jsonl/csv/parquet); pass --prompt to score every image "
-                                "against one prompt")
+                                "sidecars, no metadata.jsonl/csv/parquet, no prompt stored in the images by "
+                                "A1111/Forge/ComfyUI); pass --prompt to score every image against one prompt")
     return records
 
 
 def _sidecar_prompt(image: Path, encoding: str | None = None) -> tuple[str | None, str | None]:
     text_file, json_file = image.with_suffix(".txt"), image.with_suffix(".json")
     if text_file.is_file():
-        try:
-            return _prompt_value(read_text(text_file, encoding=encoding, what="prompt sidecar").strip(), 0)
+        try:  # an A1111 "parameters" text file gives its positive prompt only (embedded.caption_prompt)
+            return _prompt_value(caption_prompt(read_text(text_file, encoding=encoding, what="prompt sidecar")), 0)
         except InvalidInputError as err:  # one unreadable sidecar is that row's error
             return None, f"no prompt: {err}"
     if json_file.is_file():
@@ -424,7 +469,11 @@ def _sidecar_prompt(image: Path, encoding: str | None = None) -> tuple[str | Non
                 if key in data:
                     return _prompt_value(data[key], 0)
         return None, f"no prompt: {json_file.name} has none of the keys {list(PROMPT_COLUMNS)}"
-    return None, f"no prompt: no {text_file.name} or {json_file.name} sidecar; pass --prompt"
+    embedded = embedded_prompt(image)  # A1111 / Forge infotext, ComfyUI graph
+    if embedded is not None:
+        return embedded
+    return None, (f"no prompt: no {text_file.name} or {json_file.name} sidecar and no prompt stored in the image "
+                  "by a generator; pass --prompt")
 
 
 # ---------------------------------------------------------------------------------------------- the Hub

@@ -151,7 +151,7 @@ def write_gallery(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
+    tmp.write_text("".join(parts), encoding="utf-8", errors="backslashreplace")
     os.replace(tmp, path)
     logger.info("wrote gallery %s", path)
     return path

@@ -27,13 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine import dedupe, preprocess_configs, preprocess_image, score_pixels, stack_pixels
-from ..errors import ImageRewardError
+from ..errors import ImageRewardError, InvalidInputError
 from ..preprocess import PreprocessConfig
 from .datasets import Record, load_record_image, read_records
-from .writers import (Journal, done_ids, journal_path, merge_outputs, output_format, parts_dir, read_output,
-                      remove_outputs)
+from .writers import (Journal, check_run_settings, done_ids, journal_path, merge_outputs, output_format, parts_dir,
+                      read_output, remove_outputs, write_run_settings)
 
-__all__ = ["score_dataset", "DistributedContext", "distributed_context"]
+__all__ = ["score_dataset", "DistributedContext", "distributed_context", "decode_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +90,23 @@ class _RecordImages(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
-        record = self.records[position]
-        if record.error:
-            return position, None, record.error
-        try:
-            image = load_record_image(record, timeout=self.timeout, exif_transpose=self.exif_transpose)
-            return position, preprocess_image(image, self.configs), None
-        except ImageRewardError as err:
-            return position, None, str(err)
-        except Exception as err:  # noqa: BLE001 - one bad image must not stop the run
-            return position, None, f"row {record.index} ({record.image}): {type(err).__name__}: {err}"
+        return (position, *decode_record(self.records[position], self.configs, self.timeout, self.exif_transpose))
+
+
+def decode_record(record: Record, configs: Sequence[PreprocessConfig], timeout: float = 10.0,
+                  exif_transpose: bool = True) -> tuple[Any, str | None]:
+    """``(pixels, None)`` or ``(None, error)`` for one record: the image decoded by
+    :func:`~.datasets.load_record_image` and preprocessed by :func:`ImageReward.engine.preprocess_image` (in a
+    DataLoader worker, or a Ray task of :mod:`.ray_engine`). Never raises: a bad image is its row's error."""
+    if record.error:
+        return None, record.error
+    try:
+        image = load_record_image(record, timeout=timeout, exif_transpose=exif_transpose)
+        return preprocess_image(image, configs), None
+    except ImageRewardError as err:
+        return None, str(err)
+    except Exception as err:  # noqa: BLE001 - one bad image must not stop the run
+        return None, f"row {record.index} ({record.image}): {type(err).__name__}: {err}"
 
 
 def _collate(items: list) -> list:
@@ -165,6 +172,7 @@ def score_dataset(
     progress: bool = True,
     context: DistributedContext | None = None,
     encoding: str | None = None,
+    scorer_id: str | None = None,
 ) -> dict[str, Any]:
     """Score ``source`` (folder, table or ``hf://datasets/...``, see :func:`read_records`) into ``output``
     (``.jsonl`` or ``.parquet``), resuming a previous run into the same ``output``.
@@ -175,11 +183,20 @@ def score_dataset(
     the text encoding of ``source`` when not UTF-8 (see :func:`ImageReward.textio.read_text`).
 
     Rows that ended in an error are retried by a rerun into the same ``output`` (each id appears once).
+    A rerun resumes only with the same scorer and the settings that change scores (``OUT.run.json`` records
+    them: ``scorer_id``, the EXIF orientation choice, ``prompt`` and ``prompt_column``); otherwise it raises
+    :class:`InvalidInputError` naming what changed. ``scorer_id``: the scorer's weights identity
+    (:func:`ImageReward.identity.scorer_identity` of the name it was loaded from; default: that of ``model_name``
+    when the resolver reads it, else ``model_name`` or the scorer's name). A prompt-free scorer
+    (``uses_prompt = False``) needs no prompt. Rows that failed are summarised in a warning (and in
+    ``summary["error_examples"]``).
     Bad arguments, a folder or a file in the way of ``output``, and mistakes in the whole input (see
     :func:`~ImageReward.scoring.datasets.read_records`) raise :class:`InvalidInputError` before any row.
     """
     _check_arguments(output, batch_size=batch_size, num_workers=num_workers, timeout=timeout, limit=limit,
                      html=html, html_per_prompt=html_per_prompt, encoding=encoding)
+    if not os.fspath(source).startswith("hf:") and Path(output).resolve() == Path(source).resolve():
+        raise InvalidInputError(f"output {os.fspath(output)!r} is the input itself; name another file")
     started = time.perf_counter()
     context = context or distributed_context()
     output = Path(output)
@@ -192,11 +209,20 @@ def score_dataset(
         marker.unlink()  # left by an earlier run: this run has not finished yet
     context.barrier()  # nobody starts before the output is cleared and stale markers are gone
     records = read_records(source, prompt=prompt, prompt_column=prompt_column, image_column=image_column,
-                           id_column=id_column, split=split, revision=revision, encoding=encoding)
+                           id_column=id_column, split=split, revision=revision, encoding=encoding,
+                           prompt_free=not getattr(scorer, "uses_prompt", True))
     if limit is not None:
         records = records[:limit]
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = done_ids(output, model=model)  # a torn last line is not done: it is scored again
+    settings = {"scorer": scorer_id or _identity(model_name, scorer) or model,
+                "exif_transpose": bool(getattr(scorer, "exif_transpose", True)),
+                "prompt": prompt, "prompt_column": prompt_column}
+    known = check_run_settings(output, settings)  # before any row: refuse to mix two scorers' scores
+    if context.is_main:
+        write_run_settings(output, settings)
+    # a torn last line is not done: it is scored again; rows of an output without recorded settings (an older
+    # version) must at least name the same model
+    done = done_ids(output, model=None if known else model)
     journal = Journal(journal_path(output, context.rank, context.world_size))  # cuts that torn tail first
     mine = [r for r in records if r.index % context.world_size == context.rank]
     pending = [r for r in mine if r.id not in done]
@@ -240,7 +266,12 @@ def score_dataset(
     if context.is_main:
         merge_outputs(output)
         final = read_output(output)
-        summary.update(total_rows=len(final), total_errors=sum(row.get("error") is not None for row in final))
+        failed = [row for row in final if row.get("error") is not None]
+        summary.update(total_rows=len(final), total_errors=len(failed),
+                       error_examples=[f"{row.get('image') or row.get('id')}: {row['error']}" for row in failed[:3]])
+        if failed:
+            logger.warning("%d of %d rows of %s failed (no score; the reason is in each row's 'error', a rerun "
+                           "retries them), e.g. %s", len(failed), len(final), output, summary["error_examples"][0])
         if len(final) != len(records):
             logger.warning("%s has %d rows for %d input records", output, len(final), len(records))
         if html is not None:
@@ -249,6 +280,19 @@ def score_dataset(
             summary["html"] = str(write_gallery(final, html, records=records, per_prompt=html_per_prompt,
                                                 timeout=timeout, title=f"{model} on {os.fspath(source)}"))
     return summary
+
+
+def _identity(model_name: str | None, scorer: Any) -> str | None:
+    """:func:`~ImageReward.identity.scorer_identity` of ``model_name`` when the resolver can read it (a registered
+    name, a local checkpoint, a mix) at the scorer's image precision; None otherwise."""
+    from ..identity import scorer_identity
+
+    if not model_name:
+        return None
+    try:
+        return scorer_identity(model_name, str(getattr(scorer, "input_dtype", "float32")).removeprefix("torch."))
+    except (ImageRewardError, OSError, ValueError):
+        return None
 
 
 def _check_arguments(output: str | os.PathLike, *, batch_size: Any, num_workers: Any, timeout: Any, limit: Any,

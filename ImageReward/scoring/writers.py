@@ -25,8 +25,9 @@ from typing import Any, Iterable
 
 from ..errors import InvalidInputError
 
-__all__ = ["ROW_FIELDS", "Journal", "read_journal", "output_format", "check_output_path", "parts_dir",
-           "journal_path", "done_ids", "read_output", "merge_outputs", "remove_outputs"]
+__all__ = ["ROW_FIELDS", "Journal", "encode_row", "read_journal", "output_format", "check_output_path", "parts_dir",
+           "journal_path", "done_ids", "read_output", "merge_outputs", "remove_outputs", "settings_path",
+           "check_run_settings", "write_run_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,13 @@ def read_journal(path: str | os.PathLike, *, repair: bool = False) -> list[dict]
     return rows
 
 
+def encode_row(row: dict[str, Any]) -> bytes:
+    """One JSONL line in UTF-8. Text that UTF-8 cannot hold (a file name that was not valid UTF-8 on disk, read
+    by Python as lone surrogates) is written as a JSON ``\\udcXX`` escape, which reads back as the same string:
+    writing a row never fails on encoding."""
+    return json.dumps(row, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"
+
+
 class Journal:
     """Append-only JSONL writer; each :meth:`append` writes whole lines and flushes them.
 
@@ -128,7 +136,7 @@ class Journal:
         self.fsync = fsync
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        payload = b"".join(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n" for row in rows)
+        payload = b"".join(encode_row(row) for row in rows)
         if payload:
             self._handle.write(payload)
             self._handle.flush()
@@ -207,7 +215,7 @@ def merge_outputs(output: str | os.PathLike) -> int:
     if fmt == "jsonl":
         with tmp.open("wb") as handle:
             for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")
+                handle.write(encode_row(row))
             handle.flush()
             os.fsync(handle.fileno())
     else:
@@ -226,14 +234,60 @@ def _write_parquet(rows: list[dict], path: Path) -> None:
     schema = pa.schema([("index", pa.int64()), ("id", pa.string()), ("prompt", pa.string()),
                         ("image", pa.string()), ("score", pa.float32()), ("error", pa.string()),
                         ("model", pa.string())])
-    table = pa.Table.from_pydict({field: [row.get(field) for row in rows] for field in ROW_FIELDS}, schema=schema)
+    def text(value: Any) -> Any:  # Parquet strings are UTF-8: a lone surrogate becomes its \\udcXX escape
+        return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
+
+    table = pa.Table.from_pydict({field: [text(row.get(field)) for row in rows] for field in ROW_FIELDS},
+                                 schema=schema)
     pq.write_table(table, path)
 
 
+def settings_path(output: str | os.PathLike) -> Path:
+    """``OUT.run.json``: the scorer and settings that ``output``'s scores were made with."""
+    return Path(f"{os.fspath(output)}.run.json")
+
+
+def check_run_settings(output: str | os.PathLike, settings: dict[str, Any]) -> bool:
+    """Compare ``settings`` (``{"scorer": identity, ...}``) with those recorded for ``output``: True when they
+    are recorded and equal, False when none are recorded; different ones raise :class:`InvalidInputError`
+    naming each setting that changed (resuming would put two scorers' scores in one file)."""
+    from ..identity import identity_change
+
+    path = settings_path(output)
+    if not path.is_file():
+        return False
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InvalidInputError(f"{path}: unreadable ({err}); delete it, or pass --overwrite to start over") from err
+    changed = []
+    for key in sorted(settings.keys() | recorded.keys()):
+        then, now = recorded.get(key), settings.get(key)
+        if then == now:
+            continue
+        if key == "scorer" and isinstance(then, str) and isinstance(now, str):
+            changed.append(f"the scorer: {identity_change(then, now)}")
+        else:
+            changed.append(f"{key}: {then!r} then, {now!r} now")
+    if changed:
+        raise InvalidInputError(f"{os.fspath(output)!r} holds scores made with other settings, so it cannot be "
+                                f"resumed: {'; '.join(changed)}. Choose another output or pass --overwrite to "
+                                "start over")
+    return True
+
+
+def write_run_settings(output: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Record ``settings`` for ``output`` (atomically)."""
+    path = settings_path(output)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=1, ensure_ascii=False), encoding="utf-8", errors="backslashreplace")
+    os.replace(tmp, path)
+
+
 def remove_outputs(output: str | os.PathLike) -> None:
-    """Delete ``output``, its journals and any leftover temporary file (``--overwrite``)."""
+    """Delete ``output``, its journals, its recorded settings and any leftover temporary file (``--overwrite``)."""
     output = Path(output)
-    for path in (output, output.with_name(output.name + ".tmp")):
+    for path in (output, output.with_name(output.name + ".tmp"), settings_path(output)):
         if path.exists():
             path.unlink()
     if parts_dir(output).is_dir():
