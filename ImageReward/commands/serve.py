@@ -66,7 +66,8 @@ def _run(args: argparse.Namespace) -> int:
     except ImportError as err:
         from ..errors import InvalidInputError
 
-        raise InvalidInputError('imagereward serve needs FastAPI and uvicorn: pip install "image-reward[serve]"') from err
+        raise InvalidInputError('imagereward serve needs FastAPI and uvicorn: pip install fastapi uvicorn (in '
+                                'this project\'s checkout, pip install -e ".[serve]")') from err
     from ..serving import load_models
     from ..serving.app import create_app
     from ..serving.metrics import Metrics

@@ -5,7 +5,7 @@ model a scorer again (``RM.load_scorer("http://host:port/score/NAME")``).
 One concept per module: :mod:`.protocol` (wire formats, the restricted unpickler, limits), :mod:`.batcher`
 (dynamic batching), :mod:`.metrics` (Prometheus text), :mod:`.app` (the HTTP app), :mod:`.client`
 (:class:`RemoteScorer`), :mod:`.ray_serve` (replicas on several GPUs or machines). FastAPI and uvicorn come
-with the ``serve`` extra (``pip install "image-reward[serve]"``) and are imported only here.
+with the ``serve`` extra (``pip install fastapi uvicorn``, or in this project's checkout ``pip install -e ".[serve]"``) and are imported only here.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ many. ``GET /metrics`` and ``GET /health`` answer for the replica that got the r
     imagereward serve --model ImageReward-v1.0 --ray-replicas 8 --host 0.0.0.0 --port 18081
     RAY_ADDRESS=auto imagereward serve ... --ray-replicas 32      # on a running Ray cluster (ray start --head ...)
 
-Needs ``pip install "image-reward[serve-ray]"``.
+Needs Ray Serve: ``pip install "ray[serve]" fastapi uvicorn`` (in this project's checkout,
+``pip install -e ".[serve-ray]"``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def run_ray_serve(options: Sequence[str], *, replicas: int, host: str, port: int
     except ImportError as err:
         from ..errors import InvalidInputError
 
-        raise InvalidInputError('--ray-replicas needs Ray Serve: pip install "image-reward[serve-ray]"') from err
+        raise InvalidInputError('--ray-replicas needs Ray Serve: pip install "ray[serve]" (in this project\'s '
+                                'checkout, pip install -e ".[serve-ray]")') from err
     address = os.environ.get("RAY_ADDRESS")
     local = {} if address else {"include_dashboard": False}
     if not address and host in ("127.0.0.1", "localhost"):
