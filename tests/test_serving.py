@@ -285,7 +285,7 @@ def test_sigterm_finishes_requests_in_flight(server, local):
 
 def test_ray_serve_replicas_serve_the_same_app(folder, local, tmp_path):
     """Two Ray Serve replicas of the same app on a local Ray cluster bound to 127.0.0.1 (CPU)."""
-    pytest.importorskip("ray.serve")
+    pytest.importorskip("ray.serve")  # in the dev extra (ray[serve]); a bare ray[data] lacks its dependencies
     from ImageReward.image_io import load_image
 
     process = ServerProcess(["--model", f"tiny={folder}", "--ray-replicas", "2"], tmp_path / "ray.log", timeout=300)
