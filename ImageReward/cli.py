@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "ImageReward.commands.eval",
     "ImageReward.commands.score",
     "ImageReward.commands.score_dataset",
+    "ImageReward.commands.serve",
     "ImageReward.commands.train_rm",
     "ImageReward.finetune.cli",
 )

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from .tokenizer import check_prompts
+from .tokenizer import _LOCK, check_prompts
 
 __all__ = ["CONTEXT_LENGTH", "SOT_TOKEN_ID", "EOT_TOKEN_ID", "clean_text", "load_clip_tokenizer", "clip_tokenize"]
 
@@ -66,9 +66,15 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=1)
 def load_clip_tokenizer():
-    """``transformers.CLIPTokenizer`` with OpenAI's vocabulary (cached for the process; no download)."""
+    """``transformers.CLIPTokenizer`` with OpenAI's vocabulary (cached for the process; no download). Built
+    once under a lock: the first import from transformers is not thread-safe (see ``tokenizer._LOCK``)."""
+    with _LOCK:
+        return _build_clip_tokenizer()
+
+
+@functools.lru_cache(maxsize=1)
+def _build_clip_tokenizer():
     import transformers
     from transformers import CLIPTokenizer
 
@@ -124,7 +130,9 @@ def clean_text(text: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def _encode_one(prompt: str, context_length: int, clean: bool = True) -> tuple[int, ...]:
     text = clean_text(prompt) if clean else prompt
-    pieces = load_clip_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    tokenizer = load_clip_tokenizer()
+    with _LOCK:
+        pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
     tokens = [SOT_TOKEN_ID, *pieces, EOT_TOKEN_ID]
     if len(tokens) > context_length:
         logger.warning("prompt is %d CLIP tokens long and was truncated to %d: %.60r", len(tokens), context_length, prompt)

@@ -75,3 +75,7 @@ class ResumeSettingsError(InvalidInputError):
 
 def _rebuild_resume_error(message: str, changed: list[str]) -> "ResumeSettingsError":
     return ResumeSettingsError(message, changed=changed)
+
+
+class RemoteScorerError(ImageRewardError, ConnectionError):
+    """A reward server (``imagereward serve``) could not be reached or did not answer, after the retries."""

@@ -36,6 +36,8 @@ def scorer_identity(spec: str | Resolved, dtype: str = "float32") -> str:
         signature = ",".join(f"{p.relative_to(path).as_posix() if path.is_dir() else p.name}:{p.stat().st_size}:"
                              f"{p.stat().st_mtime_ns}" for p in files)
         return f"path:{path}|{signature}|{dtype}"
+    if resolved.kind == "remote":  # a reward server's URL, without its ?token=
+        return f"remote:{resolved.target.split('?', 1)[0]}|{dtype}"
     return f"{resolved.target}|{dtype}"
 
 

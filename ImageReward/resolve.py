@@ -16,7 +16,11 @@ reward-model training's ``preload_path``, the WebUI script and the ComfyUI loade
    is ``sum_i w_i * s_i``;
 4. an existing local file (``.pt``/``.pth``/``.safetensors``) or folder (``save_pretrained`` output), loaded
    as an ImageReward checkpoint;
-5. a Hugging Face Hub id ``OWNER/NAME`` (no file extension) of a repository holding an ImageReward checkpoint.
+5. a Hugging Face Hub id ``OWNER/NAME`` (no file extension) of a repository holding an ImageReward checkpoint;
+
+and, between rules 3 and 4, a reward server's URL ``http[s]://HOST:PORT[/score/NAME]`` (``imagereward serve``),
+loaded as a :class:`~ImageReward.serving.client.RemoteScorer` (a mix part may be one too: the port is not a
+weight, ``http://127.0.0.1:18081/score/x:0.5`` weighs the served ``x`` by 0.5).
 
 So a folder named ``CLIP`` in the working directory does *not* shadow the CLIP scorer; write ``./CLIP`` for the
 folder. Anything else raises :class:`~ImageReward.errors.UnknownModelError` before any weights are read.
@@ -71,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+_URL = re.compile(r"^https?://(?P<rest>[^/]*(/.*)?)$", re.IGNORECASE)
 _WEIGHT_SUFFIX = re.compile(r"^(?P<name>.*):\s*(?P<weight>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)$")
 
 
@@ -79,7 +84,8 @@ class Resolved:
     """What a model string means, decided without reading weights or touching the network.
 
     ``kind``: ``"checkpoint"`` (registered ImageReward checkpoint), ``"scorer"`` (registered scorer),
-    ``"mix"``, ``"path"`` (local file or folder) or ``"hub"`` (Hub repository id). ``target``: the name,
+    ``"mix"``, ``"remote"`` (a reward server's URL), ``"path"`` (local file or folder) or ``"hub"`` (Hub
+    repository id). ``target``: the name,
     path or repository id; ``parts``: for a mix, ``((Resolved, weight), ...)``."""
 
     spec: str
@@ -106,19 +112,30 @@ def parse_mix(spec: str) -> list[tuple[str, float]] | None:
     True
     """
     text = spec.strip()
-    if "," not in text and not _WEIGHT_SUFFIX.match(text):
+    if "," not in text and _split_weight(text)[1] is None:
         return None
     parts: list[tuple[str, float]] = []
     for item in text.split(","):
-        item = item.strip()
-        match = _WEIGHT_SUFFIX.match(item)
-        name, weight = (match["name"].strip(), float(match["weight"])) if match else (item, 1.0)
+        name, found = _split_weight(item.strip())
+        weight = 1.0 if found is None else found
         if not name:
             raise InvalidInputError(f"mix {spec!r}: empty scorer name (expected 'NAME[:WEIGHT],...')")
         if weight == 0 or weight != weight or weight in (float("inf"), float("-inf")):
             raise InvalidInputError(f"mix {spec!r}: weight of {name!r} must be a non-zero finite number, got {weight}")
         parts.append((name, weight))
     return parts
+
+
+def _split_weight(item: str) -> tuple[str, float | None]:
+    """``"NAME:0.5"`` -> ``("NAME", 0.5)``; no weight -> ``(item, None)``. In a server URL
+    (``http://host:port[/path]``) the port is not a weight: only a ``:<number>`` after the port or the path is."""
+    match = _WEIGHT_SUFFIX.match(item)
+    if not match:
+        return item, None
+    url = _URL.match(item)
+    if url and ("/" not in url["rest"] and url["rest"].count(":") < 2):  # http://host:port: no weight
+        return item, None
+    return match["name"].strip(), float(match["weight"])
 
 
 def _is_hub_id(spec: str) -> bool:
@@ -140,6 +157,8 @@ def resolve(spec: str | os.PathLike, *, allow_mix: bool = True) -> Resolved:
     if text in factory.available_scores():
         return Resolved(text, "scorer", text)
     mix = parse_mix(text)
+    if mix is None and _URL.match(text):
+        return Resolved(text, "remote", text)
     if mix is not None:
         if not allow_mix:
             raise InvalidInputError(f"{spec!r}: a mix cannot be nested inside another mix")
@@ -236,6 +255,10 @@ def _load(resolved: Resolved, device: torch.device, download_root: Any, dtype: t
         return WeightedReward(scorers, [w for _, w in resolved.parts], [part.target for part, _ in resolved.parts])
     if resolved.kind == "scorer":
         return factory.load_score(resolved.target, device=device, download_root=download_root, dtype=dtype)
+    if resolved.kind == "remote":  # served by `imagereward serve`; device and dtype are the server's
+        from .serving.client import RemoteScorer
+
+        return RemoteScorer(resolved.target)
     target: Any = resolved.target
     if resolved.kind == "hub":
         logger.info("%r is a Hub id: fetching its checkpoint", target)
@@ -249,7 +272,7 @@ def checkpoint_path(spec: str | os.PathLike, download_root: str | os.PathLike | 
     the weights into a model it built itself, e.g. reward-model training's ``preload_path``). A scorer name
     or a mix raises :class:`InvalidInputError`."""
     resolved = resolve(spec)
-    if resolved.kind in ("scorer", "mix"):
+    if resolved.kind in ("scorer", "mix", "remote"):
         raise InvalidInputError(f"{resolved.spec!r} is a {resolved.kind}, not an ImageReward checkpoint")
     if resolved.kind == "hub":
         return fetch_hub_repo(resolved.target, download_root, revision=revision)

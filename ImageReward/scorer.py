@@ -84,8 +84,10 @@ class Scorer(nn.Module):
     # ------------------------------------------------------------------ shared machinery
     @property
     def device(self) -> torch.device:
-        """Where the parameters live (read each time: never stale after ``.to()``)."""
-        return next(self.parameters()).device
+        """Where the parameters live (read each time: never stale after ``.to()``); the CPU for a scorer
+        without parameters (a mix of remote scorers)."""
+        parameter = next(self.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
 
     @property
     def input_dtype(self) -> torch.dtype:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from importlib import resources
 from typing import Sequence
 
@@ -24,14 +25,25 @@ BLIP_MAX_LENGTH = 35
 DEC_TOKEN_ID = 30522
 ENC_TOKEN_ID = 30523
 
+# Building the tokenizer (the first ``from transformers import ...`` resolves transformers' lazy module, which
+# is not thread-safe) and calling it (transformers 5's tokenizers-backed class switches its truncation and
+# padding state per call) happen under this lock, so a loaded scorer can be called from many threads at once,
+# first call included (Gradio, ComfyUI, the reward server).
+_LOCK = threading.RLock()
 
-@functools.lru_cache(maxsize=1)
+
 def load_bert_tokenizer():
     """The BLIP tokenizer (``transformers.BertTokenizer``), cached for the process.
 
     Built with ``from_pretrained(<packaged folder>)``: in transformers 5, ``BertTokenizer(vocab_file=...)``
-    silently builds an empty vocabulary.
+    silently builds an empty vocabulary. Thread-safe (built once, under a lock).
     """
+    with _LOCK:
+        return _build_bert_tokenizer()
+
+
+@functools.lru_cache(maxsize=1)
+def _build_bert_tokenizer():
     from transformers import BertTokenizer
 
     folder = resources.files("ImageReward") / "assets" / "bert-base-uncased"
@@ -57,13 +69,14 @@ def check_prompts(prompts: Sequence[str] | str) -> list[str]:
 @functools.lru_cache(maxsize=4096)
 def _tokenize_one(prompt: str, max_length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     tokenizer = load_bert_tokenizer()
-    full_length = len(tokenizer(prompt, truncation=False)["input_ids"])
+    with _LOCK:
+        full_length = len(tokenizer(prompt, truncation=False)["input_ids"])
+        encoded = tokenizer(prompt, padding="max_length", truncation=True, max_length=max_length)
     if full_length > max_length:
         logger.warning(
             "prompt is %d tokens long and was truncated to %d (the model only sees the first %d word pieces): %.60r",
             full_length, max_length, max_length - 2, prompt,
         )
-    encoded = tokenizer(prompt, padding="max_length", truncation=True, max_length=max_length)
     return tuple(encoded["input_ids"]), tuple(encoded["attention_mask"])
 
 

@@ -95,6 +95,8 @@ def scorer_label(spec: str) -> str:
     if resolved.kind in ("checkpoint", "scorer"):
         return resolved.target
     text = (Path(spec.rstrip("/\\")).stem or "checkpoint") if resolved.kind == "path" else spec
+    if resolved.kind == "remote":  # a server URL: never its ?token= in a file name
+        text = spec.split("?", 1)[0]
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 

@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--encoding", default=None,
                         help="text encoding of INPUT and its prompt sidecars, e.g. gbk (default: UTF-8, with or "
                              "without a byte-order mark; UTF-16 with a mark)")
-    ray = parser.add_argument_group("Ray engine (--engine ray; pip install 'image-reward[ray]')")
+    ray = parser.add_argument_group("Ray engine (--engine ray; pip install -e '.[ray]' in this project's checkout)")
     ray.add_argument("--engine", choices=("default", "ray"), default="default",
                      help="default: this process (or each `accelerate launch` process); ray: a Ray Data pipeline "
                           "over tar shards (decode tasks -> scorer actor pool -> one Parquet file per shard)")
@@ -124,7 +124,8 @@ def _run_ray(args: argparse.Namespace) -> int:
     try:
         import ray  # noqa: F401
     except ImportError as err:
-        raise InvalidInputError("--engine ray needs Ray: pip install 'image-reward[ray]'") from err
+        raise InvalidInputError("--engine ray needs Ray: pip install 'ray[data]' (in this project's checkout, "
+                                "pip install -e '.[ray]')") from err
     summary = score_dataset_ray(
         args.model, args.input, args.output, prompt=args.prompt, address=args.address, device=args.device,
         dtype=args.dtype, download_root=args.download_root, exif_transpose=args.exif_transpose,
