@@ -347,7 +347,11 @@ def run_webui(args: argparse.Namespace) -> str:
         texts = info["infotexts"][first:]
         check(len(samples) == 4 and first == 1, "4 samples after the grid", (len(samples), first))
         modes = [decode(b).mode for b in result["images"]]
-        check(modes == ["RGB"] * 5, "API images (grid and samples) are RGB, as A1111 returns them", modes)
+        check(modes[1:] == ["RGB"] * 4, "API samples are RGB, as A1111 returns them", modes)
+        grid = decode(result["images"][0])  # Forge's own image_grid makes RGBA grids (its grid_background_color)
+        alpha = grid.getchannel("A").getextrema() if grid.mode == "RGBA" else None
+        check(grid.mode == "RGB" or (forge and alpha == (255, 255)), "API grid as the host makes it, nothing hidden "
+              "in it", (grid.mode, alpha))
         scores = [score_of(t) for t in texts]
         check(scores == sorted(scores, reverse=True) and len(set(scores)) == 4, "sorted best first", scores)
         model = RM.load(str(tiny), device="cpu")

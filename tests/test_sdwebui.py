@@ -447,8 +447,10 @@ def test_forge_gallery_stays_rgb_and_saved_pngs_rescore_to_their_infotext(forge,
     processed = run_script(shim, plugin, make_p(shim, tmp_path, size=64), True, "-1e9", True)
     grid, samples = processed.images[0], processed.images[1:]
 
-    # the gallery / API: what A1111 gives, the RGB pixels the sampler made and the scorer scored
-    assert [image.mode for image in processed.images] == ["RGB"] * 5
+    # the gallery / API: what A1111 gives, the RGB pixels the sampler made and the scorer scored; the grid as
+    # Forge's own image_grid makes it (RGBA, opaque), nothing hidden in it
+    assert [image.mode for image in processed.images] == ["RGBA"] + ["RGB"] * 4
+    assert grid.getchannel("A").getextrema() == (255, 255)
     for image, seed in zip(samples, processed.all_seeds):
         made = (255.0 * fake_sample(seed, 64, 64).permute(1, 2, 0).numpy()).astype(np.uint8)
         assert np.array_equal(np.asarray(image), made)

@@ -7,7 +7,7 @@ sampler (deterministic ``torch.rand`` per seed). Install with :func:`install_web
 from a test using ``monkeypatch``, so every fake module is removed again afterwards.
 ``install_webui(..., host="forge")`` adds what SD WebUI Forge f2.0.1 does differently to a script: its default
 *Stealth infotext = Alpha* changes the image handed to ``images.save_image`` in place (``putalpha`` + the infotext
-in the alpha channel's lowest bit, ``modules/stealth_infotext.py``).
+in the alpha channel's lowest bit, ``modules/stealth_infotext.py``), and its ``images.image_grid`` makes RGBA grids.
 """
 
 from __future__ import annotations
@@ -559,12 +559,15 @@ def read_info_from_image(image: Image.Image) -> tuple[str | None, dict]:
     return geninfo, items
 
 
-def image_grid(imgs: list[Image.Image], batch_size: int = 1, rows: int | None = None) -> Image.Image:
+def image_grid(imgs: list[Image.Image], batch_size: int = 1, rows: int | None = None, *, mode: str = "RGB"
+               ) -> Image.Image:
+    """``images.image_grid``: an ``RGB`` grid in A1111, ``RGBA`` in Forge (``host="forge"`` installs
+    ``mode="RGBA"``: its grids take ``grid_background_color`` with alpha)."""
     if rows is None:
         rows = max(1, round(math.sqrt(len(imgs))))
     cols = math.ceil(len(imgs) / rows)
     width, height = imgs[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), color="black")
+    grid = Image.new(mode, (cols * width, rows * height), color="black")
     for i, img in enumerate(imgs):
         grid.paste(img, box=(i % cols * width, i // cols * height))
     return grid
@@ -676,6 +679,7 @@ def install_webui(monkeypatch: Any, outdir: str | os.PathLike, host: str = "a111
     mods = _build_modules(Path(outdir))
     if host == "forge":
         mods["modules.shared"].opts.stealth_pnginfo_option = "Alpha"
+        mods["modules.images"].image_grid = lambda *args, **kwargs: image_grid(*args, **kwargs, mode="RGBA")
     mods["gradio"] = _make_gradio()
     _modules.clear()
     _modules.update(mods)
