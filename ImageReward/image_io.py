@@ -20,7 +20,10 @@ Images are read as people see them (differences from the original, see ``docs/di
   WebUI do (``exif_transpose=False`` keeps the original's behaviour: pixels as stored);
 * high-bit-depth images (PIL modes ``I;16*``, ``I``, ``F``) are scaled to 8 bits, never clipped: ``I;16`` by
   255/65535; ``I`` as 16-bit when its values exceed 255; ``F`` in [0, 1] times 255, in [0, 255] as is; other
-  values are refused. 48-bit RGB PNGs are reduced to 8 bits per channel by Pillow when decoded.
+  values are refused. 48-bit RGB PNGs are reduced to 8 bits per channel by Pillow when decoded;
+* an alpha channel that hides nothing (every value 254 or 255: opaque, or only its lowest bit used, as SD WebUI
+  Forge's default *Stealth infotext* stores the generation parameters) is dropped, so such a PNG scores as its RGB
+  pixels (the original resized it as premultiplied RGBA, whose rounding moves scores by ~1e-4).
 """
 
 from __future__ import annotations
@@ -180,13 +183,21 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
+def _without_opaque_alpha(image: Image.Image) -> Image.Image:
+    """``RGBA`` / ``LA`` whose alpha is everywhere 254 or 255 as ``RGB`` / ``L``; any other image as it is."""
+    if image.mode not in ("RGBA", "LA") or image.getchannel("A").getextrema()[0] < 254:
+        return image
+    return image.convert("RGB" if image.mode == "RGBA" else "L")
+
+
 def to_eight_bit(image: Image.Image, what: str = "image") -> Image.Image:
     """``image`` in a mode of 8 bits per sample that converts to RGB: 16-bit, 32-bit integer and float
-    grayscale are scaled (never clipped, see the module docstring); ``La`` goes through ``LA``. Values that
+    grayscale are scaled (never clipped, see the module docstring); ``La`` goes through ``LA``; an alpha channel
+    that hides nothing (all values >= 254) is dropped. Values that
     cannot be pixels (negative, NaN, beyond 16 bits) raise :class:`ImageLoadError` naming ``what``."""
     mode = image.mode
     if mode in _EIGHT_BIT_MODES:
-        return image
+        return _without_opaque_alpha(image)
     if mode in _SIXTEEN_BIT_MODES:
         pixels = np.asarray(image).astype(np.uint32)
         return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), mode="L")

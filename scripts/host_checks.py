@@ -1,11 +1,13 @@
 """The real-host checks run by ``scripts/test-hosts.sh``: start a host, drive it over HTTP, assert, stop it.
 
 Run with the *host's* Python (its venv, where the library was installed as the README says), never with the
-project on ``sys.path``: ``python scripts/host_checks.py webui|comfyui --host-dir DIR --cache DIR``.
+project on ``sys.path``: ``python scripts/host_checks.py webui|forge|comfyui --host-dir DIR --cache DIR``.
 It builds what it needs offline (a tiny ImageReward, tiny OpenAI-layout CLIP + aesthetic head written by the
-current torch, for the WebUI a random-weight SD 1.x checkpoint and the CLIP tokenizer in a local ``HF_HOME``),
-starts the host on 127.0.0.1, checks scores, infotexts / PNG info, filter and sort, an all-filtered run,
-unloading and the errors users see, stops the host by its PID, and prints one result line.
+current torch, for the WebUIs a random-weight SD 1.x checkpoint and the CLIP tokenizer in a local ``HF_HOME``),
+starts the host on 127.0.0.1, checks scores, infotexts / PNG info, saved files re-scored, filter and sort, an
+all-filtered run, unloading and the errors users see, stops the host by its PID, and prints one result line.
+``forge`` (SD WebUI Forge) runs the WebUI checks with Forge's start flags and its differences: API errors as
+``{"error", "detail", "body", "message"}`` and *Stealth infotext* (default ``Alpha``) in the saved PNGs.
 
 ``--serve`` starts the host the same way, prints one JSON line (``{"url": ..., "tiny": ...}``) and keeps it running
 until its stdin closes, then stops it: ``scripts/host_screenshots.py`` drives it with a browser.
@@ -254,8 +256,10 @@ def random_sd_checkpoint(webui: Path, hf_home: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def webui_running(args: argparse.Namespace) -> Iterator[Running]:
-    """The WebUI with the random SD checkpoint, ready for txt2img (its log's errors printed if anything fails),
-    stopped on exit. Its ``IMAGEREWARD_CACHE`` holds the tiny CLIP and aesthetic weights."""
+    """The WebUI (``args.host``: ``webui`` or ``forge``) with the random SD checkpoint, ready for txt2img (its
+    log's errors printed if anything fails), stopped on exit. Its ``IMAGEREWARD_CACHE`` holds the tiny CLIP and
+    aesthetic weights. The checkpoint is built with the ldm code of ``args.sd_code`` (an A1111 tree; default
+    the host's own) when the cache has none."""
     import ImageReward as RM
 
     webui, cache, work = Path(args.host_dir), Path(args.cache), Path(args.work)
@@ -266,7 +270,7 @@ def webui_running(args: argparse.Namespace) -> Iterator[Running]:
     ckpt = cache / RANDOM_SD_CHECKPOINT
     if not ckpt.is_file():
         started = time.time()
-        random_sd_checkpoint(webui, hf_home, ckpt.with_suffix(".part"))
+        random_sd_checkpoint(Path(args.sd_code or webui), hf_home, ckpt.with_suffix(".part"))
         ckpt.with_suffix(".part").rename(ckpt)
         print(f"built {ckpt} in {time.time() - started:.0f} s", flush=True)
     tiny = tiny_image_reward(work / "tiny-ir")
@@ -280,7 +284,9 @@ def webui_running(args: argparse.Namespace) -> Iterator[Running]:
     argv = [sys.executable, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
             "--no-download-sd-model", "--use-cpu", "all", "--no-half", "--api", "--server-name", "127.0.0.1",
             "--port", str(port), "--ckpt", str(ckpt), "--skip-version-check"]
-    host = Host(argv, webui, env, work / "webui.log")
+    if args.host == "forge":  # Forge's backend picks its device from these; without them it asks CUDA
+        argv += ["--always-cpu", "--all-in-fp32"]
+    host = Host(argv, webui, env, work / f"{args.host}.log")
     base = f"http://127.0.0.1:{port}"
     started = time.time()
     try:
@@ -305,7 +311,17 @@ def webui_running(args: argparse.Namespace) -> Iterator[Running]:
 
 
 def run_webui(args: argparse.Namespace) -> str:
+    """The WebUI checks, for A1111 (``args.host == "webui"``) and Forge (``"forge"``)."""
     import ImageReward as RM
+
+    forge = args.host == "forge"
+
+    def api_error(result: object) -> str:
+        """The message of an API error: A1111 answers ``{"error", "detail", "body", "errors"}``, Forge
+        ``{"error", "detail", "body", "message"}``."""
+        keys = ("error", "detail", "body", "message" if forge else "errors")
+        check(isinstance(result, dict) and set(keys) <= set(result), "API error format", result)
+        return str(result[keys[-1]])
 
     with webui_running(args) as web:
         host, base, tiny, start_s, ir_cache = web.host, web.base, web.tiny, web.ready_s, web.ir_cache
@@ -330,6 +346,12 @@ def run_webui(args: argparse.Namespace) -> str:
         samples = [decode(b) for b in result["images"][first:]]
         texts = info["infotexts"][first:]
         check(len(samples) == 4 and first == 1, "4 samples after the grid", (len(samples), first))
+        modes = [decode(b).mode for b in result["images"]]
+        check(modes[1:] == ["RGB"] * 4, "API samples are RGB, as A1111 returns them", modes)
+        grid = decode(result["images"][0])  # Forge's own image_grid makes RGBA grids (its grid_background_color)
+        alpha = grid.getchannel("A").getextrema() if grid.mode == "RGBA" else None
+        check(grid.mode == "RGB" or (forge and alpha == (255, 255)), "API grid as the host makes it, nothing hidden "
+              "in it", (grid.mode, alpha))
         scores = [score_of(t) for t in texts]
         check(scores == sorted(scores, reverse=True) and len(set(scores)) == 4, "sorted best first", scores)
         model = RM.load(str(tiny), device="cpu")
@@ -344,6 +366,16 @@ def run_webui(args: argparse.Namespace) -> str:
         saved_scores = sorted((score_of(decode(base64.b64encode(p.read_bytes())).info["parameters"])
                                for p in saved), reverse=True)
         check(saved_scores == scores, "saved PNGs carry their scores", (saved_scores, scores))
+        for path in saved:  # the file a user re-scores (CLI, score-dataset): the score written into it
+            written = score_of(decode(base64.b64encode(path.read_bytes())).info["parameters"])
+            rescored = model.score(PROMPT, str(path))
+            check(abs(written - rescored) <= 6e-5, "saved PNG re-scores to the score in its infotext",
+                  (path.name, written, rescored))
+        if forge:  # Forge's default Stealth infotext = Alpha: the saved file carries the infotext twice
+            png = decode(base64.b64encode(saved[0].read_bytes()))
+            hidden = _from_tests("webui_shim").read_stealth_infotext(png)  # Forge's reader, as the shim has it
+            check(png.mode == "RGBA" and hidden == png.info["parameters"],
+                  "Forge's stealth infotext (alpha) in the saved PNG holds the score", png.mode)
 
         # 2. filter + sort: the kept samples, best first, and a grid of exactly them
         limit = (scores[1] + scores[2]) / 2
@@ -387,7 +419,7 @@ def run_webui(args: argparse.Namespace) -> str:
         status, config = http("GET", f"{base}/config")
         button = next(c["id"] for c in config["components"]
                       if re.search(r"imagereward.*_unload$", str(c.get("props", {}).get("elem_id", ""))))
-        fn_index = next(i for i, dep in enumerate(config["dependencies"])
+        fn_index = next(dep.get("id", i) for i, dep in enumerate(config["dependencies"])
                         if any(t == button or (isinstance(t, list) and t[0] == button) for t in dep["targets"]))
         unload = {"fn_index": fn_index, "data": [], "session_hash": "hosttest"}
         status, first_unload = http("POST", f"{base}/run/predict", unload)
@@ -401,12 +433,12 @@ def run_webui(args: argparse.Namespace) -> str:
 
         # 7. the errors users see
         status, result = txt2img(False, "0", True, "nope", save=False)
-        check(status == 500 and "unknown scorer 'nope'" in str(result), "unknown scorer named in the API error",
-              result)
+        check(status == 500 and "unknown scorer 'nope'" in api_error(result),
+              "unknown scorer named in the API error", result)
         status, result = txt2img(True, "abc", True, str(tiny), save=False)
-        check("Lower score limit must be a number" in str(result), "bad limit named in the API error", result)
+        check("Lower score limit must be a number" in api_error(result), "bad limit named in the API error", result)
         status, result = txt2img(True, "-1e9", save=False)  # the original plugin's 2 script_args
-        check(status == 500 and "argument 3 (scorer_name)" in str(result),
+        check(status == 500 and "argument 3 (scorer_name)" in api_error(result),
               "2 script_args (shifted onto the next script's slots) named in the API error", result)
         log = host.text()
         check("Error verifying pickled file" not in log, "the WebUI's safe unpickler never refused our files")
@@ -573,7 +605,7 @@ def serve(args: argparse.Namespace) -> int:
     """Start the host as the checks do, print ``{"url": ..., "tiny": ...}`` and keep it until stdin closes (or
     SIGTERM), then stop it."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the finally that stops the host
-    with (webui_running if args.host == "webui" else comfyui_running)(args) as running:
+    with (comfyui_running if args.host == "comfyui" else webui_running)(args) as running:
         print(json.dumps({"url": running.base, "tiny": str(running.tiny)}), flush=True)
         sys.stdin.read()  # EOF: the driver is done (or gone)
     return 0
@@ -581,7 +613,9 @@ def serve(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("host", choices=["webui", "comfyui"])
+    parser.add_argument("host", choices=["webui", "forge", "comfyui"])
+    parser.add_argument("--sd-code", help="an A1111 WebUI tree whose ldm code builds the random SD checkpoint "
+                        "(default: --host-dir)")
     parser.add_argument("--host-dir", required=True)
     parser.add_argument("--cache", required=True, help="reused between runs: Hub cache, random SD checkpoint")
     parser.add_argument("--work", required=True, help="throwaway folder for this run")
@@ -594,7 +628,7 @@ def main() -> int:
         return serve(args)
     started = time.time()
     try:
-        summary = (run_webui if args.host == "webui" else run_comfyui)(args)
+        summary = (run_comfyui if args.host == "comfyui" else run_webui)(args)
     except Exception as err:
         print(f"{args.host}: FAILED after {time.time() - started:.0f} s, {len(CHECKS)} checks passed; "
               f"{type(err).__name__}: {str(err)[:2000]}", flush=True)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Real-host tests: the WebUI script inside AUTOMATIC1111 WebUI v1.10.1 and the ComfyUI nodes inside ComfyUI 0.3.64,
-# both started offline on 127.0.0.1 from the source tarballs in $IMAGEREWARD_HOSTS (default ../shared/hosts).
+# Real-host tests: the WebUI script inside AUTOMATIC1111 WebUI v1.10.1 and inside SD WebUI Forge f2.0.1 (dfdcbab6),
+# and the ComfyUI nodes inside ComfyUI 0.3.64, each started offline on 127.0.0.1 from the source tarballs in
+# $IMAGEREWARD_HOSTS (default ../shared/hosts).
 #
-#   bash scripts/test-hosts.sh [webui|comfyui|all]
+#   bash scripts/test-hosts.sh [webui|forge|comfyui|all]
 #   bash scripts/test-hosts.sh --screenshots docs/images [webui|comfyui|all]   # README's screenshots instead
 #
 # Per host: a throwaway copy of the host tree, its own venv (host packages as its docs say), this library installed
@@ -80,21 +81,37 @@ ImageReward.__file__, 'transformers', transformers.__version__, 'Pillow', PIL.__
 
 run_host() {  # NAME: one host, start to finish; prints its result line
     local name=$1 started=$SECONDS tree venv_dir
+    local extra=()
     if [ "$name" = webui ]; then
         tar -xJf "$HOSTS/stable-diffusion-webui-v1.10.1.tar.xz" -C "$WORK"
         tree=$WORK/stable-diffusion-webui
         venv_dir=$(venv webui "-r $tree/requirements_versions.txt" "openai-clip==1.0.1")
         install_library "$venv_dir"
         cp "$REPO/sdwebui/image_reward.py" "$tree/scripts/"          # README, WebUI step 3
+    elif [ "$name" = forge ]; then
+        tar -xJf "$HOSTS/stable-diffusion-webui-forge-dfdcbab6.tar.xz" -C "$WORK"
+        tree=$WORK/stable-diffusion-webui-forge
+        # what Forge's launcher would clone (the same commits as A1111's), and A1111's ldm code, which builds the
+        # random SD checkpoint when no webui run has cached it yet
+        mkdir -p "$WORK/a1111-for-forge"
+        tar -xJf "$HOSTS/stable-diffusion-webui-v1.10.1.tar.xz" -C "$WORK/a1111-for-forge"
+        cp -r "$WORK/a1111-for-forge/stable-diffusion-webui/repositories/"{BLIP,stable-diffusion-webui-assets} \
+            "$tree/repositories/"
+        extra=(--sd-code "$WORK/a1111-for-forge/stable-diffusion-webui")
+        venv_dir=$(venv forge "-r $tree/requirements_versions.txt")
+        install_library "$venv_dir"
+        cp "$REPO/sdwebui/image_reward.py" "$tree/scripts/"          # README, WebUI step 3 (Forge: the same)
     else
         tar -xJf "$HOSTS/ComfyUI-a125cd84.tar.xz" -C "$WORK"
         tree=$WORK/ComfyUI
-        grep -v '^torchaudio' "$tree/requirements.txt" > "$WORK/comfy-requirements.txt"
+        # PyPI's newest torchaudio beside the torch installed first (it needs torch >= 2.11 and leaves it as is):
+        # 0.3.64 only imports it in its audio nodes, newer ComfyUI (0.33) at start-up (comfy/sd.py)
+        sed 's/^torchaudio.*/torchaudio==2.11.1/' "$tree/requirements.txt" > "$WORK/comfy-requirements.txt"
         venv_dir=$(venv comfyui "-r $WORK/comfy-requirements.txt" "requests")
         install_library "$venv_dir"
         ln -s "$REPO/comfyui" "$tree/custom_nodes/ImageReward"        # README, ComfyUI step 2
     fi
-    local driver=("$venv_dir/bin/python" "$REPO/scripts/host_checks.py" "$name")
+    local driver=("$venv_dir/bin/python" "$REPO/scripts/host_checks.py" "$name" "${extra[@]}")
     if [ -n "$SHOTS" ]; then
         driver=("$(shots_venv)/bin/python" "$REPO/scripts/host_screenshots.py" "$name"
                 --host-python "$venv_dir/bin/python" --out "$SHOTS")
@@ -107,8 +124,10 @@ run_host() {  # NAME: one host, start to finish; prints its result line
 main() {
     case "$WHICH" in
         webui|comfyui) run_host "$WHICH" ;;
-        all) run_host webui; run_host comfyui ;;  # webui first: it builds the random SD checkpoint ComfyUI uses too
-        *) echo "usage: $0 [--screenshots DIR] [webui|comfyui|all]" >&2; exit 2 ;;
+        forge) [ -z "$SHOTS" ] || { echo "no screenshots of Forge: webui or comfyui" >&2; exit 2; }; run_host forge ;;
+        # webui first: it builds the random SD checkpoint that Forge and ComfyUI use too
+        all) run_host webui; [ -n "$SHOTS" ] || run_host forge; run_host comfyui ;;
+        *) echo "usage: $0 [--screenshots DIR] [webui|forge|comfyui|all]" >&2; exit 2 ;;
     esac
     exit $status
 }

@@ -11,6 +11,9 @@ the saved file, images below the limit are optionally filtered out, and the rest
 grid (when the WebUI makes one) is rebuilt from the images shown, in their order. The summary goes to
 ``p.comment`` (v1.10.1 ignores ``Processed(comments=...)``); when every image is filtered out, the reason is the
 run's info text, which the API returns as ``info.infotexts[0]``.
+The same file runs in SD WebUI Forge (f2.0.1): there the host's default *Stealth infotext = Alpha* also hides the
+infotext in the saved PNG's alpha channel, changing the image it is given in place, so the script hands the host a
+copy (``save_copy``): the gallery and the API show the RGB pixels that were scored, as in A1111.
 The model stays loaded between runs until "Unload Model From Memory" is pressed. This file is an adapter:
 all scoring is done by the installed ``ImageReward`` package, and nothing is ever pip-installed here.
 """
@@ -195,6 +198,18 @@ def script_arguments(args: Sequence[Any], why_missing: str | None = None) -> tup
     return filter_out, limit, sort, scorer or DEFAULT_SCORER
 
 
+def save_copy(image: Any, *args: Any, **kwargs: Any) -> None:
+    """``images.save_image(image, ...)`` on a copy of ``image``: a host may change the image it saves in place
+    (Forge's default *Stealth infotext = Alpha* ``putalpha``s it and hides the infotext in the alpha channel, see
+    its ``modules/stealth_infotext.py``), and the gallery, the grid and the API must keep the pixels that were
+    scored. The file the host wrote (``already_saved_as``, which the UI's gallery serves) is carried back."""
+    saved = image.copy()
+    images.save_image(saved, *args, **kwargs)
+    path = getattr(saved, "already_saved_as", None)
+    if path:
+        image.already_saved_as = path
+
+
 def _pick(values: Sequence[Any] | None, order: Sequence[int]) -> list[Any] | None:
     if values is None or len(values) < (max(order) + 1 if order else 0):
         return None
@@ -349,8 +364,8 @@ class Script(scripts.Script):
         prompts = prompts or [p.prompt] * len(kept)
         text = create_infotext(p, prompts, seeds, seeds, use_main_prompt=True)
         if getattr(opts, "grid_save", False):
-            images.save_image(grid, p.outpath_grids, "grid", seeds[0], prompts[0], opts.grid_format, info=text,
-                              short_filename=not getattr(opts, "grid_extended_filename", False), p=p, grid=True)
+            save_copy(grid, p.outpath_grids, "grid", seeds[0], prompts[0], opts.grid_format, info=text,
+                      short_filename=not getattr(opts, "grid_extended_filename", False), p=p, grid=True)
         if not getattr(opts, "return_grid", False):
             return [], []
         if getattr(opts, "enable_pnginfo", True):
@@ -363,7 +378,7 @@ class Script(scripts.Script):
         seeds = list(getattr(proc, "all_seeds", None) or [])
         prompts = list(getattr(proc, "all_prompts", None) or [])
         for index, (image, text) in enumerate(zip(samples, texts)):
-            images.save_image(image, p.outpath_samples, "",
-                              seeds[index] if index < len(seeds) else proc.seed,
-                              prompts[index] if index < len(prompts) else p.prompt,
-                              shared.opts.samples_format, info=text, p=p)
+            save_copy(image, p.outpath_samples, "",
+                      seeds[index] if index < len(seeds) else proc.seed,
+                      prompts[index] if index < len(prompts) else p.prompt,
+                      shared.opts.samples_format, info=text, p=p)

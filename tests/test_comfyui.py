@@ -20,9 +20,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "comfyui"
 PROMPT = "a red fox in the snow"
 NODES = ("ImageRewardLoader", "ImageRewardScore", "ImageRewardRankFilter", "ImageRewardScoreToText",
          "ImageRewardShowScores")
-# ComfyUI 0.3.64 core nodes the shipped example workflows use, with their required inputs
-CORE_NODES = {"LoadImage": {"image"}, "EmptyImage": {"width", "height", "batch_size", "color"},
-              "ImageBatch": {"image1", "image2"}, "SaveImage": {"images", "filename_prefix"},
+# ComfyUI 0.3.64 core nodes the shipped example workflows use, with their required inputs; each is also a current,
+# not deprecated node upstream (core "ImageBatch" is deprecated there, so it is not allowed here)
+CORE_NODES = {"LoadImage": {"image"}, "RepeatImageBatch": {"image", "amount"},
+              "ImageAddNoise": {"image", "seed", "strength"}, "SaveImage": {"images", "filename_prefix"},
               "CheckpointLoaderSimple": {"ckpt_name"}, "CLIPTextEncode": {"text", "clip"},
               "EmptyLatentImage": {"width", "height", "batch_size"}, "VAEDecode": {"samples", "vae"},
               "KSampler": {"model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",

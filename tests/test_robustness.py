@@ -418,6 +418,54 @@ def test_every_pil_mode_scores(tiny_model, mode):
     assert np.isfinite(score)
 
 
+def _forge_png(rgb: Image.Image) -> Image.Image:
+    """``rgb`` as SD WebUI Forge saves it by default (*Stealth infotext = Alpha*): an alpha channel of 254/255
+    holding the infotext in its lowest bit (tests/webui_shim.py has Forge's encoder)."""
+    from webui_shim import ImageSaveParams, add_stealth_pnginfo
+
+    image = rgb.copy()
+    text = "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, ImageReward Score: 0.1"
+    add_stealth_pnginfo(ImageSaveParams(image, None, "out.png", {"parameters": text}), "Alpha")
+    assert image.mode == "RGBA" and image.getchannel("A").getextrema() == (254, 255)
+    return image
+
+
+def test_alpha_that_hides_nothing_is_dropped_everywhere(tiny_model, tmp_path):
+    """A Forge PNG (alpha 254/255) scores as its RGB pixels, as a PIL image, a file, bytes and in a batch (the
+    command line: below); fully opaque RGBA and LA too; real transparency keeps its alpha (the original's path)."""
+    rgb = Image.fromarray(_noise(64, 64, seed=7))
+    forge = _forge_png(rgb)
+    path = tmp_path / "00001-1.png"
+    forge.save(path)
+    expected = tiny_model.score("a cat", rgb)
+    items = (forge, path, path.read_bytes(), rgb.convert("RGBA"))
+    for item in items:
+        loaded = load_image(item)
+        assert loaded.mode == "RGB" and np.array_equal(np.asarray(loaded), np.asarray(rgb))
+    assert tiny_model.score_batch("a cat", list(items)).tolist() == pytest.approx([expected] * 4, abs=1e-6)
+    gray = rgb.convert("L")
+    la = Image.merge("LA", (gray, _forge_png(rgb).getchannel("A")))
+    assert load_image(la).mode == "L" and np.array_equal(np.asarray(load_image(la)), np.asarray(gray))
+    transparent = forge.copy()
+    transparent.putpixel((0, 0), (0, 0, 0, 253))
+    assert load_image(transparent).mode == "RGBA"
+
+
+@pytest.mark.integration
+def test_cli_scores_a_forge_png_as_its_rgb_pixels(tiny_model, tmp_path, capsys):
+    rgb = Image.fromarray(_noise(64, 64, seed=7))
+    path = tmp_path / "00001-1.png"
+    _forge_png(rgb).save(path)
+    expected = tiny_model.score("a cat", rgb)
+    model_dir = tiny_model.save_pretrained(tmp_path / "m")
+    rgb.save(tmp_path / "rgb.png")
+    code, out, err = _cli(["score", "--prompt", "a cat", "--model", model_dir, "--device", "cpu", path,
+                           tmp_path / "rgb.png"], capsys)
+    assert code == 0, err
+    shown = {Path(line.split()[-1]).name: line.split()[1] for line in out.strip().splitlines()[1:]}
+    assert shown == {path.name: f"{expected:.4f}", "rgb.png": f"{expected:.4f}"}, out
+
+
 def test_closed_and_empty_pil_images_are_typed_errors(tiny_model):
     closed = Image.fromarray(_noise())
     closed.close()

@@ -15,7 +15,8 @@ from PIL import Image
 
 import ImageReward as RM
 from ImageReward import factory
-from webui_shim import Brightness, install_webui, parse_generation_parameters, save_tiny_image_reward
+from webui_shim import (Brightness, fake_sample, install_webui, parse_generation_parameters, read_stealth_infotext,
+                        save_tiny_image_reward)
 
 UNPATCHED_LOAD = factory.load
 
@@ -36,11 +37,8 @@ def load_plugin(name: str = "image_reward_webui_script"):
     return module
 
 
-@pytest.fixture
-def webui(monkeypatch, tmp_path, tiny_dir, cached_checkpoint):
-    """(shim, plugin, loads): the fake WebUI installed, the plugin imported, ``ImageReward-v1.0`` resolving to a
-    tiny model; ``loads`` lists every name the library was asked to load."""
-    shim = install_webui(monkeypatch, tmp_path)
+def _install(monkeypatch, tmp_path, tiny_dir, host):
+    shim = install_webui(monkeypatch, tmp_path, host=host)
     real_load, loads = RM.load, []
 
     def fake_load(name="ImageReward-v1.0", device=None, *args, **kwargs):
@@ -51,14 +49,30 @@ def webui(monkeypatch, tmp_path, tiny_dir, cached_checkpoint):
     monkeypatch.setattr(factory, "load", fake_load)  # what RM.load_scorer (the plugins' resolver) calls
     monkeypatch.setitem(factory._SCORERS, "Brightness", lambda **kw: Brightness())
     monkeypatch.setitem(factory._SCORERS, "Darkness", lambda **kw: Brightness(higher_is_better=False))
-    plugin = load_plugin()
+    return shim, load_plugin(), loads
+
+
+@pytest.fixture
+def webui(monkeypatch, tmp_path, tiny_dir, cached_checkpoint):
+    """(shim, plugin, loads): the fake WebUI (A1111 v1.10.1) installed, the plugin imported, ``ImageReward-v1.0``
+    resolving to a tiny model; ``loads`` lists every name the library was asked to load."""
+    shim, plugin, loads = _install(monkeypatch, tmp_path, tiny_dir, "a1111")
     yield shim, plugin, loads
     plugin.unload_model()
 
 
-def make_p(shim, tmp_path, *, batch_size=2, n_iter=2, seed=1234, **kwargs):
+@pytest.fixture
+def forge(monkeypatch, tmp_path, tiny_dir, cached_checkpoint):
+    """As ``webui``, in SD WebUI Forge f2.0.1 (its default *Stealth infotext = Alpha*)."""
+    shim, plugin, loads = _install(monkeypatch, tmp_path, tiny_dir, "forge")
+    yield shim, plugin, loads
+    plugin.unload_model()
+
+
+def make_p(shim, tmp_path, *, batch_size=2, n_iter=2, seed=1234, size=32, **kwargs):
     return shim.processing.StableDiffusionProcessingTxt2Img(
-        prompt=PROMPT, negative_prompt="blurry", seed=seed, batch_size=batch_size, n_iter=n_iter, width=32, height=32,
+        prompt=PROMPT, negative_prompt="blurry", seed=seed, batch_size=batch_size, n_iter=n_iter, width=size,
+        height=size,
         outpath_samples=str(tmp_path / "out" / "samples"), outpath_grids=str(tmp_path / "out" / "grids"), **kwargs)
 
 
@@ -123,8 +137,14 @@ def test_end_to_end_scores_infotexts_png_and_grid(webui, tmp_path, tiny_dir):
     by_seed = {seed: text for seed, text in zip(processed.all_seeds, processed.infotexts[1:])}
     for record in saved_samples:
         with Image.open(record["filename"]) as png:
-            assert png.info["parameters"] == by_seed[record["seed"]]
+            assert png.mode == "RGB" and png.info["parameters"] == by_seed[record["seed"]]
             assert "ImageReward Score: " in png.info["parameters"]
+        # the saved file re-scores (as the CLI reads it) to the score written into it
+        assert reference.score(PROMPT, record["filename"]) == pytest.approx(score_of(by_seed[record["seed"]]),
+                                                                          abs=6e-5)
+    # the UI's gallery serves the file the host saved (ui_tempdir reads already_saved_as)
+    saved_by_seed = {s["seed"]: s["filename"] for s in saved_samples}
+    assert [im.already_saved_as for im in samples] == [saved_by_seed[seed] for seed in processed.all_seeds]
     grid_file = next(s["filename"] for s in shim.saved if s["grid"])
     with Image.open(grid_file) as png:
         assert "ImageReward Score" not in png.info["parameters"]
@@ -409,3 +429,70 @@ def test_pt_written_by_current_torch_loads_under_the_webui_torch_load_patch(webu
     assert torch.load(path) is None  # the shim is as strict as the host here
     loaded = read_state_dict(path)
     assert set(loaded) == {"weight", "bias"} and torch.equal(loaded["weight"], state["weight"])
+
+
+# ------------------------------------------------------------------------------------------- SD WebUI Forge
+def test_forge_changes_the_images_it_saves_in_place(forge, tmp_path):
+    """The host behaviour the script must counter (Forge's own txt2img, no script): saved and shown images become
+    RGBA, the infotext hidden in the alpha channel's lowest bit (Forge's stealth reader gets it back)."""
+    shim, _, _ = forge
+    processed = shim.processing.process_images(make_p(shim, tmp_path, n_iter=1, size=64))  # 64x64: room for it
+    assert [image.mode for image in processed.images] == ["RGBA", "RGBA"]
+    assert read_stealth_infotext(processed.images[0]) == processed.infotexts[0]
+    assert processed.images[0].getchannel("A").getextrema() == (254, 255)
+
+
+def test_forge_gallery_stays_rgb_and_saved_pngs_rescore_to_their_infotext(forge, tmp_path, tiny_dir):
+    shim, plugin, _ = forge
+    shim.shared.opts.return_grid = True
+    shim.shared.opts.grid_save = True
+    processed = run_script(shim, plugin, make_p(shim, tmp_path, size=64), True, "-1e9", True)
+    grid, samples = processed.images[0], processed.images[1:]
+
+    # the gallery / API: what A1111 gives, the RGB pixels the sampler made and the scorer scored; the grid as
+    # Forge's own image_grid makes it (RGBA, opaque), nothing hidden in it
+    assert [image.mode for image in processed.images] == ["RGBA"] + ["RGB"] * 4
+    assert grid.getchannel("A").getextrema() == (255, 255)
+    for image, seed in zip(samples, processed.all_seeds):
+        made = (255.0 * fake_sample(seed, 64, 64).permute(1, 2, 0).numpy()).astype(np.uint8)
+        assert np.array_equal(np.asarray(image), made)
+    assert np.array_equal(np.asarray(grid), np.asarray(shim.images.image_grid(samples, 2)))
+
+    # the saved files: Forge's RGBA with the infotext (score included) twice, and each re-scores to its score
+    reference = UNPATCHED_LOAD(str(tiny_dir), device="cpu")
+    by_seed = {seed: text for seed, text in zip(processed.all_seeds, processed.infotexts[1:])}
+    saved_samples = [s for s in shim.saved if not s["grid"]]
+    assert len(saved_samples) == 4
+    for record in saved_samples:
+        with Image.open(record["filename"]) as png:
+            png.load()
+            assert png.mode == "RGBA" and png.info["parameters"] == by_seed[record["seed"]]
+            assert read_stealth_infotext(png) == by_seed[record["seed"]]
+        written = score_of(by_seed[record["seed"]])
+        assert reference.score(PROMPT, record["filename"]) == pytest.approx(written, abs=6e-5)
+    scores = [image.info["score"] for image in samples]
+    files = [next(s["filename"] for s in saved_samples if s["seed"] == seed) for seed in processed.all_seeds]
+    assert reference.score_batch(PROMPT, files).tolist() == pytest.approx(scores, abs=1e-5)
+    assert [image.already_saved_as for image in samples] == files  # the gallery serves the saved files
+    [grid_file] = [s["filename"] for s in shim.saved if s["grid"]]
+    with Image.open(grid_file) as png:
+        assert png.mode == "RGBA" and read_stealth_infotext(png) == png.info["parameters"]
+
+
+def test_forge_scoring_failure_saves_the_samples_unscored_and_unchanged(forge, tmp_path, monkeypatch):
+    shim, plugin, _ = forge
+    model = plugin.load_scorer("Brightness")
+
+    def broken(prompts, images):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "score_batch", broken)
+    p = make_p(shim, tmp_path, n_iter=1, size=64)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_script(shim, plugin, p, False, "0", True, "Brightness")
+    saved = [s for s in shim.saved if not s["grid"]]
+    assert len(saved) == 2 and all("Score" not in s["info"] for s in saved)  # generation is never lost
+    for record in saved:
+        with Image.open(record["filename"]) as png:
+            png.load()
+            assert png.mode == "RGBA" and read_stealth_infotext(png) == record["info"]

@@ -5,10 +5,14 @@ It follows ../shared/spec/diffusers-webui.md section 8: the same module and func
 the same infotext format and PNG ``parameters`` chunk, the hook order of ``process_images`` and a fake
 sampler (deterministic ``torch.rand`` per seed). Install with :func:`install_webui` / :func:`install_comfyui`
 from a test using ``monkeypatch``, so every fake module is removed again afterwards.
+``install_webui(..., host="forge")`` adds what SD WebUI Forge f2.0.1 does differently to a script: its default
+*Stealth infotext = Alpha* changes the image handed to ``images.save_image`` in place (``putalpha`` + the infotext
+in the alpha channel's lowest bit, ``modules/stealth_infotext.py``), and its ``images.image_grid`` makes RGBA grids.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -492,6 +496,8 @@ def save_image(image: Any, path: str, basename: str, seed: Any = None, prompt: A
     pnginfo = dict(existing_info or {})
     pnginfo[pnginfo_section_name] = info
     params = ImageSaveParams(image, p, fullfn, pnginfo)
+    if shared.opts.enable_pnginfo:  # Forge only: A1111's opts have no stealth_pnginfo_option
+        add_stealth_pnginfo(params, shared.opts.data.get("stealth_pnginfo_option", "None"))
     callbacks.fire("before_image_saved", params)
     chunk = PngImagePlugin.PngInfo()
     if shared.opts.enable_pnginfo:
@@ -499,9 +505,49 @@ def save_image(image: Any, path: str, basename: str, seed: Any = None, prompt: A
             if value is not None:
                 chunk.add_text(key, str(value))
     params.image.save(params.filename, pnginfo=chunk)
+    params.image.already_saved_as = params.filename  # what the UI's gallery serves (ui_tempdir.save_pil_to_file)
     SAVED.append({"filename": params.filename, "info": info, "grid": grid, "seed": seed})
     callbacks.fire("image_saved", params)
     return params.filename, None
+
+
+_STEALTH_SIGNATURE = b"stealth_pngcomp"  # Forge: Alpha mode, gzip-compressed
+
+
+def add_stealth_pnginfo(params: ImageSaveParams, option: str) -> None:
+    """Forge's ``stealth_infotext.add_stealth_pnginfo`` for its default option ``"Alpha"`` (``"None"``: nothing):
+    ``params.image.putalpha(255)`` **in place**, then the signature, the 32-bit bit count and the gzip-compressed
+    ``parameters`` in the lowest bit of the alpha channel, pixels taken column by column."""
+    if option in (None, "None", ""):
+        return
+    if option != "Alpha":
+        raise NotImplementedError(f"stealth infotext mode {option!r}: the shim has Forge's default, Alpha")
+    if not params.filename.endswith(".png") or params.pnginfo is None or "parameters" not in params.pnginfo:
+        return
+    payload = gzip.compress(str(params.pnginfo["parameters"]).encode("utf-8"))
+    length = np.array([int(b) for b in format(len(payload) * 8, "032b")], dtype=np.uint8)
+    bits = np.concatenate([np.unpackbits(np.frombuffer(_STEALTH_SIGNATURE, np.uint8)), length,
+                           np.unpackbits(np.frombuffer(payload, np.uint8))])
+    image = params.image
+    image.putalpha(255)
+    width, height = image.size
+    alpha = np.full(width * height, 255, dtype=np.uint8)  # column by column: x outer, y inner
+    used = min(len(bits), alpha.size)
+    alpha[:used] = 254 | bits[:used]
+    image.putalpha(Image.fromarray(np.ascontiguousarray(alpha.reshape(width, height).T)))
+
+
+def read_stealth_infotext(image: Image.Image) -> str | None:
+    """The infotext Forge hid with :func:`add_stealth_pnginfo` (``stealth_infotext.read_info_from_image_stealth``,
+    Alpha mode), or None when the image carries none."""
+    if image.mode != "RGBA":
+        return None
+    bits = (np.asarray(image.getchannel("A")).T.reshape(-1) & 1).astype(np.uint8)
+    head = len(_STEALTH_SIGNATURE) * 8
+    if np.packbits(bits[:head]).tobytes() != _STEALTH_SIGNATURE:
+        return None
+    length = int("".join(str(b) for b in bits[head:head + 32]), 2)
+    return gzip.decompress(np.packbits(bits[head + 32:head + 32 + length]).tobytes()).decode("utf-8")
 
 
 SAVED: list[dict[str, Any]] = []
@@ -513,12 +559,15 @@ def read_info_from_image(image: Image.Image) -> tuple[str | None, dict]:
     return geninfo, items
 
 
-def image_grid(imgs: list[Image.Image], batch_size: int = 1, rows: int | None = None) -> Image.Image:
+def image_grid(imgs: list[Image.Image], batch_size: int = 1, rows: int | None = None, *, mode: str = "RGB"
+               ) -> Image.Image:
+    """``images.image_grid``: an ``RGB`` grid in A1111, ``RGBA`` in Forge (``host="forge"`` installs
+    ``mode="RGBA"``: its grids take ``grid_background_color`` with alpha)."""
     if rows is None:
         rows = max(1, round(math.sqrt(len(imgs))))
     cols = math.ceil(len(imgs) / rows)
     width, height = imgs[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), color="black")
+    grid = Image.new(mode, (cols * width, rows * height), color="black")
     for i, img in enumerate(imgs):
         grid.paste(img, box=(i % cols * width, i // cols * height))
     return grid
@@ -617,14 +666,20 @@ def _build_modules(outdir: Path) -> dict[str, types.ModuleType]:
     return mods
 
 
-def install_webui(monkeypatch: Any, outdir: str | os.PathLike) -> types.SimpleNamespace:
+def install_webui(monkeypatch: Any, outdir: str | os.PathLike, host: str = "a1111") -> types.SimpleNamespace:
     """Put fake ``gradio`` and ``modules.*`` into ``sys.modules`` and the WebUI's ``torch.load`` patch into
-    ``torch`` (all undone by ``monkeypatch``).
+    ``torch`` (all undone by ``monkeypatch``). ``host="forge"``: SD WebUI Forge's defaults where they differ for a
+    script (``opts.stealth_pnginfo_option = "Alpha"``, see :func:`add_stealth_pnginfo`).
     Returns a namespace of the fake modules: ``shim.shared``, ``shim.processing``, ..."""
     import sys
 
+    if host not in ("a1111", "forge"):
+        raise ValueError(f"host must be 'a1111' or 'forge', got {host!r}")
     SAVED.clear()
     mods = _build_modules(Path(outdir))
+    if host == "forge":
+        mods["modules.shared"].opts.stealth_pnginfo_option = "Alpha"
+        mods["modules.images"].image_grid = lambda *args, **kwargs: image_grid(*args, **kwargs, mode="RGBA")
     mods["gradio"] = _make_gradio()
     _modules.clear()
     _modules.update(mods)
