@@ -4,6 +4,8 @@ kill, the LoRA reloading in diffusers, and the reward's failures (NaN, an unreac
 
 from __future__ import annotations
 
+import math
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -247,3 +249,31 @@ def test_unreachable_reward_stops_cleanly_keeping_the_last_checkpoint(bases, pro
     resumed = ReFLTrainer(grpo_config(bases["sd1"], "sd1", prompt_file, out, num_inference_steps=2, max_train_steps=3,
                                       resume_from_checkpoint="latest"), reward=Brightness())
     assert resumed.train()["global_step"] == 3
+
+
+def test_a_served_reward_trains_through_a_real_server_process(bases, prompt_file, tmp_path):
+    """``--reward http://...``: GRPO takes a reward served by ``imagereward serve`` (a real process on 127.0.0.1,
+    not differentiable, batched across the group's requests), weighted in a mix whose URL has a port."""
+    pytest.importorskip("fastapi")
+    from serving_helpers import ServerProcess, tiny_folder
+
+    import ImageReward as RM
+
+    folder = tiny_folder(tmp_path)
+    server = ServerProcess(["--model", f"tiny={folder}"], tmp_path / "server.log")
+    try:
+        cfg = grpo_config(bases["sd1"], "sd1", prompt_file, tmp_path / "out", num_inference_steps=2, max_train_steps=2,
+                          reward=f"{server.url}/score/tiny:1.0", monitor_reward=f"{server.url}/score/tiny")
+        trainer = ReFLTrainer(cfg)
+        result = trainer.train()
+        served = RM.load_scorer(f"{server.url}/score/tiny")
+        assert not served.is_differentiable
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+    finally:
+        server.stop()
+    assert result["global_step"] == 2 and len(result["history"]) == 2
+    rewards = [entry["reward_mean"] for entry in result["history"]]
+    assert all(math.isfinite(r) and r != 0.0 for r in rewards), rewards
+    requests_served = [line for line in metrics.splitlines() if line.startswith("imagereward_requests_total")]
+    assert requests_served and sum(float(line.rsplit(" ", 1)[1]) for line in requests_served) >= 2, metrics

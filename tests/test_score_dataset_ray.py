@@ -179,3 +179,29 @@ def test_losing_the_second_raylet_mid_run_still_scores_every_row_once(cluster, m
     assert len(ids) == len(set(ids)) == 96 and all(row["error"] is None for row in got)
     assert all(row["score"] == reference[row["id"]]["score"] for row in got)
     assert shard_output_path(out, "shard-00011.tar").is_file()
+
+
+def test_a_served_reward_scores_shards_on_ray_like_the_local_model(cluster, model_dir, tmp_path):
+    """``--engine ray`` with ``http://...`` (a real ``imagereward serve`` process on 127.0.0.1): the actors send
+    the decoded pixels to the server, which scores them with the same engine: equal to the single-process run on
+    the local weights (within the remote protocol's 1e-5)."""
+    pytest.importorskip("fastapi")
+    from serving_helpers import ServerProcess
+
+    shards = tmp_path / "wds"
+    write_shards(shards, shards=2, per_shard=4, broken=True)
+    server = ServerProcess(["--model", f"tiny={model_dir}"], tmp_path / "server.log")
+    try:
+        out = tmp_path / "scores"
+        summary = score_dataset_ray(f"{server.url}/score/tiny", shards, out, **RAY_ARGS)
+    finally:
+        server.stop()
+    reference = _single_process(model_dir, shards, tmp_path / "single.jsonl")
+    got = _rows(out)
+    assert summary["rows"] == len(got) == len(reference) == 7  # the last shard is cut short: 3 of its 4 samples
+    assert {row["id"] for row in got} == set(reference) and sum(row["error"] is None for row in got) == 4
+    for row in got:
+        expected = reference[row["id"]]
+        assert (row["error"] is None) == (expected["error"] is None), row["id"]
+        if row["error"] is None:
+            assert abs(row["score"] - expected["score"]) <= 1e-5, row["id"]
