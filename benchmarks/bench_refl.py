@@ -28,7 +28,8 @@ fp32|fp16|bf16, ckpt = denoiser gradient checkpointing, kK = --backprop_steps K.
 (batch 1 real / 2 tiny) of a 40-step rollout stopping at a step in [30, 39]. A trailing ``:grpo`` runs
 ``--algorithm grpo`` instead with flow_grpo's 10 sampling steps: one update = one group of 2 images (batch 2 tiny,
 group 2 real), 10 SDE/DDIM steps with log-probabilities, the reward, and 10 policy-gradient forward/backward steps
-per image (``--beta 0``; ``:grpo:kl`` adds the reference forward of ``--beta 0.01``).
+per image (``--beta 0``; ``:grpo:kl`` adds the reference forward of ``--beta 0.01``; ``:g8`` makes the group 8 images,
+flow_grpo's recipe).
 
     python benchmarks/bench_refl.py --configs sd3:lora4:fp32 sd3:lora4:fp32:grpo sd1:lora4:fp32 sd1:lora4:fp32:grpo
     BENCH_RESOLUTION=256 flock /tmp/ir-bigmem.lock python benchmarks/bench_refl.py --size real --steps 1 \
@@ -210,8 +211,9 @@ def run_one(spec: str, size: str, device: str, steps: int, workdir: Path) -> dic
 
     family, train, precision, *rest = spec.split(":")
     backprop_steps = next((int(r[1:]) for r in rest if r.startswith("k") and r[1:].isdigit()), 1)
-    grpo = dict(algorithm="grpo", num_inference_steps=10, group_size=2,  # one group of 2 (batch 2 tiny, 2 x 1 real)
-                sample_batches_per_update=1 if size == "tiny" else 2,
+    group = next((int(r[1:]) for r in rest if r.startswith("g") and r[1:].isdigit()), 2)  # ":g8": a group of 8
+    grpo = dict(algorithm="grpo", num_inference_steps=10, group_size=group,  # one group (batches of 2 tiny, 1 real)
+                sample_batches_per_update=max(1, group // 2) if size == "tiny" else group,
                 beta=0.01 if "kl" in rest else 0.0) if "grpo" in rest else {}
     base = workdir / f"{family}-{size}"
     if not (base / "model_index.json").is_file():  # built whole into a temporary folder, then renamed

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import pickle
 import shutil
@@ -152,6 +153,7 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--only", choices=("ours", "field"), default=None)
     parser.add_argument("--dtype", default="float32", help="our server's image-side dtype (bf16: see bench_score)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
 
     sys.path.insert(0, str(HERE))
@@ -180,6 +182,9 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the saved model: ~1.8 GB at full size
     print_table(args, threads, rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": args.device, "dtype": args.dtype, "quick": args.quick,
+                                               "rows": rows}, indent=1))
     return 0
 
 
@@ -206,7 +211,8 @@ def run_servers(args, servers, threads, env, work, images, rows) -> None:
             for name, url in urls.items():
                 result = asyncio.run(load_test(url, images, clients, size, per_client))
                 label = name if name == "field" or args.dtype in ("float32", "fp32") else f"{name} ({args.dtype})"
-                rows.append({"server": label, "clients": clients, "size": size, **result})
+                rows.append({"server": label, "config": f"{clients}x{size}", "clients": clients, "size": size,
+                             **result})
                 print(f"{label:6s} clients={clients:3d} images/request={size}: {result['images_per_s']:.2f} img/s, "
                       f"p50 {result['p50']:.2f} s, p99 {result['p99']:.2f} s", file=sys.stderr, flush=True)
     finally:

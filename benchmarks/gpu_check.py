@@ -137,22 +137,25 @@ CASES: list[Case] = [
            ["BLIP-fp32:1x64", "BLIP-bf16:1x64"], ["BLIP-fp32:1x4", "BLIP-bf16:1x4"], 25),
     _score("Aesthetic", "Aesthetic (CLIP ViT-L/14 + MLP), batch 64, fp32 / bf16 (no original path in bench_score.py)",
            ["Aesthetic-fp32:1x64", "Aesthetic-bf16:1x64"], ["Aesthetic-fp32:1x4", "Aesthetic-bf16:1x4"], 25),
-    # --- work in progress elsewhere: detected at run time, skipped with why until it lands ---
-    Case("serve/ImageReward-bf16-32-clients", "reward server, 32 concurrent single-image clients (issue 23)", "other",
-         ("benchmarks/bench_serve.py", "--device", "cuda", "--dtype", "bf16", "--clients", "32", "--json", "{json}"),
-         ("benchmarks/bench_serve.py", "--quick", "--device", "cpu", "--clients", "32", "--json", "{json}"),
-         60, pending="issue 23, reward server"),
+    # --- the reward server, online RL, Ray and HPSv3 (issues 23-26) ---
+    Case("serve/ImageReward-bf16-32-clients", "reward server (bf16) beside the field's Flask + gunicorn pattern, 32 "
+         "concurrent single-image clients and 8-image requests (issue 23)", "other",
+         ("benchmarks/bench_serve.py", "--device", "cuda", "--dtype", "bf16", "--workers", "1", "--configs", "32x1",
+          "1x8", "--images", "128", "--json", "{json}"),
+         ("benchmarks/bench_serve.py", "--quick", "--device", "cpu", "--configs", "32x1", "--images", "32",
+          "--json", "{json}"),
+         60),
     _refl("grpo-sd3.5-medium-lora", "online RL: one GRPO update, SD3.5-medium LoRA r16, 512 px, group 8 (issue 24)",
-          "sd3:lora16:bf16:ckpt", "sd3:lora4:bf16:ckpt", 90, extra=("--algorithm", "grpo", "--group-size", "8"),
-          pending="issue 24, online RL", cleanup=("refl/sd3-real",)),
+          "sd3:lora16:bf16:ckpt:grpo:g8", "sd3:lora4:bf16:ckpt:grpo", 90,
+          cleanup=("refl/sd3-real",)),
     _dataset("ray-ImageReward-bf16", "score-dataset --engine ray on one GPU, ImageReward bf16 (issue 25)",
-             ("--ray",), 60, pending="issue 25, Ray score-dataset"),  # the flag its benchmark was seen to take
+             ("--ray",), 60),
     Case("score/HPSv3", "HPSv3 (Qwen2-VL-7B) real size, bf16, batch 8 and 32 (issue 26)", "score",
          ("benchmarks/bench_score.py", "--device", "cuda", "--configs", "HPSv3-bf16:1x8", "HPSv3-bf16:1x32",
           "--repeats", "2", "--json", "{json}"),
          ("benchmarks/bench_score.py", "--quick", "--in-process", "--device", "cpu", "--configs", "HPSv3-bf16:1x2",
           "--repeats", "2", "--json", "{json}"),
-         90, pending="issue 26, HPSv3", requires=("HPSv3",)),
+         90),
 ]
 
 

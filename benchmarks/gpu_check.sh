@@ -30,7 +30,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-WHEELS=(diffusers ftfy wcwidth)
+WHEELS=(diffusers ftfy wcwidth  # + the reward-server case: its server, its clients and the baseline it is compared to
+        fastapi starlette uvicorn h11 annotated-doc aiohttp aiosignal frozenlist multidict yarl propcache aiohappyeyeballs
+        flask werkzeug itsdangerous blinker gunicorn)
 
 case "${1:-}" in
   --setup)
