@@ -110,15 +110,18 @@ def replace_dir(temp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through ``path.tmp`` and a rename: ``path`` is either the old file
-    or the complete new one; a full disk raises :class:`DiskSpaceError` and leaves the old file."""
+def atomic_write_text(path: str | os.PathLike, text: str, *, errors: str = "strict") -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through ``path.tmp`` and a rename, creating the parent folder: ``path`` is
+    either the old file or the complete new one; a full disk raises :class:`DiskSpaceError` and leaves the old
+    file. ``errors="backslashreplace"`` writes a lone surrogate (an undecodable file name) as its escape."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(path.name + ".tmp")
     try:
         with disk_errors(path.name, path.parent):
-            temp.write_text(text, encoding="utf-8")
+            temp.write_text(text, encoding="utf-8", errors=errors)
             os.replace(temp, path)
     finally:
         if temp.exists():
             temp.unlink()
+    return path

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..disk import atomic_write_text
 from ..errors import InvalidInputError
 from .cache import ScoreCache, cached_scores
 from .data import find_generations
@@ -87,10 +88,7 @@ def evaluate_benchmark(scorer, prompts: Sequence[Mapping[str, str]], img_dir: st
 
 
 def _dump(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(json.dumps(data, indent=4, ensure_ascii=False), encoding="utf-8", errors="backslashreplace")
-    os.replace(temp, path)
+    atomic_write_text(path, json.dumps(data, indent=4, ensure_ascii=False), errors="backslashreplace")
 
 
 def write_benchmark_outputs(result: BenchmarkResult, result_dir: str | os.PathLike) -> list[Path]:

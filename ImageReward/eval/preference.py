@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..disk import atomic_write_text
 from ..errors import InvalidInputError
 from ..scorer import rank_descending
 from .cache import ScoreCache, cached_scores
@@ -87,10 +88,5 @@ def evaluate_preference(scorer, items: Sequence[PreferenceItem], *, name: str | 
 
 def write_predictions(result: PreferenceResult, path: str | os.PathLike) -> Path:
     """Write ``records`` as the original did (a JSON list, indent 4, UTF-8, ``ensure_ascii=False``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(json.dumps(result.records, indent=4, ensure_ascii=False), encoding="utf-8",
-                    errors="backslashreplace")  # a lone surrogate (undecodable file name) as its JSON escape
-    os.replace(temp, path)
-    return path
+    # a lone surrogate (an undecodable file name) as its JSON escape
+    return atomic_write_text(path, json.dumps(result.records, indent=4, ensure_ascii=False), errors="backslashreplace")

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..disk import atomic_write_text
 from .benchmark import BenchmarkResult
 from .data import PreferenceItem
 from .metrics import METRICS
@@ -161,7 +162,4 @@ def write_preference_report(results: Sequence[PreferenceResult], items: Sequence
     if max_prompts is not None and len(items) > max_prompts:
         out.append(f"<p>{len(items) - max_prompts} more prompts not shown.</p>")
     out.append("</body></html>")
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text("\n".join(out), encoding="utf-8", errors="backslashreplace")
-    os.replace(temp, path)
-    return path
+    return atomic_write_text(path, "\n".join(out), errors="backslashreplace")

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..disk import atomic_write_text
 from .datasets import Record, load_record_image
 
 __all__ = ["write_gallery"]
@@ -148,11 +149,7 @@ def write_gallery(
                      for row in shown)
         parts.append("</table>")
     parts.append("</body></html>\n")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(parts), encoding="utf-8", errors="backslashreplace")
-    os.replace(tmp, path)
+    path = atomic_write_text(path, "".join(parts), errors="backslashreplace")
     logger.info("wrote gallery %s", path)
     return path
 
